@@ -1,0 +1,123 @@
+"""Adapters on disk in PEFT's format: adapter_model.safetensors + adapter_config.json, both ways."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import LoraConfig
+from .inject import add_lora, head_modules, lora_config_of, lora_layers, remove_lora
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."  # PeftModel wraps the HF model twice; its saved keys carry both levels
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors PEFT saves for a SEQ_CLS LoRA: every lora_A/lora_B and the whole head, under PEFT's keys."""
+    state = {}
+    for name, layer in lora_layers(model):
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+    # PEFT raises a KeyError at load when the head is missing: always save it.
+    for head_name, head in head_modules(model, lora_config_of(model).modules_to_save).items():
+        for param_name, tensor in head.state_dict().items():
+            state[f"{PEFT_PREFIX}{head_name}.{param_name}"] = tensor
+    return state
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write the adapter in PEFT's format; each file goes to a temporary name first, so a crash keeps the old one."""
+    if any(layer.merged for _, layer in lora_layers(model)):
+        raise ValueError("save_adapter: the adapter is merged into the base; unmerge before saving")
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {key: t.detach().to("cpu").contiguous() for key, t in adapter_state_dict(model).items()}
+    with _atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
+    config_text = json.dumps(lora_config_of(model).to_peft_dict(), indent=2, sort_keys=True)
+    with _atomic_path(directory / CONFIG_NAME) as tmp:
+        Path(tmp).write_text(config_text + "\n")
+
+
+@contextlib.contextmanager
+def _atomic_path(target: Path) -> Iterator[str]:
+    """Yield a temporary file name beside target and rename it onto target only if the write finished."""
+    handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(handle)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
+    """Parse adapter_config.json (ours or PEFT's), naming the file when it is missing or corrupt."""
+    config_path = Path(path) / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: not a saved adapter folder")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+    return LoraConfig.from_peft_dict(raw)
+
+
+def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load adapter_model.safetensors (never a pickle), naming the file when it is missing or corrupt."""
+    weights_path = Path(path) / WEIGHTS_NAME
+    if not weights_path.is_file():
+        hint = " (adapter_model.bin is a pickle; lora-rm loads safetensors only)" if (
+            Path(path) / "adapter_model.bin"
+        ).exists() else ""
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}{hint}")
+    try:
+        return load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{weights_path} is corrupt or not a safetensors file: {error}") from error
+
+
+def load_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy saved tensors into the model's adapter and head; every key must be there with the right shape."""
+    targets = adapter_state_dict(model)
+    missing = sorted(set(targets) - set(weights))
+    unexpected = sorted(set(weights) - set(targets))
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter does not fit {type(model).__name__}: missing keys {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}"
+        )
+    for key, target in targets.items():
+        if weights[key].shape != target.shape:
+            raise ValueError(
+                f"adapter does not fit the base model: {key} has shape {tuple(weights[key].shape)} in the file "
+                f"but {tuple(target.shape)} in the model"
+            )
+    with torch.no_grad():
+        for key, target in targets.items():
+            target.copy_(weights[key])
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Add the LoRA described in path's adapter_config.json to a plain HF model and load its weights."""
+    config = read_adapter_config(path)
+    weights = read_adapter_weights(path)
+    add_lora(model, config)
+    try:
+        load_adapter_weights(model, weights)
+    except ValueError:
+        remove_lora(model)  # no half-loaded adapter left behind (the base stays frozen)
+        raise
+    return model

@@ -1,0 +1,189 @@
+"""Putting LoRA into a Hugging Face model: match targets, wrap them, freeze the rest, keep the head trainable."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+from transformers.pytorch_utils import Conv1D
+
+from .config import ALL_LINEAR, LoraConfig
+from .lora import LoRALinear
+
+# Names HF gives the head of *ForSequenceClassification models (PEFT's SEQ_CLS_HEAD_NAMES plus BART's).
+HEAD_NAMES = ("score", "classifier", "classification_head")
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def find_head_names(model: nn.Module) -> list[str]:
+    """The top-level head module(s) that must stay fully trainable outside the adapter."""
+    heads = [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+    if not heads:
+        children = [name for name, _ in model.named_children()]
+        raise ValueError(
+            f"no sequence-classification head ({', '.join(HEAD_NAMES)}) on {type(model).__name__}; "
+            f"its top-level modules are {children}. Load it with AutoModelForSequenceClassification(num_labels=1) "
+            "or name the head in LoraConfig.modules_to_save"
+        )
+    return heads[:1]
+
+
+def _matches(name: str, patterns: list[str] | str) -> bool:
+    """PEFT's rule: a string is a full-match regex; a list matches the exact name or a dotted suffix."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == pattern or name.endswith(f".{pattern}") for pattern in patterns)
+
+
+def _inside(name: str, module_names: list[str]) -> bool:
+    """True for a module that is, or lies inside, one of module_names (matched as dotted suffixes)."""
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in module_names)
+
+
+def find_target_names(model: nn.Module, config: LoraConfig, head_names: list[str]) -> list[str]:
+    """Names of the modules to wrap; excludes and the head win over targets."""
+    all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR
+    targets = []
+    for name, module in model.named_modules():
+        if not name or _inside(name, head_names):
+            continue
+        if config.exclude_modules and _matches(name, config.exclude_modules):
+            continue
+        if all_linear:
+            if isinstance(module, LINEAR_TYPES):
+                targets.append(name)
+        elif _matches(name, config.target_modules):
+            if not isinstance(module, LINEAR_TYPES):
+                raise TypeError(
+                    f"target module {name!r} is a {type(module).__name__}; lora-rm adapts only nn.Linear and "
+                    "Conv1D layers. Name the linear layers inside it instead"
+                )
+            targets.append(name)
+    if not targets:
+        raise ValueError(_no_match_message(model, config.target_modules))
+    return targets
+
+
+def _no_match_message(model: nn.Module, target_modules: list[str] | str) -> str:
+    """Name the linear layers closest to what the user asked for (minLoRA's silent no-op is the anti-example)."""
+    linear_names = sorted({name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)})
+    wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    nearest = sorted({close for w in wanted for close in difflib.get_close_matches(w.split(".")[-1], linear_names)})
+    return (
+        f"target_modules={target_modules!r} matched no module of {type(model).__name__}. "
+        f"Nearest linear layer names: {nearest or 'none'}; all linear layer names: {linear_names}"
+    )
+
+
+def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Wrap the target layers in place, freeze the base, leave the head trainable; returns model."""
+    if any(True for _ in lora_layers(model)):
+        raise ValueError("the model already has LoRA layers; merge_lora or reload the base before add_lora")
+    head_names = config.modules_to_save or find_head_names(model)
+    target_names = find_target_names(model, config, head_names)
+    model.requires_grad_(False)
+    has_conv1d = False
+    for name in target_names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base_layer = getattr(parent, child_name)
+        has_conv1d |= isinstance(base_layer, Conv1D)
+        wrapped = LoRALinear(
+            base_layer, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights
+        )
+        setattr(parent, child_name, wrapped)
+    heads = head_modules(model, head_names)
+    for head in heads.values():
+        head.requires_grad_(True)
+    # Saved like PEFT: targets resolved to full names ("all-linear" too), the head named.
+    model.lora_rm_config = dataclasses.replace(
+        config, target_modules=sorted(target_names), modules_to_save=list(head_names), fan_in_fan_out=has_conv1d
+    )
+    return model
+
+
+def head_modules(model: nn.Module, head_names: list[str]) -> dict[str, nn.Module]:
+    """The head modules by full name (PEFT matches modules_to_save as a dotted suffix)."""
+    heads = {name: m for name, m in model.named_modules() if name and _matches(name, head_names)}
+    if not heads:
+        raise ValueError(f"modules_to_save={head_names} matched no module of {type(model).__name__}")
+    return heads
+
+
+def lora_config_of(model: nn.Module) -> LoraConfig:
+    """The LoraConfig add_lora attached to the model (targets resolved to full names)."""
+    config = getattr(model, "lora_rm_config", None)
+    if config is None:
+        raise ValueError("the model has no LoRA adapter: call add_lora or load_adapter first")
+    return config
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """Every LoRALinear with its full module name."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put the plain layers back; returns model."""
+    if not any(True for _ in lora_layers(model)):
+        raise ValueError("merge_lora: the model has no LoRA layers")
+    for _, layer in lora_layers(model):
+        layer.merge()
+    return remove_lora(model)
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Put each wrapped base layer back in place of its LoRALinear (dropping unmerged updates); returns model."""
+    for name, layer in list(lora_layers(model)):
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, layer.base_layer)
+    model.__dict__.pop("lora_rm_config", None)
+    return model
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each shared tensor counted once."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    trainable = sum(p.numel() for p in unique if p.requires_grad)
+    return trainable, sum(p.numel() for p in unique)
+
+
+def format_parameter_counts(model: nn.Module) -> str:
+    """The one-line summary PEFT's print_trainable_parameters gives."""
+    trainable, total = parameter_counts(model)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+
+def enable_input_require_grads(model: nn.Module) -> RemovableHandle:
+    """Make the embeddings' output require grad, so reentrant checkpointing of a frozen base still backprops.
+
+    With use_reentrant=True, torch.utils.checkpoint only tracks a segment whose *inputs* require grad; a
+    frozen embedding gives none, so every LoRA gradient inside comes back silently None.
+    """
+
+    def make_output_require_grad(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        output.requires_grad_(True)
+
+    return model.get_input_embeddings().register_forward_hook(make_output_require_grad)
+
+
+def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False) -> RemovableHandle | None:
+    """Turn on HF's activation checkpointing; adds the input-grad hook that reentrant mode needs."""
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+    # transformers 5.x registers its own input-grad hook here (older releases only under PEFT): drop it, so
+    # the behaviour is ours and the same on every version.
+    if hasattr(model, "_require_grads_hook"):
+        model.disable_input_require_grads()
+    return enable_input_require_grads(model) if use_reentrant else None

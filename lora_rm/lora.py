@@ -1,0 +1,103 @@
+"""The LoRA math: one wrapped layer computing y = W x + (alpha/r) * B A dropout(x).
+
+      x ──► W (frozen, the very same nn.Linear / Conv1D object) ──────────────┐
+      │                                                                       (+) ──► y
+      └──► dropout ──► A (r × d_in) ──► B (d_out × r) ──► × scaling ──────────┘
+
+Init (PEFT's and the LoRA paper's): A kaiming-uniform with a=sqrt(5) (nn.Linear's default), B zero,
+so a fresh adapter leaves the model unchanged. scaling = alpha / r, or alpha / sqrt(r) with rsLoRA.
+GPT-2's Conv1D stores W as (d_in, d_out); the delta is transposed once for it (PEFT's fan_in_fan_out).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+class LoRALinear(nn.Module):
+    """Wraps a frozen nn.Linear or Conv1D with a trainable low-rank update; merging is explicit."""
+
+    def __init__(
+        self,
+        base_layer: nn.Linear | Conv1D,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, Conv1D)):
+            raise TypeError(f"LoRALinear wraps nn.Linear or Conv1D, not {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        d_in, d_out = base_layer.weight.shape if self.fan_in_fan_out else base_layer.weight.shape[::-1]
+        weight = base_layer.weight
+        # PEFT (autocast_adapter_dtype=True) keeps the adapter of a half-precision base in fp32, for the optimizer.
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.lora_A = nn.Linear(d_in, r, bias=False, device=weight.device, dtype=dtype)
+        self.lora_B = nn.Linear(r, d_out, bias=False, device=weight.device, dtype=dtype)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.merged = False
+        self.reset_parameters(init_lora_weights)
+
+    def reset_parameters(self, init_lora_weights: bool | str = True) -> None:
+        """B = 0 makes a fresh adapter an exact no-op; False keeps nn.Linear's random init on both (tests)."""
+        if init_lora_weights is False:
+            return
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.lora_A.out_features)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A in the base weight's layout, (d_out, d_in) or Conv1D's (d_in, d_out)."""
+        return delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        # PEFT casts x to the adapter's dtype and the sum back to the base output's dtype.
+        lora_x = x.to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(self.lora_dropout(lora_x))) * self.scaling
+        return (result + update).to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into W so inference costs nothing extra; refuses a non-finite result."""
+        if self.merged:
+            raise RuntimeError("LoRALinear.merge: already merged")
+        weight = self.base_layer.weight
+        merged = weight + self.delta_weight().to(weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise ValueError("LoRALinear.merge: the merged weight has NaN/inf; the adapter is broken")
+        weight.copy_(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update back out of W (exact up to float rounding)."""
+        if not self.merged:
+            raise RuntimeError("LoRALinear.unmerge: not merged")
+        weight = self.base_layer.weight
+        weight.sub_(self.delta_weight().to(weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.lora_A.out_features}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
+    """scaling * B @ A; half precision is multiplied in fp32 and cast back, as PEFT does on CPU."""
+    dtype = lora_B.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        lora_A, lora_B = lora_A.float(), lora_B.float()
+    delta = (lora_B @ lora_A) * scaling
+    return (delta.T if fan_in_fan_out else delta).to(dtype)

@@ -1,0 +1,263 @@
+"""Live parity checks against PEFT (the test-only oracle), shared by tests/test_parity.py and the report.
+
+Run `python tests/parity.py` for the table: architecture x check x max abs diff.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tempfile
+
+import peft
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Qwen2Config,
+)
+
+from lora_rm import LoraConfig, add_lora, enable_gradient_checkpointing, load_adapter, merge_lora, save_adapter
+from lora_rm.adapter_io import adapter_state_dict
+from lora_rm.inject import lora_layers
+
+VOCAB = 128
+PAD = 0
+TINY = dict(vocab_size=VOCAB, num_labels=1, pad_token_id=PAD)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **TINY
+    ),
+    "qwen2": lambda: Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **TINY
+    ),
+    "mistral": lambda: MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **TINY
+    ),
+    "gpt2": lambda: GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **TINY
+    ),
+    "gpt_neox": lambda: GPTNeoXConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, **TINY
+    ),
+    "opt": lambda: OPTConfig(
+        hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
+        max_position_embeddings=64, dropout=0.0, **TINY
+    ),
+    "bert": lambda: BertConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **TINY
+    ),
+}
+# Dropout is 0 in every config: checkpointed (training-mode) and plain gradients must then agree.
+# A named-list target per family (the all-linear form is checked too).
+TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn", "c_proj"],
+    "gpt_neox": ["query_key_value", "dense"],
+    "opt": ["q_proj", "v_proj", "fc1"],
+    "bert": ["query", "key", "value", "dense"],
+}
+ARCHS = list(CONFIGS)
+CORE_ARCHS = ["llama", "gpt2", "gpt_neox", "bert"]
+
+
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A seeded tiny *ForSequenceClassification model built from a config, no download."""
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(CONFIGS[arch]())
+    return model.to(dtype).eval()
+
+
+def tiny_batch(seed: int = 1, batch: int = 4, length: int = 12) -> dict[str, torch.Tensor]:
+    """Right-padded token ids of varied lengths, chosen rows then rejected rows."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, VOCAB, (batch, length), generator=generator)
+    lengths = torch.tensor([length - 3 * (i % 3) for i in range(batch)])
+    attention_mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    return {"input_ids": input_ids.masked_fill(attention_mask == 0, PAD), "attention_mask": attention_mask}
+
+
+def peft_config(config: LoraConfig) -> peft.LoraConfig:
+    """The PEFT LoraConfig with the same fields."""
+    return peft.LoraConfig(
+        task_type="SEQ_CLS", r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules, use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
+    )
+
+
+def perturb_head(model: torch.nn.Module, seed: int = 2) -> None:
+    """Move the head away from its init, so a head that fails to load or train shows up."""
+    generator = torch.Generator().manual_seed(seed)
+    head = model.get_submodule(model.lora_rm_config.modules_to_save[0])
+    with torch.no_grad():
+        for param in head.parameters():
+            param.add_(0.5 * torch.randn(param.shape, generator=generator).to(param.dtype))
+
+
+def copy_ours_into_peft(ours: torch.nn.Module, theirs: peft.PeftModel) -> None:
+    """Copy adapter + head weights by PEFT's live parameter names (independent of our save code)."""
+    peft_params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, layer in lora_layers(ours):
+            peft_params[f"base_model.model.{name}.lora_A.default.weight"].copy_(layer.lora_A.weight)
+            peft_params[f"base_model.model.{name}.lora_B.default.weight"].copy_(layer.lora_B.weight)
+        for head_name in ours.lora_rm_config.modules_to_save:
+            for pname, param in ours.get_submodule(head_name).named_parameters():
+                peft_params[f"base_model.model.{head_name}.modules_to_save.default.{pname}"].copy_(param)
+
+
+def paired_models(arch: str, config: LoraConfig, dtype: torch.dtype = torch.float32):
+    """(ours, PEFT's) on the same base, with the same non-zero adapter and perturbed head."""
+    base = tiny_model(arch, dtype=dtype)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft_config(config)).eval()
+    ours = add_lora(base, config)
+    torch.manual_seed(3)
+    for _, layer in lora_layers(ours):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.2)  # B != 0: else every parity check passes vacuously
+    perturb_head(ours)
+    copy_ours_into_peft(ours, theirs)
+    return ours, theirs
+
+
+def rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The (batch,) reward column."""
+    return model(**batch).logits.squeeze(-1)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def check_rewards_differ_from_base(arch: str, config: LoraConfig) -> float:
+    """How far the adapted rewards are from the base's (must be large, or the other checks prove nothing)."""
+    ours, _ = paired_models(arch, config)
+    batch = tiny_batch()
+    base = tiny_model(arch)
+    return max_diff(rewards(ours, batch), rewards(base, batch))
+
+
+def check_peft_loads_ours(arch: str, config: LoraConfig) -> float:
+    """Save with lora-rm, load with PeftModel.from_pretrained on a fresh base, compare rewards."""
+    ours, _ = paired_models(arch, config)
+    with tempfile.TemporaryDirectory() as folder:
+        save_adapter(ours, folder)
+        theirs = peft.PeftModel.from_pretrained(tiny_model(arch), folder).eval()
+    batch = tiny_batch()
+    return max_diff(rewards(ours, batch), rewards(theirs, batch))
+
+
+def check_we_load_peft(arch: str, config: LoraConfig) -> float:
+    """Save with PEFT's save_pretrained, load with load_adapter on a fresh base, compare rewards."""
+    _, theirs = paired_models(arch, config)
+    with tempfile.TemporaryDirectory() as folder:
+        theirs.save_pretrained(folder)
+        ours = load_adapter(tiny_model(arch), folder)
+    batch = tiny_batch()
+    return max_diff(rewards(ours, batch), rewards(theirs, batch))
+
+
+def _lora_and_head_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor], peft_names: bool) -> dict:
+    """Gradients of a Bradley-Terry loss, keyed by our parameter names."""
+    model.zero_grad(set_to_none=True)
+    scores = rewards(model, batch)
+    chosen, rejected = scores.chunk(2)
+    (-torch.nn.functional.logsigmoid(chosen - rejected).mean()).backward()
+    grads = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            if peft_names:
+                name = name.removeprefix("base_model.model.").replace(".default", "").replace(".modules_to_save", "")
+            grads[name] = param.grad
+    return grads
+
+
+def check_gradients(arch: str, config: LoraConfig) -> float:
+    """Parameter-by-parameter gradients of the same loss on the same batch; the set of names must match."""
+    ours, theirs = paired_models(arch, config)
+    batch = tiny_batch()
+    ours_grads = _lora_and_head_grads(ours, batch, peft_names=False)
+    theirs_grads = _lora_and_head_grads(theirs, batch, peft_names=True)
+    ours_grads = {k.replace("base_layer.", ""): v for k, v in ours_grads.items()}
+    if set(ours_grads) != set(theirs_grads):
+        raise AssertionError(f"trainable sets differ: {set(ours_grads) ^ set(theirs_grads)}")
+    if any(g is None for g in ours_grads.values()):
+        raise AssertionError("a trainable parameter got no gradient")
+    return max(max_diff(ours_grads[k], theirs_grads[k]) for k in ours_grads)
+
+
+def check_merged_weights(arch: str, config: LoraConfig) -> float:
+    """merge_lora vs merge_and_unload: every tensor of the resulting plain models."""
+    ours, theirs = paired_models(arch, config)
+    ours_state = merge_lora(ours).state_dict()
+    theirs_state = theirs.merge_and_unload().state_dict()
+    if set(ours_state) != set(theirs_state):
+        raise AssertionError(f"merged keys differ: {set(ours_state) ^ set(theirs_state)}")
+    return max(max_diff(ours_state[k], theirs_state[k]) for k in ours_state)
+
+
+def check_merged_rewards(arch: str, config: LoraConfig) -> float:
+    """Rewards of our merged model vs PEFT's unmerged adapter."""
+    ours, theirs = paired_models(arch, config)
+    batch = tiny_batch()
+    return max_diff(rewards(merge_lora(ours), batch), rewards(theirs, batch))
+
+
+def check_bf16_rewards(arch: str, config: LoraConfig) -> float:
+    """bf16 base, fp32 adapters (PEFT's autocast_adapter_dtype): rewards after PEFT loads ours."""
+    ours, theirs = paired_models(arch, config, dtype=torch.bfloat16)
+    batch = tiny_batch()
+    return max_diff(rewards(ours, batch), rewards(theirs, batch))
+
+
+def check_checkpointing(arch: str, config: LoraConfig, use_reentrant: bool) -> float:
+    """Our LoRA + head gradients with gradient checkpointing vs without (dropout off, so they must agree)."""
+    ours, _ = paired_models(arch, config)
+    batch = tiny_batch()
+    plain = _lora_and_head_grads(ours, batch, peft_names=False)
+    ours.train()  # HF checkpoints only in training mode; the tiny configs have no dropout, so nothing else differs
+    enable_gradient_checkpointing(ours, use_reentrant=use_reentrant)
+    checkpointed = _lora_and_head_grads(ours, batch, peft_names=False)
+    if any(g is None for g in checkpointed.values()):
+        raise AssertionError("gradient checkpointing left a LoRA gradient None")
+    return max(max_diff(plain[k], checkpointed[k]) for k in plain)
+
+
+CHECKS = {
+    "adapted != base (must be large)": lambda a, c: check_rewards_differ_from_base(a, c),
+    "PEFT loads ours: rewards": check_peft_loads_ours,
+    "we load PEFT's: rewards": check_we_load_peft,
+    "gradients": check_gradients,
+    "merged weights": check_merged_weights,
+    "merged rewards": check_merged_rewards,
+    "rsLoRA: rewards": lambda a, c: check_peft_loads_ours(a, LoraConfig(**{**vars(c), "use_rslora": True})),
+    "all-linear: rewards": lambda a, c: check_we_load_peft(a, LoraConfig(**{**vars(c), "target_modules": "all-linear"})),
+    "bf16 rewards": check_bf16_rewards,
+    "checkpointing reentrant: grads": lambda a, c: check_checkpointing(a, c, True),
+    "checkpointing non-reentrant: grads": lambda a, c: check_checkpointing(a, c, False),
+}
+
+
+def report_config(arch: str) -> LoraConfig:
+    return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], init_lora_weights=False)
+
+
+def main() -> None:
+    archs = sys.argv[1:] or ARCHS
+    print(f"lora-rm vs PEFT {peft.__version__}, torch {torch.__version__}; fp32 unless named; max abs diff\n")
+    print("| check | " + " | ".join(archs) + " |")
+    print("|---|" + "---|" * len(archs))
+    for check_name, check in CHECKS.items():
+        cells = [f"{check(arch, report_config(arch)):.2e}" for arch in archs]
+        print(f"| {check_name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
