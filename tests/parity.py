@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import sys
 import tempfile
+from dataclasses import replace
 
 import peft
 import torch
@@ -23,7 +24,6 @@ from transformers import (
 )
 
 from lora_rm import LoraConfig, add_lora, enable_gradient_checkpointing, load_adapter, merge_lora, save_adapter
-from lora_rm.adapter_io import adapter_state_dict
 from lora_rm.inject import lora_layers
 
 VOCAB = 128
@@ -231,14 +231,14 @@ def check_checkpointing(arch: str, config: LoraConfig, use_reentrant: bool) -> f
 
 
 CHECKS = {
-    "adapted != base (must be large)": lambda a, c: check_rewards_differ_from_base(a, c),
+    "adapted != base (must be large)": check_rewards_differ_from_base,
     "PEFT loads ours: rewards": check_peft_loads_ours,
     "we load PEFT's: rewards": check_we_load_peft,
     "gradients": check_gradients,
     "merged weights": check_merged_weights,
     "merged rewards": check_merged_rewards,
-    "rsLoRA: rewards": lambda a, c: check_peft_loads_ours(a, LoraConfig(**{**vars(c), "use_rslora": True})),
-    "all-linear: rewards": lambda a, c: check_we_load_peft(a, LoraConfig(**{**vars(c), "target_modules": "all-linear"})),
+    "rsLoRA: rewards": lambda a, c: check_peft_loads_ours(a, replace(c, use_rslora=True)),
+    "all-linear: rewards": lambda a, c: check_we_load_peft(a, replace(c, target_modules="all-linear")),
     "bf16 rewards": check_bf16_rewards,
     "checkpointing reentrant: grads": lambda a, c: check_checkpointing(a, c, True),
     "checkpointing non-reentrant: grads": lambda a, c: check_checkpointing(a, c, False),

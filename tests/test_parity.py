@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from parity import CHECKS, CORE_ARCHS, check_rewards_differ_from_base, paired_models, report_config, tiny_batch
 
 from lora_rm import LoraConfig, add_lora, enable_gradient_checkpointing, save_adapter
 from lora_rm.inject import lora_layers
-from parity import CHECKS, CORE_ARCHS, check_rewards_differ_from_base, paired_models, report_config, tiny_batch
 
 FP32_TOL = 1e-5
 BF16_TOL = 2e-2  # bf16 keeps 8 bits of mantissa; rewards here are O(1)
