@@ -9,11 +9,20 @@ from pathlib import Path
 
 import torch
 
-from . import data
+from . import data, distributed
 from .adapter_io import load_adapter
 from .config import ALL_LINEAR, LoraConfig, TrainConfig
 from .inject import merge_lora
-from .train import BUILTIN, evaluate, load_model_and_tokenizer, pair_collator, score_texts, train
+from .train import (
+    BUILTIN,
+    eval_metrics,
+    load_model_and_tokenizer,
+    load_rows,
+    pair_collator,
+    rewards_for_pairs,
+    score_texts,
+    train,
+)
 
 # The README's main job: `lora-rm train` with no flags trains the built-in task in about a minute on 2 cores.
 BUILTIN_TRAIN_DEFAULTS = dict(lr=2e-3, epochs=3.0, batch_size=16, max_length=32, log_every=20, eval_every=50)
@@ -89,8 +98,9 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    metrics = train(train_config_from_args(args))
-    print(json.dumps({k: v for k, v in metrics.items() if k != "reward_stats"}))
+    with distributed.process_group():  # under torchrun train() joins the group; it is torn down here
+        metrics = train(train_config_from_args(args))
+        distributed.print_main(json.dumps({k: v for k, v in metrics.items() if k != "reward_stats"}))
 
 
 def load_reward_model(model_name: str, adapter: str, trust_remote_code: bool = False):
@@ -101,17 +111,21 @@ def load_reward_model(model_name: str, adapter: str, trust_remote_code: bool = F
 
 def run_eval(args: argparse.Namespace) -> None:
     model, tokenizer = load_reward_model(args.model, args.adapter, args.trust_remote_code)
-    rows = data.load_preference_dataset(args.dataset, args.split, args.max_pairs, args.rows)
+    rows = load_rows(args.dataset, args.split, args.max_pairs, args.rows, seed=args.seed)
     pairs, stats = data.tokenize_pairs(rows, tokenizer, args.max_length, args.length_policy, args.skip_bad_rows)
     print(f"eval pairs: {stats}", file=sys.stderr)
     pairs = pairs.to_list()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    metrics = evaluate(model.to(device), pairs, pair_collator(tokenizer), args.batch_size, device)
+    chosen, rejected = rewards_for_pairs(model.to(device), pairs, pair_collator(tokenizer), args.batch_size, device)
+    metrics = eval_metrics(chosen, rejected)
     print(json.dumps(metrics))
     if args.report:
         from .report import write_report
 
-        write_report(args.report, model, tokenizer, pairs, metrics, log_path=args.log, device=device)
+        lengths_chosen = [len(pair["chosen_ids"]) for pair in pairs]
+        lengths_rejected = [len(pair["rejected_ids"]) for pair in pairs]
+        written = write_report(args.report, chosen, rejected, lengths_chosen, lengths_rejected, metrics, args.log)
+        print(f"report: {', '.join(str(path) for path in written)}", file=sys.stderr)
 
 
 def read_score_inputs(path: str | None) -> list:
@@ -162,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "eval":
             sub.add_argument("--dataset", default=BUILTIN)
             sub.add_argument("--split", default="train")
+            sub.add_argument("--seed", type=int, default=1, help="seed of the built-in task (default 1: unseen pairs)")
             sub.add_argument("--rows", help="a slice of the rows as text, e.g. '-512:' for the last 512")
             sub.add_argument("--max-pairs", type=int)
             sub.add_argument("--length-policy", choices=["drop", "truncate_left"], default="drop")
