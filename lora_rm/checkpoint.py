@@ -73,8 +73,13 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     keep: int,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoints/step-N atomically (temporary folder, then os.replace) and keep the last `keep`."""
+    """Write checkpoints/step-N atomically (temporary folder, then os.replace) and keep the last `keep`.
+
+    rng: the RNG states to keep (under torchrun, every rank's from distributed.gather_rng_states); default this
+    process's.
+    """
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -83,7 +88,7 @@ def save_checkpoint(
     save_adapter(model, tmp)
     tensors, groups = optimizer_tensors(optimizer)
     save_file(tensors, tmp / OPTIMIZER_NAME)
-    save_file(rng_tensors(), tmp / RNG_NAME)
+    save_file(rng if rng is not None else rng_tensors(), tmp / RNG_NAME)
     state = {**trainer_state, "step": step, "optimizer": groups, "python_rng": list(random.getstate())}
     (tmp / STATE_NAME).write_text(json.dumps(state, indent=2))
     if final.exists():  # a re-run of the same step after a resume: replace it whole

@@ -42,7 +42,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     add("--eval-rows", help="a slice of the eval rows as text, e.g. '-512:' for the last 512")
     add("--max-pairs", type=int, help="keep the first N training rows")
     add("--max-eval-pairs", type=int, help="keep the first N eval rows")
-    add("--r", type=int, default=16)
+    # --lora-r for torchrun: its own parser rejects "--r" as an ambiguous abbreviation of --rdzv-*/--role
+    add("--r", "--lora-r", dest="r", type=int, default=16, help="LoRA rank (default 16)")
     add("--lora-alpha", type=float, default=32)
     add("--lora-dropout", type=float, default=0.0)
     add("--target-modules", default=ALL_LINEAR, help="'all-linear' or a comma-separated list: q_proj,v_proj")
@@ -142,8 +143,10 @@ def read_score_inputs(path: str | None) -> list:
             continue
         if isinstance(record, dict) and ("text" in record or "messages" in record):
             items.append(record.get("text", record.get("messages")))
-        else:
+        elif isinstance(record, dict):
             raise ValueError(f"score input line {number}: a JSON object needs a 'text' or 'messages' field")
+        else:
+            items.append(line)  # e.g. "42": plain text that happens to parse as JSON
     return items
 
 

@@ -21,16 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import data
+from . import data, distributed
 from .adapter_io import save_adapter
 from .builtin import builtin_model, builtin_preference_dataset, builtin_tokenizer
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import RNG_NAME, list_checkpoints, load_checkpoint, rng_tensors, save_checkpoint
 from .config import TrainConfig
 from .inject import add_lora, enable_gradient_checkpointing, format_parameter_counts, lora_config_of
-from .loss import bradley_terry_loss, preference_metrics, reward_stats
+from .loss import bradley_terry_loss, preference_metrics, reward_stats, split_rewards
 
 BUILTIN = "builtin"
 BUILTIN_PAIRS = 2000
@@ -67,16 +68,19 @@ def load_model_and_tokenizer(name: str, trust_remote_code: bool = False):
     return model, tokenizer
 
 
+def load_rows(source: str, split: str, limit: int | None = None, rows: str | None = None, seed: int = 0):
+    """Preference rows from a hub id or local path, or the built-in arithmetic task ("builtin")."""
+    if source == BUILTIN:
+        dataset = builtin_preference_dataset(BUILTIN_PAIRS, seed=seed)
+        return dataset.select(range(min(limit or len(dataset), len(dataset))))
+    return data.load_preference_dataset(source, split, limit, rows)
+
+
 def load_datasets(config: TrainConfig):
     """(train rows, eval rows) as datasets.Dataset; a held-out tail when no eval set is named."""
-    if config.dataset == BUILTIN:
-        rows = builtin_preference_dataset(config.max_pairs or BUILTIN_PAIRS, seed=config.seed)
-    else:
-        rows = data.load_preference_dataset(config.dataset, config.split, config.max_pairs, config.rows)
+    rows = load_rows(config.dataset, config.split, config.max_pairs, config.rows, config.seed)
     if config.eval_dataset is not None:
-        eval_rows = data.load_preference_dataset(
-            config.eval_dataset, config.eval_split, config.max_eval_pairs, config.eval_rows
-        )
+        eval_rows = load_rows(config.eval_dataset, config.eval_split, config.max_eval_pairs, config.eval_rows)
         return rows, eval_rows
     n_eval = max(1, int(len(rows) * config.eval_fraction))
     return rows.select(range(len(rows) - n_eval)), rows.select(range(len(rows) - n_eval, len(rows)))
@@ -85,7 +89,7 @@ def load_datasets(config: TrainConfig):
 def tokenize(rows, tokenizer, config: TrainConfig, name: str) -> list[dict[str, Any]]:
     """Tokenized pairs as plain dicts, with what the length policy and bad-row skipping did printed."""
     pairs, stats = data.tokenize_pairs(rows, tokenizer, config.max_length, config.length_policy, config.skip_bad_rows)
-    print(f"{name} pairs: {stats}")
+    distributed.print_main(f"{name} pairs: {stats}")
     if not len(pairs):
         raise ValueError(f"no {name} pairs left after tokenization ({stats}); raise --max-length or check the data")
     return pairs.to_list()
@@ -99,16 +103,19 @@ def pair_collator(tokenizer) -> Callable[[list[dict[str, Any]]], dict[str, torch
 
 
 def prepare_output(config: TrainConfig) -> Path:
-    """Refuse to mix a new run into an old one unless told to resume or overwrite."""
+    """Refuse to mix a new run into an old one unless told to resume or overwrite; rank 0 alone touches disk."""
     output = Path(config.output)
     has_run = output.is_dir() and any(
         (output / name).exists() for name in ("log.jsonl", "adapter_config.json", "checkpoints")
     )
     if has_run and not (config.resume or config.overwrite):
         raise FileExistsError(f"{output} already holds a run; pass --resume to continue it or --overwrite")
-    if has_run and config.overwrite:
+    distributed.barrier()  # every rank has looked before rank 0 deletes anything
+    if has_run and config.overwrite and distributed.is_main():
         shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        output.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     return output
 
 
@@ -124,7 +131,7 @@ def autocast_context(precision: str, device: torch.device):
 def pair_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over chosen rows then rejected rows; the reward is read at each row's last real token."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return logits.squeeze(-1).float().chunk(2)
+    return split_rewards(logits.float())  # (2B, 1) -> (B,), (B,)
 
 
 @torch.no_grad()
@@ -140,16 +147,27 @@ def rewards_for_pairs(model, pairs, collator, batch_size: int, device, precision
         chosen.append(rewards_chosen.cpu())
         rejected.append(rewards_rejected.cpu())
     model.train(was_training)
+    if not chosen:  # a rank whose eval shard is empty
+        return torch.empty(0), torch.empty(0)
     return torch.cat(chosen), torch.cat(rejected)
 
 
 def evaluate(model, pairs, collator, batch_size: int, device, precision: str = "fp32") -> dict[str, Any]:
-    """Metrics over every eval pair (rewards concatenated first, so the means are exact, not batch means)."""
-    chosen, rejected = rewards_for_pairs(model, pairs, collator, batch_size, device, precision)
-    metrics = preference_metrics(chosen, rejected)
-    metrics["n_pairs"] = len(pairs)
-    metrics["reward_stats"] = reward_stats(torch.cat([chosen, rejected]))
-    return metrics
+    """Metrics over every eval pair (rewards concatenated first, so the means are exact, not batch means).
+
+    Under torchrun each rank scores its contiguous shard and the rewards are gathered in order before the means.
+    """
+    chosen, rejected = rewards_for_pairs(model, distributed.shard(pairs), collator, batch_size, device, precision)
+    return eval_metrics(distributed.gather_cat(chosen), distributed.gather_cat(rejected))
+
+
+def eval_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, Any]:
+    """Preference metrics plus the reward mean/std a policy trainer normalises with."""
+    return {
+        **preference_metrics(chosen, rejected),
+        "n_pairs": len(chosen),
+        "reward_stats": reward_stats(torch.cat([chosen, rejected])),
+    }
 
 
 @torch.no_grad()
@@ -162,11 +180,9 @@ def score_texts(model, tokenizer, items: list, max_length: int | None = None, ba
         too_long = [start + i for i, ids in enumerate(sides) if max_length and len(ids) > max_length]
         if too_long:
             raise ValueError(f"texts {too_long} are longer than max_length={max_length} tokens")
-        batch = data.collate_pairs(
-            [{"chosen_ids": ids, "rejected_ids": ids} for ids in sides], tokenizer.pad_token_id, tokenizer.padding_side
-        )
-        chosen, _ = pair_rewards(model, {k: v.to(device) for k, v in batch.items()})
-        rewards.extend(chosen.tolist())
+        input_ids, attention_mask = data.pad_sequences(sides, tokenizer.pad_token_id, tokenizer.padding_side)
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
+        rewards.extend(logits.squeeze(-1).float().tolist())
     return rewards
 
 
@@ -205,10 +221,11 @@ def truncate_log(path: Path, step: int) -> None:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train a LoRA reward model as configured; returns the final eval metrics."""
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world_size, device = distributed.init_from_env(device)  # (0, 1, device) outside torchrun
     output = prepare_output(config)
     random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(config.seed)  # the same on every rank: identical adapter init
 
     model, tokenizer = load_model_and_tokenizer(config.model, config.trust_remote_code)
     train_rows, eval_rows = load_datasets(config)
@@ -222,12 +239,24 @@ def train(config: TrainConfig) -> dict[str, Any]:
     model.to(device).train()
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model, use_reentrant=config.reentrant_checkpointing)
-    print(format_parameter_counts(model))
+    distributed.print_main(format_parameter_counts(model))
+    forward_model = model  # what the micro-batches run through; `model` stays the plain module for eval and saving
+    if world_size > 1:
+        reentrant = config.gradient_checkpointing and config.reentrant_checkpointing
+        forward_model = distributed.wrap_ddp(model, device, static_graph=reentrant)
+        n_sent = sum(p.numel() for p in distributed.communicated_parameters(forward_model))
+        distributed.print_main(f"DDP over {world_size} processes: {n_sent:,} adapter + head parameters all-reduced")
+        if rank > 0:  # its own dropout stream; rank 0 goes on with the seed's
+            torch.manual_seed(distributed.rank_seed(config.seed, rank, 0))
     optimizer = build_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
 
     lengths = [pair["length"] for pair in train_pairs]
-    n_batches = len(data.batch_indices(lengths, config.batch_size, config.seed, epoch=0))
+    rank_batches = functools.partial(  # this rank's share of every global batch, for one epoch
+        data.batch_indices, lengths, config.batch_size, config.seed,
+        group_by_length=config.group_by_length, rank=rank, world_size=world_size,
+    )
+    n_batches = len(rank_batches(epoch=0))
     steps_per_epoch = max(1, n_batches // config.grad_accum)
     total_steps = config.max_steps or max(1, int(config.epochs * steps_per_epoch))
     warmup_steps = int(config.warmup_ratio * total_steps)
@@ -235,29 +264,39 @@ def train(config: TrainConfig) -> dict[str, Any]:
     save_every = config.save_every or total_steps
 
     start_step, checkpoints = 0, output / "checkpoints"
-    if config.resume and list_checkpoints(checkpoints):
-        state = load_checkpoint(list_checkpoints(checkpoints)[-1], model, optimizer)
+    global_batch = config.batch_size * world_size * config.grad_accum
+    if config.resume and list_checkpoints(checkpoints):  # every rank loads it: DDP replicates all it holds
+        latest = list_checkpoints(checkpoints)[-1]
+        state = load_checkpoint(latest, model, optimizer)
         start_step = state["step"]
-        print(f"resumed from step {start_step}")
+        distributed.restore_rank_rng(load_file(latest / RNG_NAME), config.seed, start_step)
+        distributed.print_main(f"resumed from step {start_step}")
+        if state.get("global_batch", global_batch) != global_batch:
+            distributed.print_main(
+                f"warning: {state['global_batch']} pairs per step were saved, {global_batch} now; the data "
+                "position and schedule no longer replay the saved run (keep batch_size * processes * grad_accum)"
+            )
     log_path = output / "log.jsonl"
-    truncate_log(log_path, start_step)
-    (output / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    if distributed.is_main():
+        truncate_log(log_path, start_step)
+        (output / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
     epoch_batches: dict[int, list[list[int]]] = {}
-    progress = tqdm(total=total_steps, initial=start_step, disable=not config.progress, desc="train")
+    progress = tqdm(total=total_steps, initial=start_step, disable=not config.progress or rank > 0, desc="train")
     started, pairs_seen = time.perf_counter(), 0
+    window_losses, window_chosen, window_rejected = [], [], []  # since the last log line, as HF Trainer averages
     for step in range(start_step, total_steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, total_steps, warmup_steps, group["peak_lr"], config.lr_schedule)
-        step_losses, step_chosen, step_rejected = [], [], []
         for micro in range(step * config.grad_accum, (step + 1) * config.grad_accum):
             epoch, position = divmod(micro, n_batches)
             if epoch not in epoch_batches:
-                epoch_batches = {epoch: data.batch_indices(lengths, config.batch_size, config.seed, epoch=epoch)}
+                epoch_batches = {epoch: rank_batches(epoch=epoch)}
             batch_pairs = [train_pairs[i] for i in epoch_batches[epoch][position]]
             batch = {k: v.to(device) for k, v in collator(batch_pairs).items()}
-            with autocast_context(config.precision, device):
-                rewards_chosen, rewards_rejected = pair_rewards(model, batch)
+            sync = (micro + 1) % config.grad_accum == 0  # DDP all-reduces after the last micro-batch only
+            with distributed.no_sync(forward_model, sync), autocast_context(config.precision, device):
+                rewards_chosen, rewards_rejected = pair_rewards(forward_model, batch)
             loss = bradley_terry_loss(
                 rewards_chosen, rewards_rejected, batch.get("margin"), config.center_rewards_coefficient
             )
@@ -267,9 +306,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     f"checkpoint is in {checkpoints}. Lower --lr, use fp32/bf16, or check the data"
                 )
             scaler.scale(loss / config.grad_accum).backward()
-            step_losses.append(loss.item())
-            step_chosen.append(rewards_chosen.detach())
-            step_rejected.append(rewards_rejected.detach())
+            window_losses.append(loss.item())
+            window_chosen.append(rewards_chosen.detach())
+            window_rejected.append(rewards_rejected.detach())
             pairs_seen += len(batch_pairs)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -282,34 +321,49 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
         done = step + 1
         if done % config.log_every == 0 or done == total_steps:
-            metrics = preference_metrics(torch.cat(step_chosen), torch.cat(step_rejected))
+            chosen, rejected = (distributed.gather_cat(torch.cat(r)) for r in (window_chosen, window_rejected))
+            metrics = preference_metrics(chosen, rejected)
+            loss_sum, n_losses, all_pairs = distributed.sum_over_ranks(
+                [sum(window_losses), len(window_losses), pairs_seen]
+            )
+            window_losses, window_chosen, window_rejected = [], [], []
             elapsed = time.perf_counter() - started
             record = {
                 "step": done,
                 "epoch": round(done / steps_per_epoch, 4),
-                "loss": sum(step_losses) / len(step_losses),
+                "loss": loss_sum / n_losses,
                 "accuracy": metrics["accuracy"],
                 "margin": metrics["mean_margin"],
                 "grad_norm": grad_norm.item(),
                 "lr": optimizer.param_groups[0]["lr"],
-                "pairs_per_s": pairs_seen / elapsed,
+                "pairs_per_s": all_pairs / elapsed,
             }
-            log_line(log_path, record)
+            if distributed.is_main():
+                log_line(log_path, record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
         if done % eval_every == 0 and done < total_steps:  # the final evaluation follows the loop
-            eval_metrics = evaluate(model, eval_pairs, collator, config.batch_size, device, config.precision)
-            log_line(log_path, {"step": done, **{f"eval_{k}": v for k, v in eval_metrics.items()}})
-            progress.write(f"step {done}: eval accuracy {eval_metrics['accuracy']:.4f}")
+            interim = evaluate(model, eval_pairs, collator, config.batch_size, device, config.precision)
+            if distributed.is_main():
+                log_line(log_path, {"step": done, **{f"eval_{k}": v for k, v in interim.items()}})
+                progress.write(f"step {done}: eval accuracy {interim['accuracy']:.4f}")
         if done % save_every == 0 or done == total_steps:
-            save_checkpoint(checkpoints, done, model, optimizer, {"total_steps": total_steps}, config.keep_checkpoints)
+            rng = distributed.gather_rng_states(rng_tensors())  # a collective: every rank takes part
+            if distributed.is_main():
+                trainer_state = {"total_steps": total_steps, "world_size": world_size, "global_batch": global_batch}
+                save_checkpoint(checkpoints, done, model, optimizer, trainer_state, config.keep_checkpoints, rng)
+            distributed.barrier()  # nobody goes on (or resumes) before the checkpoint is complete
     progress.close()
 
-    save_adapter(model, output)
-    tokenizer.save_pretrained(output)
+    if distributed.is_main():
+        save_adapter(model, output)
+        tokenizer.save_pretrained(output)
     final = evaluate(model, eval_pairs, collator, config.batch_size, device, config.precision)
-    log_line(log_path, {"step": total_steps, **{f"eval_{k}": v for k, v in final.items()}})
-    (output / "reward_stats.json").write_text(json.dumps(final["reward_stats"], indent=2))
-    (output / "eval_metrics.json").write_text(json.dumps(final, indent=2))
+    if distributed.is_main():
+        log_line(log_path, {"step": total_steps, **{f"eval_{k}": v for k, v in final.items()}})
+        (output / "reward_stats.json").write_text(json.dumps(final["reward_stats"], indent=2))
+        (output / "eval_metrics.json").write_text(json.dumps(final, indent=2))
+    distributed.barrier()
     final["train_seconds"] = time.perf_counter() - started
-    final["train_pairs_per_s"] = pairs_seen / final["train_seconds"] if pairs_seen else 0.0
+    all_pairs = distributed.sum_over_ranks([pairs_seen])[0]
+    final["train_pairs_per_s"] = all_pairs / final["train_seconds"] if all_pairs else 0.0
     return final

@@ -1,0 +1,152 @@
+"""torchrun + DDP on CPU (gloo): 2 processes of 4 pairs train exactly what 1 process of 8 pairs trains.
+
+Each launch is a real `python -m torch.distributed.run --nproc_per_node 2`; the one-process oracle runs live
+in this test process through the same CLI.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from ddp_worker import preempt_copy
+from safetensors.torch import load_file
+
+from lora_rm import LoraConfig, add_lora, distributed, parameter_counts
+from lora_rm.builtin import builtin_model, builtin_tokenizer
+from lora_rm.checkpoint import RNG_NAME, list_checkpoints
+from lora_rm.cli import main as cli_main
+
+TESTS = Path(__file__).parent
+# Tiny and deterministic: lora_dropout 0 (the CLI default), 4 optimizer steps of 2 micro-batches, a checkpoint
+# at step 2. --batch-size is per process: 2 x 4 pairs is the global batch of 1 x 8.
+FLAGS = [
+    "--max-pairs", "96", "--grad-accum", "2", "--max-steps", "4", "--max-length", "32", "--lora-r", "4",
+    "--lora-alpha", "8", "--log-every", "1", "--save-every", "2", "--no-progress",
+]  # fmt: skip
+ONE, TWO = ["--batch-size", "8"], ["--batch-size", "4"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(*args: str) -> str:
+    """Run `python -m torch.distributed.run --nproc_per_node 2 ARGS` on CPU; its output, or fail showing it."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=TESTS.parent)
+    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done.stdout
+
+
+def one_process(output: Path, *flags: str) -> None:
+    """The oracle, in this process; one thread, like each torchrun worker (2 threads on a busy 2-core box crawl)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cli_main(["train", "--output", str(output), *FLAGS, *ONE, *flags])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def losses(output: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (output / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def assert_same_run(a: Path, b: Path, atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    """Same logged losses and the same saved adapter, tensor by tensor.
+
+    Adam divides by sqrt(v): a near-zero gradient whose last bits differ (2 ranks sum in another order than
+    1 process) moves a weight by up to ~1e-4 relative, hence rtol; the losses agree to 1e-6.
+    """
+    assert losses(a) == pytest.approx(losses(b), abs=1e-6) and len(losses(a)) == 4
+    adapter_a, adapter_b = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert adapter_a.keys() == adapter_b.keys()
+    for key in adapter_a:
+        torch.testing.assert_close(adapter_a[key], adapter_b[key], atol=atol, rtol=rtol, msg=key)
+    # Not vacuous: B moved away from its zero init.
+    assert max(t.abs().max().item() for k, t in adapter_a.items() if "lora_B" in k) > 1e-3
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_and_resume_across_world_sizes(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one_process(one)
+    stdout = torchrun("-m", "lora_rm", "train", "--output", str(two), *FLAGS, *TWO)
+    assert_same_run(one, two)
+
+    # Only adapter + head are all-reduced; rank 0 alone logs (one metrics line, not two).
+    model = builtin_model(builtin_tokenizer())
+    add_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    trainable, total = parameter_counts(model)
+    assert f"DDP over 2 processes: {trainable:,} adapter + head parameters all-reduced" in stdout
+    assert trainable < total and stdout.count('"n_pairs"') == 1
+    checkpoint_rng = load_file(list_checkpoints(two / "checkpoints")[-1] / RNG_NAME)
+    assert {"cpu", "rank1.cpu"} <= checkpoint_rng.keys()
+
+    # Preempted after step 2 under 2 processes, resumed under 1; and the other way round.
+    preempt_copy(two, tmp_path / "two_then_one")
+    one_process(tmp_path / "two_then_one", "--resume")
+    assert_same_run(one, tmp_path / "two_then_one")
+    preempt_copy(one, tmp_path / "one_then_two")
+    torchrun("-m", "lora_rm", "train", "--output", str(tmp_path / "one_then_two"), *FLAGS, *TWO, "--resume")
+    assert_same_run(one, tmp_path / "one_then_two")
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_and_dropout_resume_under_two_processes(tmp_path):
+    """Both checkpointing modes under DDP (reentrant takes static_graph); dropout streams resume per rank."""
+    one = tmp_path / "one"
+    one_process(one)
+    out = {name: str(tmp_path / name) for name in ("plain_ckpt", "reentrant_ckpt", "dropout", "dropout_resumed")}
+    dropout = [*FLAGS, *TWO, "--lora-dropout", "0.1"]
+    steps = [
+        ["--output", out["plain_ckpt"], *FLAGS, *TWO, "--gradient-checkpointing"],
+        ["--output", out["reentrant_ckpt"], *FLAGS, *TWO, "--gradient-checkpointing", "--reentrant-checkpointing"],
+        ["--output", out["dropout"], *dropout],
+        {"preempt": [out["dropout"], out["dropout_resumed"]]},
+        ["--output", out["dropout_resumed"], *dropout, "--resume"],
+    ]
+    torchrun(str(TESTS / "ddp_worker.py"), json.dumps(steps))
+    assert_same_run(one, tmp_path / "plain_ckpt")
+    assert_same_run(one, tmp_path / "reentrant_ckpt")
+    # Same world size: every rank continues its own dropout stream, so the replay is exact.
+    assert_same_run(tmp_path / "dropout", tmp_path / "dropout_resumed", atol=1e-6, rtol=0)
+    rng = load_file(list_checkpoints(tmp_path / "dropout" / "checkpoints")[-1] / RNG_NAME)
+    assert not torch.equal(rng["cpu"], rng["rank1.cpu"])  # two ranks, two streams
+    assert losses(tmp_path / "dropout") != pytest.approx(losses(one), abs=1e-6)  # dropout did act
+
+
+def test_ddp_sends_only_adapter_and_head(tmp_path):
+    """The frozen base is neither broadcast nor all-reduced: DDP holds the trainable parameters only."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        model = builtin_model(builtin_tokenizer())
+        add_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        ddp = distributed.wrap_ddp(model, torch.device("cpu"))
+        sent = {id(p) for p in distributed.communicated_parameters(ddp)}
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        assert sent == trainable and len(sent) < len(list(model.parameters()))
+        assert {id(p) for p in ddp._module_parameters} == trainable  # also what DDP broadcasts when it is built
+        assert all(name in ddp.parameters_to_ignore for name, _ in model.named_buffers())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_and_shard_are_identities_in_one_process():
+    values = torch.arange(5.0)
+    assert torch.equal(distributed.gather_cat(values), values)
+    assert distributed.shard(list(range(5))) == list(range(5))
+    assert distributed.sum_over_ranks([1.5, 2.0]) == [1.5, 2.0]
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
