@@ -24,7 +24,8 @@ def builtin_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + WORDS)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    bos = [("<s>", vocab["<s>"])]
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=bos)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>",
@@ -45,6 +46,7 @@ def builtin_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaFor
         num_key_value_heads=2,
         vocab_size=len(tokenizer),
         max_position_embeddings=64,
+        initializer_range=0.1,  # at the default 0.02 a frozen random base barely mixes tokens: LoRA stalls
         num_labels=1,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

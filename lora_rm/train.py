@@ -96,10 +96,8 @@ def tokenize(rows, tokenizer, config: TrainConfig, name: str) -> list[dict[str, 
 
 
 def pair_collator(tokenizer) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
-    """collate_pairs bound to this tokenizer's pad id and padding side."""
-    return functools.partial(
-        data.collate_pairs, pad_token_id=tokenizer.pad_token_id, padding_side=tokenizer.padding_side
-    )
+    """collate_pairs bound to this tokenizer's pad id; always right padding, as TRL (GPT-2 scores left pads wrong)."""
+    return functools.partial(data.collate_pairs, pad_token_id=tokenizer.pad_token_id, padding_side="right")
 
 
 def prepare_output(config: TrainConfig) -> Path:
@@ -180,7 +178,7 @@ def score_texts(model, tokenizer, items: list, max_length: int | None = None, ba
         too_long = [start + i for i, ids in enumerate(sides) if max_length and len(ids) > max_length]
         if too_long:
             raise ValueError(f"texts {too_long} are longer than max_length={max_length} tokens")
-        input_ids, attention_mask = data.pad_sequences(sides, tokenizer.pad_token_id, tokenizer.padding_side)
+        input_ids, attention_mask = data.pad_sequences(sides, tokenizer.pad_token_id, "right")
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
         rewards.extend(logits.squeeze(-1).float().tolist())
     return rewards

@@ -1,0 +1,368 @@
+"""Preference data: load, detect the format, tokenize each side exactly as TRL 1.16 does, order and collate.
+
+Formats, named as TRL names them:
+  implicit        chosen, rejected: full texts with the prompt inside both (HH-RLHF)
+  explicit        prompt, chosen, rejected: texts; each side is prompt + completion
+  conversational  the same columns holding lists of {"role", "content"} messages, rendered by the chat
+                  template
+  tokenized       chosen_ids, rejected_ids (TRL 1.x) or input_ids_chosen, input_ids_rejected (TRL 0.x)
+An optional numeric `margin` column is carried into the batch.
+
+Where the reward is read: Hugging Face's *ForSequenceClassification heads score the rightmost token whose id
+is not pad_token_id. When pad == EOS, the EOS that ends each text is skipped and the score is read at the
+token just before it, in a padded batch and alone alike; TRL trains the same way. We keep the model's own
+reading, so a merged model served by plain transformers scores exactly what was trained.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, load_dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+BUILDERS = {
+    ".jsonl.gz": "json",
+    ".json.gz": "json",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
+TOKENIZED_COLUMNS = (("chosen_ids", "rejected_ids"), ("input_ids_chosen", "input_ids_rejected"))
+MAX_LENGTH_POLICIES = ("drop", "truncate_left")
+
+
+def _builder(path: Path) -> str | None:
+    """The datasets builder for a data file, from its (possibly double) extension."""
+    return next((builder for ext, builder in BUILDERS.items() if path.name.endswith(ext)), None)
+
+
+def _select_rows(dataset: Dataset, rows: str) -> Dataset:
+    """Apply a Python slice written as text, "start:stop", e.g. "-512:" for the last 512 rows."""
+    start, colon, stop = rows.partition(":")
+    try:
+        if not colon:
+            raise ValueError
+        bounds = slice(int(start) if start.strip() else None, int(stop) if stop.strip() else None)
+    except ValueError:
+        raise ValueError(f"rows={rows!r} is not a slice like '-512:', ':1000' or '100:200'") from None
+    return dataset.select(range(len(dataset))[bounds])
+
+
+def load_preference_dataset(
+    source: str, split: str = "train", limit: int | None = None, rows: str | None = None
+) -> Dataset:
+    """Load a local .json/.jsonl(.gz)/.parquet/.csv file or folder of them, or a hub id with `split`.
+
+    `rows` is a Python slice as text applied first ("-512:" keeps the last 512 rows, "100:200" a window), then
+    `limit` keeps the first N of what is left. Local files form a single split; `split` is then ignored.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _builder(p))
+        if not files:
+            raise FileNotFoundError(f"folder {source} holds no {', '.join(BUILDERS)} files")
+    elif path.is_file():
+        files = [path]
+    elif _builder(path) or source.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no such data file or folder: {source}")
+    else:
+        files = []
+    if files:
+        builders = {_builder(p) for p in files}
+        if None in builders or len(builders) > 1:
+            names = [p.name for p in files]
+            raise ValueError(f"{source}: cannot tell one file type from the extensions of {names}")
+        dataset = load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train")
+    else:
+        try:
+            dataset = load_dataset(source, split=split)
+        except Exception as err:
+            message = f"{source!r} is not a local file or folder and did not load from the hub: {err}"
+            raise ValueError(message) from err
+    if rows is not None:
+        dataset = _select_rows(dataset, rows)
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return dataset
+
+
+def detect_format(dataset: Dataset) -> str:
+    """'tokenized', 'conversational', 'explicit' or 'implicit', from columns and first row, as TRL does."""
+    columns = set(dataset.column_names)
+    if any(chosen in columns and rejected in columns for chosen, rejected in TOKENIZED_COLUMNS):
+        return "tokenized"
+    missing = [name for name in ("chosen", "rejected") if name not in columns]
+    if missing:
+        raise ValueError(f"preference data needs columns {missing}; it has {sorted(columns)}")
+    if len(dataset) and _is_messages(dataset[0]["chosen"]):
+        return "conversational"
+    return "explicit" if "prompt" in columns else "implicit"
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
+
+
+def encode_text(
+    tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict] | None, completion: str | list[dict]
+) -> list[int]:
+    """Token ids of one side (prompt + completion) as TRL 1.16's RewardTrainer makes them; train, eval, score.
+
+    Text: EOS is appended to the completion unless already there, then the tokenizer adds its own special
+    tokens (Llama's BOS, BERT's [CLS] ... [SEP]). A tokenizer without an EOS (BERT) gets none: its [SEP]
+    already closes the text, where TRL would fail on `str.endswith(None)`. Messages: the chat template alone
+    decides; no EOS is added.
+    """
+    if isinstance(completion, list):
+        messages = list(prompt or []) + completion
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    eos = tokenizer.eos_token
+    if eos is not None and not completion.endswith(eos):
+        completion = completion + eos
+    return list(tokenizer(text=(prompt or "") + completion)["input_ids"])
+
+
+def _side_problem(name: str, value: Any, conversational: bool) -> str | None:
+    """Why one column value cannot be used, or None; a prompt may be empty, a completion may not."""
+    if value is None:
+        return f"{name} is missing"
+    if conversational:
+        if not isinstance(value, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value
+        ):
+            return f"{name} is not a list of {{role, content}} messages"
+        return f"{name} has no messages" if not value and name != "prompt" else None
+    if not isinstance(value, str):
+        return f"{name} is not text but {type(value).__name__}"
+    return f"{name} is empty" if not value.strip() and name != "prompt" else None
+
+
+def _row_problem(row: dict[str, Any], data_format: str, ids_columns: tuple[str, str]) -> str | None:
+    """Why a row cannot be a training pair, or None."""
+    if "margin" in row and not (isinstance(row["margin"], (int, float)) and math.isfinite(row["margin"])):
+        return f"margin is not a finite number: {row['margin']!r}"
+    if data_format == "tokenized":
+        for name in ids_columns:
+            ids = row[name]
+            if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
+                return f"{name} is not a non-empty list of token ids"
+        return "chosen is identical to rejected" if row[ids_columns[0]] == row[ids_columns[1]] else None
+    names = ("prompt", "chosen", "rejected") if "prompt" in row else ("chosen", "rejected")
+    for name in names:
+        problem = _side_problem(name, row[name], data_format == "conversational")
+        if problem:
+            return problem
+    return "chosen is identical to rejected" if row["chosen"] == row["rejected"] else None
+
+
+@dataclass
+class DataStats:
+    """What tokenization did to a dataset; printed so that nothing is dropped silently."""
+
+    n_rows: int = 0  # rows read
+    n_kept: int = 0  # pairs that go on to training or evaluation
+    n_dropped_too_long: int = 0  # max_length_policy="drop": a side had more than max_length tokens
+    n_truncated: int = 0  # max_length_policy="truncate_left": pairs with a side cut from the left
+    n_bad_skipped: int = 0  # skip_bad_rows=True: rows with a missing, empty, non-text or identical value
+
+
+def _encode_row(
+    row: dict[str, Any],
+    index: int,
+    tokenizer: PreTrainedTokenizerBase,
+    data_format: str,
+    max_length: int | None,
+    max_length_policy: str,
+    skip_bad_rows: bool,
+) -> dict[str, Any]:
+    """One row to chosen_ids, rejected_ids, length and status (ok, bad, too_long, truncated)."""
+    ids_columns = next((c for c in TOKENIZED_COLUMNS if c[0] in row and c[1] in row), ("chosen", "rejected"))
+    problem = _row_problem(row, data_format, ids_columns)
+    if problem is None and data_format == "tokenized":
+        chosen_ids, rejected_ids = row[ids_columns[0]], row[ids_columns[1]]
+    elif problem is None:
+        chosen_ids = encode_text(tokenizer, row.get("prompt"), row["chosen"])
+        rejected_ids = encode_text(tokenizer, row.get("prompt"), row["rejected"])
+        if chosen_ids == rejected_ids:
+            problem = "chosen and rejected tokenize to the same ids"
+    if problem is not None:
+        if not skip_bad_rows:
+            raise ValueError(f"row {index}: {problem} (pass skip_bad_rows=True to skip such rows)")
+        return {"chosen_ids": [], "rejected_ids": [], "length": 0, "status": "bad"}
+    status = "ok"
+    if max_length is not None and max(len(chosen_ids), len(rejected_ids)) > max_length:
+        if max_length_policy == "drop":
+            status = "too_long"
+        else:  # keep the end of each side, where the response and its EOS are and where the reward is read
+            status = "truncated"
+            chosen_ids, rejected_ids = chosen_ids[-max_length:], rejected_ids[-max_length:]
+    length = max(len(chosen_ids), len(rejected_ids))
+    return {
+        "chosen_ids": chosen_ids,
+        "rejected_ids": rejected_ids,
+        "length": length,
+        "status": status,
+    }
+
+
+def tokenize_pairs(
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase | None,
+    max_length: int | None = None,
+    max_length_policy: str = "drop",
+    skip_bad_rows: bool = False,
+    num_proc: int | None = None,
+) -> tuple[Dataset, DataStats]:
+    """Tokenize every pair to columns chosen_ids, rejected_ids, length (the longer side) and margin if any.
+
+    Args:
+        max_length_policy: "drop" removes pairs with a side over max_length tokens (TRL's rule);
+            "truncate_left" keeps the last max_length tokens of each side (the prompt start, BOS included,
+            is lost).
+        skip_bad_rows: False raises ValueError naming the first bad row; True skips and counts them.
+        tokenizer: may be None for pre-tokenized data.
+    """
+    if max_length_policy not in MAX_LENGTH_POLICIES:
+        raise ValueError(f"max_length_policy must be one of {MAX_LENGTH_POLICIES}, got {max_length_policy!r}")
+    if max_length is not None and max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    if len(dataset) == 0:
+        raise ValueError("the preference dataset has no rows")
+    data_format = detect_format(dataset)
+    kwargs = {
+        "tokenizer": tokenizer,
+        "data_format": data_format,
+        "max_length": max_length,
+        "max_length_policy": max_length_policy,
+        "skip_bad_rows": skip_bad_rows,
+    }
+    keep_columns = {"margin"}
+    encoded = dataset.map(
+        _encode_row,
+        fn_kwargs=kwargs,
+        with_indices=True,
+        remove_columns=[c for c in dataset.column_names if c not in keep_columns],
+        num_proc=num_proc,
+        keep_in_memory=True,  # datasets hashes _encode_row by name: a disk cache would outlive code changes
+        desc="Tokenizing preference pairs",
+    )
+    statuses = encoded["status"]
+    counts = Counter(statuses)
+    kept = [i for i, status in enumerate(statuses) if status in ("ok", "truncated")]
+    stats = DataStats(
+        n_rows=len(dataset),
+        n_kept=len(kept),
+        n_dropped_too_long=counts["too_long"],
+        n_truncated=counts["truncated"],
+        n_bad_skipped=counts["bad"],
+    )
+    return encoded.select(kept).remove_columns("status"), stats
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> str | None:
+    """Give tokenizer (EOS, else UNK) and model.config a pad token: the head needs it to find the last token.
+
+    Returns what was changed, for the CLI to print, or None when nothing was.
+    """
+    changes = []
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        if fallback is None:
+            raise ValueError("the tokenizer has no pad, eos or unk token; set tokenizer.pad_token yourself")
+        tokenizer.pad_token = fallback
+        changes.append(f"tokenizer had no pad token, using {fallback!r} (id {tokenizer.pad_token_id})")
+        if fallback == tokenizer.eos_token:
+            changes.append("pad == EOS, so the reward is read at the token before the final EOS, as in TRL")
+    if model is not None:
+        text_config = model.config.get_text_config()
+        if text_config.pad_token_id != tokenizer.pad_token_id:
+            changes.append(f"model pad_token_id {text_config.pad_token_id} -> {tokenizer.pad_token_id}")
+            text_config.pad_token_id = tokenizer.pad_token_id
+    return "; ".join(changes) or None
+
+
+def pad_sequences(
+    sequences: list[list[int]], pad_token_id: int, padding_side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (N, longest), padded on the tokenizer's side."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    longest = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for i, ids in enumerate(sequences):
+        start = longest - len(ids) if padding_side == "left" else 0
+        input_ids[i, start : start + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, start : start + len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def collate_pairs(
+    rows: list[dict[str, Any]] | dict[str, list], pad_token_id: int, padding_side: str = "right"
+) -> dict[str, torch.Tensor]:
+    """Pad chosen then rejected into one batch: rows 0..B-1 chosen, B..2B-1 rejected, as TRL's collator.
+
+    `rows` is a list of pairs or a slice of the tokenized Dataset (a dict of columns). TRL always pads right.
+    Left padding scores exactly only where positions are relative (RoPE: Llama, Qwen) or read from the mask
+    (OPT); GPT-2 in transformers 5.24 shifts its absolute positions and so changes the reward.
+    """
+    if isinstance(rows, dict):
+        rows = [dict(zip(rows, values, strict=True)) for values in zip(*rows.values(), strict=True)]
+    sequences = [row["chosen_ids"] for row in rows] + [row["rejected_ids"] for row in rows]
+    input_ids, attention_mask = pad_sequences(sequences, pad_token_id, padding_side)  # (2B, L) each
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "margin" in rows[0]:
+        batch["margin"] = torch.tensor([float(row["margin"]) for row in rows], dtype=torch.float32)  # (B,)
+    return batch
+
+
+def batch_indices(
+    lengths: list[int],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    group_by_length: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+) -> list[list[int]]:
+    """This rank's batches of pair indices for one epoch, a pure function of (seed, epoch) for exact resume.
+
+    A global batch holds batch_size * world_size pairs and rank r takes its r-th contiguous piece, so 2 ranks
+    of 4 pairs see the same global batches as 1 rank of 8. group_by_length sorts pairs by length within chunks
+    of 50 global batches, then shuffles the batches, to cut padding. A short last global batch is split evenly
+    over the ranks, or dropped if drop_last is set or it has fewer pairs than ranks (all ranks step together).
+    """
+    if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"need batch_size > 0 and 0 <= rank < world_size, got {batch_size=} {rank=} {world_size=}"
+        )
+    lengths = list(lengths)  # a datasets Column indexes slowly
+    generator = torch.Generator().manual_seed(seed + epoch)
+    n = len(lengths)
+    order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+    global_size = batch_size * world_size
+    if group_by_length:
+        chunk = 50 * global_size
+        order = [
+            i
+            for start in range(0, len(order), chunk)
+            for i in sorted(order[start : start + chunk], key=lambda i: -lengths[i])
+        ]
+    batches = [order[start : start + global_size] for start in range(0, len(order), global_size)]
+    if batches and len(batches[-1]) < global_size and (drop_last or len(batches[-1]) < world_size):
+        batches.pop()
+    if group_by_length and shuffle:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return [
+        batch[rank * len(batch) // world_size : (rank + 1) * len(batch) // world_size] for batch in batches
+    ]

