@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import distributed
 from .config import LoraConfig
 from .inject import add_lora, head_modules, lora_config_of, lora_layers, remove_lora
 
@@ -35,13 +36,23 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Write the adapter in PEFT's format; each file goes to a temporary name first, so a crash keeps the old one."""
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write the adapter in PEFT's format; each file goes to a temporary name first, so a crash keeps the old one.
+
+    state: adapter_state_dict(model) already gathered to full tensors (FSDP: distributed.full_tensors); default
+    the model's own.
+    """
     if any(layer.merged for _, layer in lora_layers(model)):
         raise ValueError("save_adapter: the adapter is merged into the base; unmerge before saving")
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {key: t.detach().to("cpu").contiguous() for key, t in adapter_state_dict(model).items()}
+    state = adapter_state_dict(model) if state is None else state
+    tensors = {key: t.detach().to("cpu").contiguous() for key, t in state.items()}
     with _atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
     config_text = json.dumps(lora_config_of(model).to_peft_dict(), indent=2, sort_keys=True)
@@ -107,7 +118,7 @@ def load_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> 
             )
     with torch.no_grad():
         for key, target in targets.items():
-            target.copy_(weights[key])
+            target.copy_(distributed.shard_like(weights[key], target))  # FSDP: this rank's shard
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:

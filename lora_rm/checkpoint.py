@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import distributed
 from .adapter_io import load_adapter_weights, read_adapter_weights, save_adapter
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)")
@@ -27,9 +28,11 @@ OPTIMIZER_NAME = "optimizer.safetensors"
 RNG_NAME = "rng_state.safetensors"
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split optimizer.state_dict() into flat tensors (state.{param}.{key}) and JSON-able param groups."""
-    state = optimizer.state_dict()
+def optimizer_tensors(
+    optimizer: torch.optim.Optimizer, state: dict[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split optimizer.state_dict() (or `state`, one with full tensors) into flat tensors and JSON-able groups."""
+    state = optimizer.state_dict() if state is None else state
     tensors = {
         f"state.{index}.{key}": (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu().contiguous()
         for index, param_state in state["state"].items()
@@ -39,14 +42,21 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 
 def load_optimizer_tensors(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: dict[str, Any]
+    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    groups: dict[str, Any],
+    model: nn.Module | None = None,
 ) -> None:
-    """Inverse of optimizer_tensors."""
+    """Inverse of optimizer_tensors; pass the model when it may be FSDP-sharded (each rank keeps its shards)."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         _, index, key = name.split(".", 2)
         state.setdefault(int(index), {})[key] = tensor
-    optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+    full = {"state": state, "param_groups": groups["param_groups"]}
+    if model is None:
+        optimizer.load_state_dict(full)
+    else:
+        distributed.load_optimizer_state(model, optimizer, full)
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
@@ -74,19 +84,22 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int,
     rng: dict[str, torch.Tensor] | None = None,
+    adapter: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoints/step-N atomically (temporary folder, then os.replace) and keep the last `keep`.
 
     rng: the RNG states to keep (under torchrun, every rank's from distributed.gather_rng_states); default this
-    process's.
+    process's. adapter, optimizer_state: already gathered full tensors (under FSDP, from distributed.full_tensors
+    and distributed.full_optimizer_state); default the model's and the optimizer's own.
     """
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp)
-    tensors, groups = optimizer_tensors(optimizer)
+    save_adapter(model, tmp, state=adapter)
+    tensors, groups = optimizer_tensors(optimizer, optimizer_state)
     save_file(tensors, tmp / OPTIMIZER_NAME)
     save_file(rng if rng is not None else rng_tensors(), tmp / RNG_NAME)
     state = {**trainer_state, "step": step, "optimizer": groups, "python_rng": list(random.getstate())}
@@ -117,6 +130,6 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"checkpoint {path} is incomplete or corrupt ({STATE_NAME}): {error}") from error
     load_adapter_weights(model, read_adapter_weights(path))
-    load_optimizer_tensors(optimizer, load_file(path / OPTIMIZER_NAME), state["optimizer"])
+    load_optimizer_tensors(optimizer, load_file(path / OPTIMIZER_NAME), state["optimizer"], model)
     restore_rng(load_file(path / RNG_NAME), state["python_rng"])
     return state

@@ -65,6 +65,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     add("--group-by-length", action="store_true")
     add("--gradient-checkpointing", action="store_true")
     add("--reentrant-checkpointing", action="store_true")
+    add("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 instead of DDP")
     add("--bf16", action="store_true", help="bf16 autocast")
     add("--fp16", action="store_true", help="fp16 autocast with a grad scaler (CUDA)")
     add("--seed", type=int)

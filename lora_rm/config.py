@@ -120,6 +120,7 @@ class TrainConfig:
     disable_dropout: bool = True  # TRL's default: the frozen base's dropout off (LoRA's own lora_dropout is kept)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     reentrant_checkpointing: bool = False  # torch.utils.checkpoint's use_reentrant
+    fsdp: bool = False  # under torchrun, shard the model with FSDP2 instead of DDP (for a model too big for one device)
     precision: str = "fp32"  # "fp32", "bf16" or "fp16" autocast (fp16 only on CUDA, with a grad scaler)
     seed: int = 42  # seeds model init, adapter init, dropout and data order
     log_every: int = 10  # optimizer steps between log lines

@@ -8,6 +8,10 @@ Dropout streams (lora_dropout) are per rank: rank 0 keeps the seed's stream, ran
 rank_seed(seed, r, 0). A checkpoint keeps every rank's RNG state; resuming under the same world size continues
 each stream exactly, under another one rank r continues rank r's saved stream if the saved run had a rank r,
 else it starts rank_seed(seed, r, step). Data order never depends on these streams (see data.batch_indices).
+
+Under FSDP (fully_shard, for a model that does not fit one device) every parameter is a DTensor shard: each
+decoder layer is one unit, the root holds the rest. Saving gathers full tensors on every rank (collectives),
+rank 0 writes them; resuming cuts every rank's shard out of the full tensors it read, without communication.
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 RANK_PREFIX = "rank{}."  # RNG keys of rank r > 0 in a checkpoint's rng_state.safetensors; rank 0 keeps plain keys
 
@@ -104,7 +113,13 @@ def no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
     A static-graph DDP records its graph in its first backward, which must all-reduce: under no_sync it fails
     with "expect_autograd_hooks_ INTERNAL ASSERT FAILED" (torch 2.13), so that one micro-batch syncs anyway
     (averaging each micro-batch's grads over ranks and then summing them is the same sum).
+
+    Under FSDP it sets set_requires_gradient_sync(sync) and leaves it set: FSDP reads the flag in backward, after
+    this context has closed, and every micro-batch sets it afresh.
     """
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
     if sync or not isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext()
     if model.static_graph and not getattr(model, "_static_graph_delay_allreduce_enqueued", False):
@@ -144,6 +159,105 @@ def shard(items: list) -> list:
     """This rank's contiguous share of items (gather_cat of the results restores the original order)."""
     r, n = rank(), world_size()
     return items[r * len(items) // n : (r + 1) * len(items) // n]
+
+
+def equal_shard(items: list) -> tuple[list, int]:
+    """This rank's share padded with copies of items[0] to the longest share's length, and how many are real.
+
+    Under FSDP every rank must run the same number of forwards (each all-gathers the weights), so shares of 4 and
+    5 pairs both run 5; the caller drops the padding's results before gather_cat.
+    """
+    mine = shard(items)
+    longest = -(-len(items) // world_size())
+    return mine + items[:1] * (longest - len(mine)), len(mine)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks: transformers' GradientCheckpointingLayer instances, else the `layers`/`h`/`layer` list."""
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    if layers:
+        return layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rpartition(".")[2] in ("layers", "h", "layer"):
+            return list(module)
+    return []
+
+
+def wrap_fsdp(model: nn.Module, device: torch.device) -> int:
+    """fully_shard each decoder layer, then the root (in place); returns how many layers became their own unit.
+
+    The model may still be on the CPU: fully_shard moves each unit to the device as it shards it, so the full
+    model never has to fit one device. Frozen base, adapter and head share the units; only the trainable shards
+    get gradients, which FSDP reduce-scatters (averaged over ranks, as DDP's all-reduce).
+    """
+    mesh = init_device_mesh(device.type, (world_size(),))
+    layers = decoder_layers(model)
+    for layer in reversed(layers):  # innermost first, should blocks ever nest
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return len(layers)
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on this rank: a DTensor is all-gathered (a collective: every rank must call it)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """full_tensor of every value, in the dict's order (the same on every rank), e.g. of adapter_state_dict(model)."""
+    return {name: full_tensor(tensor) for name, tensor in state.items()}
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of full, laid out as the DTensor `like` (full itself when like is a plain tensor).
+
+    No communication: every rank read the same full tensor from disk and cuts its own shard out of it.
+    """
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The optimizer's parameters by name, in the order optimizer.state_dict() numbers them."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with full tensors, numbered as usual; under FSDP a collective, complete on rank 0 only.
+
+    FSDP goes through PyTorch's get_optimizer_state_dict (full_state_dict, offloaded to the CPU on rank 0), which
+    keys parameters by name; they are numbered back so the checkpoint is the same under DDP, FSDP or one process.
+    """
+    if not is_fsdp(model):
+        return optimizer.state_dict()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_optimizer_state_dict(model, optimizer, options=options)
+    if not full:  # ranks > 0
+        return {}
+    index = {name: i for i, name in enumerate(_optimizer_names(model, optimizer))}
+    return {
+        "state": {index[name]: state for name, state in full["state"].items()},
+        "param_groups": [{**group, "params": [index[n] for n in group["params"]]} for group in full["param_groups"]],
+    }
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of full_optimizer_state: every rank passes the same full state; under FSDP each keeps its shards."""
+    if not is_fsdp(model):
+        optimizer.load_state_dict(state)
+        return
+    names = _optimizer_names(model, optimizer)
+    by_name = {
+        "state": {names[index]: param_state for index, param_state in state["state"].items()},
+        "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
 def rank_seed(seed: int, rank: int, step: int) -> int:

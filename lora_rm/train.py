@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data, distributed
-from .adapter_io import save_adapter
+from .adapter_io import adapter_state_dict, save_adapter
 from .builtin import builtin_model, builtin_preference_dataset, builtin_tokenizer
 from .checkpoint import RNG_NAME, list_checkpoints, load_checkpoint, rng_tensors, save_checkpoint
 from .config import TrainConfig
@@ -154,9 +154,11 @@ def evaluate(model, pairs, collator, batch_size: int, device, precision: str = "
     """Metrics over every eval pair (rewards concatenated first, so the means are exact, not batch means).
 
     Under torchrun each rank scores its contiguous shard and the rewards are gathered in order before the means.
+    Shards are padded to equal length and the padding's rewards dropped: under FSDP every forward is a collective.
     """
-    chosen, rejected = rewards_for_pairs(model, distributed.shard(pairs), collator, batch_size, device, precision)
-    return eval_metrics(distributed.gather_cat(chosen), distributed.gather_cat(rejected))
+    mine, n_real = distributed.equal_shard(pairs)
+    chosen, rejected = rewards_for_pairs(model, mine, collator, batch_size, device, precision)
+    return eval_metrics(distributed.gather_cat(chosen[:n_real]), distributed.gather_cat(rejected[:n_real]))
 
 
 def eval_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, Any]:
@@ -234,18 +236,26 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.disable_dropout:
         disable_dropout(model)
     add_lora(model, config.lora)
-    model.to(device).train()
+    fsdp = config.fsdp and world_size > 1
+    if config.fsdp and not fsdp:
+        print("fsdp: one process, nothing to shard; training unsharded")
+    model.train()
+    if not fsdp:  # under FSDP, fully_shard moves each unit to the device as it shards it: the model need not fit
+        model.to(device)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model, use_reentrant=config.reentrant_checkpointing)
     distributed.print_main(format_parameter_counts(model))
     forward_model = model  # what the micro-batches run through; `model` stays the plain module for eval and saving
-    if world_size > 1:
+    if fsdp:  # fully_shard turns `model` itself into the sharded module
+        n_layers = distributed.wrap_fsdp(model, device)
+        distributed.print_main(f"FSDP over {world_size} processes: {n_layers} decoder layers + the root sharded")
+    elif world_size > 1:
         reentrant = config.gradient_checkpointing and config.reentrant_checkpointing
         forward_model = distributed.wrap_ddp(model, device, static_graph=reentrant)
         n_sent = sum(p.numel() for p in distributed.communicated_parameters(forward_model))
         distributed.print_main(f"DDP over {world_size} processes: {n_sent:,} adapter + head parameters all-reduced")
-        if rank > 0:  # its own dropout stream; rank 0 goes on with the seed's
-            torch.manual_seed(distributed.rank_seed(config.seed, rank, 0))
+    if rank > 0:  # its own dropout stream; rank 0 goes on with the seed's
+        torch.manual_seed(distributed.rank_seed(config.seed, rank, 0))
     optimizer = build_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
 
@@ -332,7 +342,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "loss": loss_sum / n_losses,
                 "accuracy": metrics["accuracy"],
                 "margin": metrics["mean_margin"],
-                "grad_norm": grad_norm.item(),
+                "grad_norm": distributed.full_tensor(grad_norm).item(),  # a DTensor under FSDP
                 "lr": optimizer.param_groups[0]["lr"],
                 "pairs_per_s": all_pairs / elapsed,
             }
@@ -346,14 +356,20 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 progress.write(f"step {done}: eval accuracy {interim['accuracy']:.4f}")
         if done % save_every == 0 or done == total_steps:
             rng = distributed.gather_rng_states(rng_tensors())  # a collective: every rank takes part
+            adapter = distributed.full_tensors(adapter_state_dict(model))  # collectives under FSDP, too
+            optimizer_state = distributed.full_optimizer_state(model, optimizer)
             if distributed.is_main():
                 trainer_state = {"total_steps": total_steps, "world_size": world_size, "global_batch": global_batch}
-                save_checkpoint(checkpoints, done, model, optimizer, trainer_state, config.keep_checkpoints, rng)
+                save_checkpoint(
+                    checkpoints, done, model, optimizer, trainer_state, config.keep_checkpoints, rng, adapter,
+                    optimizer_state,
+                )
             distributed.barrier()  # nobody goes on (or resumes) before the checkpoint is complete
     progress.close()
 
+    adapter = distributed.full_tensors(adapter_state_dict(model))  # under FSDP every rank gathers, rank 0 writes
     if distributed.is_main():
-        save_adapter(model, output)
+        save_adapter(model, output, state=adapter)
         tokenizer.save_pretrained(output)
     final = evaluate(model, eval_pairs, collator, config.batch_size, device, config.precision)
     if distributed.is_main():

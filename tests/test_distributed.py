@@ -17,9 +17,9 @@ import torch.distributed as dist
 from ddp_worker import preempt_copy
 from safetensors.torch import load_file
 
-from lora_rm import LoraConfig, add_lora, distributed, parameter_counts
+from lora_rm import LoraConfig, add_lora, distributed, load_adapter, parameter_counts
 from lora_rm.builtin import builtin_model, builtin_tokenizer
-from lora_rm.checkpoint import RNG_NAME, list_checkpoints
+from lora_rm.checkpoint import OPTIMIZER_NAME, RNG_NAME, list_checkpoints
 from lora_rm.cli import main as cli_main
 
 TESTS = Path(__file__).parent
@@ -126,6 +126,54 @@ def test_gradient_checkpointing_and_dropout_resume_under_two_processes(tmp_path)
     rng = load_file(list_checkpoints(tmp_path / "dropout" / "checkpoints")[-1] / RNG_NAME)
     assert not torch.equal(rng["cpu"], rng["rank1.cpu"])  # two ranks, two streams
     assert losses(tmp_path / "dropout") != pytest.approx(losses(one), abs=1e-6)  # dropout did act
+
+
+def assert_same_tensors(a: Path, b: Path, atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    tensors_a, tensors_b = load_file(a), load_file(b)
+    assert tensors_a.keys() == tensors_b.keys()
+    for key in tensors_a:
+        torch.testing.assert_close(tensors_a[key], tensors_b[key], atol=atol, rtol=rtol, msg=key)
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_equal_one_process_and_resume(tmp_path):
+    """--fsdp: each decoder layer and the root sharded over 2 processes; the gathered adapter, the checkpoints
+    (adapter and optimizer), the padded eval shards, a resumed run and both checkpointing modes all equal one
+    process of the same batch."""
+    one = tmp_path / "one"
+    one_process(one, "--eval-every", "2")
+    fsdp = [*FLAGS, *TWO, "--fsdp", "--eval-every", "2"]
+    out = {name: str(tmp_path / name) for name in ("fsdp", "fsdp_resumed", "plain_ckpt", "reentrant_ckpt")}
+    steps = [
+        ["--output", out["fsdp"], *fsdp],
+        {"preempt": [out["fsdp"], out["fsdp_resumed"]]},
+        ["--output", out["fsdp_resumed"], *fsdp, "--resume"],
+        ["--output", out["plain_ckpt"], *fsdp, "--gradient-checkpointing"],
+        ["--output", out["reentrant_ckpt"], *fsdp, "--gradient-checkpointing", "--reentrant-checkpointing"],
+    ]
+    stdout = torchrun(str(TESTS / "ddp_worker.py"), json.dumps(steps))
+    assert "FSDP over 2 processes: 2 decoder layers + the root sharded" in stdout
+    assert_same_run(one, tmp_path / "fsdp")
+    assert_same_run(one, tmp_path / "fsdp_resumed")
+    assert_same_run(one, tmp_path / "plain_ckpt")
+    assert_same_run(one, tmp_path / "reentrant_ckpt")
+    for ours, theirs in zip(list_checkpoints(one / "checkpoints"), list_checkpoints(tmp_path / "fsdp" / "checkpoints"),
+                            strict=True):  # fmt: skip
+        assert_same_tensors(ours / "adapter_model.safetensors", theirs / "adapter_model.safetensors")
+        assert_same_tensors(ours / OPTIMIZER_NAME, theirs / OPTIMIZER_NAME)
+
+    # 9 eval pairs: shards of 4 and 5, the short one padded so both ranks run 2 forwards; the same pairs scored.
+    evals = [[r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "eval_n_pairs" in r]
+             for run in (one, tmp_path / "fsdp")]  # fmt: skip
+    assert [r["eval_n_pairs"] for r in evals[1]] == [9, 9]
+    for ours, theirs in zip(*evals, strict=True):
+        assert ours["eval_accuracy"] == theirs["eval_accuracy"]
+        assert ours["eval_mean_margin"] == pytest.approx(theirs["eval_mean_margin"], abs=1e-5)
+
+    # PEFT format: the gathered adapter loads into a fresh base, and what loads is what was saved.
+    model = load_adapter(builtin_model(builtin_tokenizer()), tmp_path / "fsdp")
+    saved = load_file(tmp_path / "fsdp" / "adapter_model.safetensors")
+    torch.testing.assert_close(model.score.weight, saved["base_model.model.score.weight"])
 
 
 def test_ddp_sends_only_adapter_and_head(tmp_path):
