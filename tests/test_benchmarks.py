@@ -1,0 +1,38 @@
+"""The benchmark suite runs end to end on its smallest configuration; no timing is asserted."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_overhead_suite_end_to_end(tmp_path):
+    """One repeat on the tiny model: every row present, every number finite, memory from the child processes."""
+    out = tmp_path / "overhead"
+    command = [sys.executable, "-m", "benchmarks.overhead", "--model", "tiny", "--seq-len", "8", "--pairs", "1",
+               "--ranks", "2", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| lora-rm r=2 |" in done.stdout and "lora-rm/PEFT" in done.stdout
+    results = json.loads(out.with_suffix(".json").read_text())
+    names = [row["name"] for row in results["rows"]]
+    assert names == [
+        "forward", "floor", "full", "lora-rm r=2", "peft r=2", "floor+ckpt", "full+ckpt", "lora-rm r=2+ckpt",
+        "peft r=2+ckpt", "forward unmerged r=2", "forward merged r=2",
+    ]
+    for row in results["rows"]:
+        for key in ["median_s", "min_s", "tokens_per_s", "peak_mib", "step_mib"]:
+            assert math.isfinite(row[key]) and row[key] >= 0, (row["name"], key)
+    rows = {row["name"]: row for row in results["rows"]}
+    assert rows["floor"]["trainable_params"] == 0 and rows["floor"]["optimizer_state_bytes"] == 0
+    assert 0 < rows["lora-rm r=2"]["trainable_params"] == rows["peft r=2"]["trainable_params"]
+    assert rows["lora-rm r=2"]["trainable_params"] < rows["full"]["trainable_params"]
+    # AdamW keeps two fp32 moments per trainable parameter (plus a step counter each).
+    assert rows["lora-rm r=2"]["optimizer_state_bytes"] >= 8 * rows["lora-rm r=2"]["trainable_params"]
+    assert 0 < rows["lora-rm r=2"]["flop_fraction"]["adapted_forward"] < 1
+    assert out.with_suffix(".png").stat().st_size > 0
