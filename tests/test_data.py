@@ -16,7 +16,6 @@ from transformers import (
     LlamaForSequenceClassification,
     PreTrainedTokenizerFast,
 )
-from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from lora_rm import data
@@ -71,20 +70,10 @@ def llama3_like_tokenizer(texts=TEXTS):
 
 
 @pytest.fixture(scope="module")
-def trl_trainer(tmp_path_factory):
+def trl_trainer(make_trl_trainer):
     """A TRL RewardTrainer whose _prepare_dataset is the oracle for tokenization and the max_length filter."""
     tokenizer = builtin_tokenizer()
-    args = RewardConfig(
-        output_dir=str(tmp_path_factory.mktemp("trl")),
-        report_to="none",
-        max_length=None,
-        use_cpu=True,
-        bf16=False,
-    )
-    rows = builtin_preference_dataset(4, seed=0)
-    return RewardTrainer(
-        model=builtin_model(tokenizer), args=args, train_dataset=rows, processing_class=tokenizer
-    )
+    return make_trl_trainer(builtin_model(tokenizer), tokenizer, builtin_preference_dataset(4, seed=0))
 
 
 def trl_tokenize(trainer, rows, tokenizer, max_length=None):

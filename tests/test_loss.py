@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from trl import RewardConfig, RewardTrainer
 
 from lora_rm.builtin import builtin_model, builtin_preference_dataset, builtin_tokenizer
 from lora_rm.data import collate_pairs, tokenize_pairs
@@ -11,7 +10,7 @@ from lora_rm.loss import bradley_terry_loss, preference_metrics, reward_stats, s
 
 
 @pytest.fixture(scope="module")
-def trl_setup(tmp_path_factory):
+def trl_setup(make_trl_trainer):
     """One TRL trainer around the built-in model with a perturbed head, and a collated batch of 8 pairs."""
     torch.manual_seed(0)
     tokenizer = builtin_tokenizer()
@@ -19,14 +18,7 @@ def trl_setup(tmp_path_factory):
     with torch.no_grad():
         model.score.weight.normal_(std=3.0)  # rewards of order 1, so accuracy and margins are not trivial
     rows = builtin_preference_dataset(8, seed=0)
-    args = RewardConfig(
-        output_dir=str(tmp_path_factory.mktemp("trl")),
-        report_to="none",
-        max_length=None,
-        use_cpu=True,
-        bf16=False,
-    )
-    trainer = RewardTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+    trainer = make_trl_trainer(model, tokenizer, rows)
     pairs, _ = tokenize_pairs(rows, tokenizer)
     batch = collate_pairs([pairs[i] for i in range(len(pairs))], tokenizer.pad_token_id)
     return trainer, model, batch
