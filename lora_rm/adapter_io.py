@@ -39,7 +39,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(
     model: nn.Module,
     path: str | os.PathLike,
-    metadata: dict[str, str] | None = None,
     state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write the adapter in PEFT's format; each file goes to a temporary name first, so a crash keeps the old one.
@@ -54,7 +53,7 @@ def save_adapter(
     state = adapter_state_dict(model) if state is None else state
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in state.items()}
     with _atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
+        save_file(tensors, tmp, metadata={"format": "pt"})
     config_text = json.dumps(lora_config_of(model).to_peft_dict(), indent=2, sort_keys=True)
     with _atomic_path(directory / CONFIG_NAME) as tmp:
         Path(tmp).write_text(config_text + "\n")

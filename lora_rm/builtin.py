@@ -52,8 +52,9 @@ def builtin_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaFor
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(seed)
-    return LlamaForSequenceClassification(config)
+    with torch.random.fork_rng(devices=[]):  # the same base every time, without resetting the caller's RNG
+        torch.manual_seed(seed)
+        return LlamaForSequenceClassification(config)
 
 
 def builtin_preference_dataset(n_pairs: int, seed: int = 0) -> Dataset:
