@@ -68,12 +68,17 @@ def rng_tensors() -> dict[str, torch.Tensor]:
     return tensors
 
 
-def restore_rng(tensors: dict[str, torch.Tensor], python_state: list) -> None:
-    torch.set_rng_state(tensors["cpu"])
-    cuda_states = [tensors[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in tensors]
+def restore_rng(saved: dict[str, torch.Tensor], python_state: list, seed: int, step: int) -> None:
+    """Give this rank its saved RNG streams back; a rank the saved run did not have starts rank_seed's stream."""
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    own = distributed.rank_rng_states(saved)
+    if "cpu" not in own:
+        torch.manual_seed(distributed.rank_seed(seed, distributed.rank(), step))
+        return
+    torch.set_rng_state(own["cpu"])
+    cuda_states = [own[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in own]
     if cuda_states:
         torch.cuda.set_rng_state_all(cuda_states)
-    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
 
 
 def save_checkpoint(
@@ -121,8 +126,13 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.fullmatch(p.name).group(1)))
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore adapter, head, optimizer and RNG from a checkpoint; returns its trainer state (step included)."""
+def load_checkpoint(
+    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, seed: int = 0
+) -> dict[str, Any]:
+    """Restore adapter, head, optimizer and this rank's RNG from a checkpoint; returns its trainer state (step too).
+
+    seed: the run's seed, for a rank the saved run did not have (resuming under a larger world size).
+    """
     path = Path(path)
     state_path = path / STATE_NAME
     try:
@@ -131,5 +141,5 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         raise ValueError(f"checkpoint {path} is incomplete or corrupt ({STATE_NAME}): {error}") from error
     load_adapter_weights(model, read_adapter_weights(path))
     load_optimizer_tensors(optimizer, load_file(path / OPTIMIZER_NAME), state["optimizer"], model)
-    restore_rng(load_file(path / RNG_NAME), state["python_rng"])
+    restore_rng(load_file(path / RNG_NAME), state["python_rng"], seed, state["step"])
     return state

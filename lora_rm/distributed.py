@@ -278,17 +278,10 @@ def gather_rng_states(states: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return gathered
 
 
-def restore_rank_rng(saved: dict[str, torch.Tensor], seed: int, step: int) -> None:
-    """After load_checkpoint restored rank 0's RNG on every rank: give rank r > 0 its own stream back."""
+def rank_rng_states(saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's entries of a checkpoint's RNG states (rank 0: plain keys; rank r: 'rank{r}.' keys); {} if none."""
     r = rank()
     if r == 0:
-        return
+        return {name: state for name, state in saved.items() if not name.startswith("rank")}
     prefix = RANK_PREFIX.format(r)
-    own = {name[len(prefix) :]: state for name, state in saved.items() if name.startswith(prefix)}
-    if "cpu" not in own:  # the saved run had fewer ranks
-        torch.manual_seed(rank_seed(seed, r, step))
-        return
-    torch.set_rng_state(own["cpu"])
-    cuda = [own[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in own]
-    if cuda:
-        torch.cuda.set_rng_state_all(cuda)
+    return {name[len(prefix) :]: state for name, state in saved.items() if name.startswith(prefix)}

@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import data, distributed
 from .adapter_io import adapter_state_dict, save_adapter
 from .builtin import builtin_model, builtin_preference_dataset, builtin_tokenizer
-from .checkpoint import RNG_NAME, list_checkpoints, load_checkpoint, rng_tensors, save_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, rng_tensors, save_checkpoint
 from .config import TrainConfig
 from .inject import add_lora, enable_gradient_checkpointing, format_parameter_counts, lora_config_of
 from .loss import bradley_terry_loss, preference_metrics, reward_stats, split_rewards
@@ -273,11 +272,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     start_step, checkpoints = 0, output / "checkpoints"
     global_batch = config.batch_size * world_size * config.grad_accum
-    if config.resume and list_checkpoints(checkpoints):  # every rank loads it: DDP replicates all it holds
-        latest = list_checkpoints(checkpoints)[-1]
-        state = load_checkpoint(latest, model, optimizer)
+    saved = list_checkpoints(checkpoints) if config.resume else []
+    if saved:  # every rank loads the latest: DDP replicates all it holds
+        state = load_checkpoint(saved[-1], model, optimizer, config.seed)
         start_step = state["step"]
-        distributed.restore_rank_rng(load_file(latest / RNG_NAME), config.seed, start_step)
         distributed.print_main(f"resumed from step {start_step}")
         if state.get("global_batch", global_batch) != global_batch:
             distributed.print_main(
