@@ -29,11 +29,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForSequenceClassification, LlamaConfig
 
 from lora_rm import LoraConfig, add_lora, enable_gradient_checkpointing, enable_input_require_grads, merge_lora
 from lora_rm.inject import lora_layers
+from lora_rm.loss import bradley_terry_loss
+from lora_rm.train import pair_rewards
 
 from . import report
 
@@ -149,10 +150,8 @@ def make_batch(args: argparse.Namespace, vocab_size: int) -> dict[str, torch.Ten
 
 def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer | None) -> None:
     """One Bradley-Terry step; identical for every configuration (the floor has nothing to update)."""
-    scores = model(**batch).logits.squeeze(-1)  # (2 * pairs,)
-    chosen, rejected = scores.float().chunk(2)
-    loss = -F.logsigmoid(chosen - rejected).mean()
-    loss.backward()
+    chosen, rejected = pair_rewards(model, batch)  # the trainer's own forward and loss
+    bradley_terry_loss(chosen, rejected).backward()
     if optimizer is not None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
