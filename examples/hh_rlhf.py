@@ -24,9 +24,7 @@ import torch
 
 from lora_rm import LoraConfig, load_adapter
 from lora_rm.config import ALL_LINEAR, TrainConfig
-from lora_rm.data import tokenize_pairs
-from lora_rm.report import write_report
-from lora_rm.train import eval_metrics, load_model_and_tokenizer, load_rows, pair_collator, rewards_for_pairs, train
+from lora_rm.train import evaluate_rows, load_model_and_tokenizer, load_rows, train
 
 LOCAL_DATA = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
 
@@ -97,19 +95,14 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_model_and_tokenizer(args.model)
     load_adapter(model, args.output).to(device).eval()
     rows = load_rows(args.dataset, eval_split, rows=eval_rows)
-    pairs, stats = tokenize_pairs(rows, tokenizer, args.max_length, args.length_policy)
-    pairs = pairs.to_list()
-    chosen, rejected = rewards_for_pairs(model, pairs, pair_collator(tokenizer), args.batch_size, device)
-    metrics = eval_metrics(chosen, rejected)
+    report = Path(args.output) / "report"
+    metrics, stats, written = evaluate_rows(
+        model, tokenizer, rows, args.max_length, args.length_policy, batch_size=args.batch_size, report=report,
+        log=Path(args.output) / "log.jsonl",
+    )
     print(f"held-out: accuracy {metrics['accuracy']:.3f}, mean margin {metrics['mean_margin']:+.3f} "
           f"on {metrics['n_pairs']} pairs ({stats.n_truncated} truncated to {args.max_length} tokens); "
           f"at the end of training, before the save/reload: accuracy {final['accuracy']:.3f}")
-
-    lengths_chosen = [len(pair["chosen_ids"]) for pair in pairs]
-    lengths_rejected = [len(pair["rejected_ids"]) for pair in pairs]
-    report = Path(args.output) / "report"
-    written = write_report(report, chosen, rejected, lengths_chosen, lengths_rejected, metrics,
-                           Path(args.output) / "log.jsonl")
     print(f"report: {', '.join(path.name for path in written)} in {report}")
     return metrics
 

@@ -9,20 +9,11 @@ from pathlib import Path
 
 import torch
 
-from . import data, distributed
+from . import distributed
 from .adapter_io import load_adapter
 from .config import ALL_LINEAR, LoraConfig, TrainConfig
 from .inject import merge_lora
-from .train import (
-    BUILTIN,
-    eval_metrics,
-    load_model_and_tokenizer,
-    load_rows,
-    pair_collator,
-    rewards_for_pairs,
-    score_texts,
-    train,
-)
+from .train import BUILTIN, evaluate_rows, load_model_and_tokenizer, load_rows, score_texts, train
 
 # The README's main job: `lora-rm train` with no flags trains the built-in task in about 10 s on 2 cores.
 BUILTIN_TRAIN_DEFAULTS = dict(lr=2e-3, epochs=3.0, batch_size=16, max_length=32, log_every=20, eval_every=50)
@@ -113,20 +104,15 @@ def load_reward_model(model_name: str, adapter: str, trust_remote_code: bool = F
 
 def run_eval(args: argparse.Namespace) -> None:
     model, tokenizer = load_reward_model(args.model, args.adapter, args.trust_remote_code)
+    model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = load_rows(args.dataset, args.split, args.max_pairs, args.rows, seed=args.seed)
-    pairs, stats = data.tokenize_pairs(rows, tokenizer, args.max_length, args.length_policy, args.skip_bad_rows)
+    metrics, stats, written = evaluate_rows(
+        model, tokenizer, rows, args.max_length, args.length_policy, args.skip_bad_rows, args.batch_size,
+        args.report, args.log,
+    )
     print(f"eval pairs: {stats}", file=sys.stderr)
-    pairs = pairs.to_list()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    chosen, rejected = rewards_for_pairs(model.to(device), pairs, pair_collator(tokenizer), args.batch_size, device)
-    metrics = eval_metrics(chosen, rejected)
     print(json.dumps(metrics))
-    if args.report:
-        from .report import write_report
-
-        lengths_chosen = [len(pair["chosen_ids"]) for pair in pairs]
-        lengths_rejected = [len(pair["rejected_ids"]) for pair in pairs]
-        written = write_report(args.report, chosen, rejected, lengths_chosen, lengths_rejected, metrics, args.log)
+    if written:
         print(f"report: {', '.join(str(path) for path in written)}", file=sys.stderr)
 
 

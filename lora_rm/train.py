@@ -169,6 +169,26 @@ def eval_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, Any]
     }
 
 
+def evaluate_rows(
+    model, tokenizer, rows, max_length: int | None, length_policy: str = "drop", skip_bad_rows: bool = False,
+    batch_size: int = 8, report: str | Path | None = None, log: str | Path | None = None,
+) -> tuple[dict[str, Any], data.DataStats, list[Path]]:
+    """Tokenize preference rows, score them and optionally write the reward report: (metrics, stats, report files)."""
+    pairs, stats = data.tokenize_pairs(rows, tokenizer, max_length, length_policy, skip_bad_rows)
+    pairs = pairs.to_list()
+    device = next(model.parameters()).device
+    chosen, rejected = rewards_for_pairs(model, pairs, pair_collator(tokenizer), batch_size, device)
+    metrics = eval_metrics(chosen, rejected)
+    written = []
+    if report:
+        from .report import write_report  # matplotlib is optional
+
+        lengths_chosen = [len(pair["chosen_ids"]) for pair in pairs]
+        lengths_rejected = [len(pair["rejected_ids"]) for pair in pairs]
+        written = write_report(report, chosen, rejected, lengths_chosen, lengths_rejected, metrics, log)
+    return metrics, stats, written
+
+
 @torch.no_grad()
 def score_texts(model, tokenizer, items: list, max_length: int | None = None, batch_size: int = 8) -> list[float]:
     """One reward per text (or chat), encoded exactly as training encoded each side (EOS included)."""
