@@ -188,15 +188,19 @@ def timed(step, model, optimizer, batch, args: argparse.Namespace) -> tuple[floa
 # -------------------------------------------------------------------------------------------- measures
 
 
-def lora_flop_fraction(model: torch.nn.Module) -> dict[str, float]:
-    """FLOP theory: r(d_in + d_out) / (d_in d_out) added to each adapted layer's forward (1.5x that to a step
-    against the floor, whose backward computes only the input gradient while LoRA's computes four small ones)."""
+def lora_flop_fraction(model: torch.nn.Module, tokens: int) -> dict[str, float]:
+    """FLOP theory: r(d_in + d_out) / (d_in d_out) added to each adapted layer's forward. Against the floor (whose
+    backward computes only the input gradient) PEFT's step adds 1.5x that: four small matmuls in backward. lora-rm's
+    folded step (lora.py) adds 1.0x that plus r / tokens: two of the six small matmuls become two r x d_in x d_out
+    products."""
     shapes = [(layer.lora_A.in_features, layer.lora_B.out_features, layer.lora_A.out_features) for _, layer in
               lora_layers(model)]
     fractions = [r * (d_in + d_out) / (d_in * d_out) for d_in, d_out, r in shapes]
-    overall = sum(r * (d_in + d_out) for d_in, d_out, r in shapes) / sum(d_in * d_out for d_in, d_out, _ in shapes)
+    base_flops = sum(d_in * d_out for d_in, d_out, _ in shapes)
+    overall = sum(r * (d_in + d_out) for d_in, d_out, r in shapes) / base_flops
+    folded = sum(r * d_in * d_out / tokens for d_in, d_out, r in shapes) / base_flops
     return {"layer_min": min(fractions), "layer_max": max(fractions), "adapted_forward": overall,
-            "adapted_step": 1.5 * overall}
+            "adapted_step": 1.5 * overall, "adapted_step_folded": overall + folded}
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
@@ -280,7 +284,7 @@ def run(args: argparse.Namespace) -> dict:
                "trainable_params": trainable if v.trains else 0,
                "optimizer_state_bytes": optimizer_state_bytes(optimizer), **memory[v.name]}
         if v.method in ("lora-rm", "unmerged"):
-            row["flop_fraction"] = lora_flop_fraction(model)
+            row["flop_fraction"] = lora_flop_fraction(model, tokens)
         results.append(row)
     return {"setup": setup(args, base), "rows": results}
 

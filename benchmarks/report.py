@@ -37,7 +37,8 @@ def headline(results: dict) -> list[str]:
             parts += [f"PEFT/floor {_pair(peft, floor)}", f"**lora-rm/PEFT {_pair(ours, peft)}**"]
         parts += [f"merged/plain forward {_pair(merged, fwd)}", f"unmerged/plain forward {_pair(unmerged, fwd)}",
                   f"FLOP theory: +{100 * theory['adapted_forward']:.1f}% per adapted layer forward, "
-                  f"+{100 * theory['adapted_step']:.1f}% per adapted layer step"]
+                  f"+{100 * theory['adapted_step']:.1f}% per adapted layer step "
+                  f"(+{100 * theory['adapted_step_folded']:.1f}% folded, lora-rm's fp32 path)"]
         lines.append("- " + "; ".join(parts) + " (median, min)")
     return lines
 

@@ -108,3 +108,82 @@ def test_delta_weight_is_fp32_for_half_inputs():
 def test_rejects_other_layer_types():
     with pytest.raises(TypeError, match="Embedding"):
         LoRALinear(nn.Embedding(10, 4), r=2, lora_alpha=2)
+
+
+def frozen_lora(base: nn.Module, **kwargs) -> LoRALinear:
+    """A LoRALinear on a frozen base, as add_lora builds it: the only kind that may fold."""
+    base.requires_grad_(False)
+    return random_lora(base, **kwargs)
+
+
+def formula_and_grads(layer: LoRALinear, x: torch.Tensor) -> list[torch.Tensor]:
+    """y and the gradients of x, A, B, computed by autograd from PEFT's expression W x + s B (A x)."""
+    x = x.detach().clone().requires_grad_()
+    weight = layer.base_layer.weight.T if layer.fan_in_fan_out else layer.base_layer.weight
+    A, B = layer.lora_A.weight.detach().clone().requires_grad_(), layer.lora_B.weight.detach().clone().requires_grad_()
+    y = nn.functional.linear(x, weight, layer.base_layer.bias) + (x @ A.T @ B.T) * layer.scaling
+    y.backward(torch.ones_like(y) + y.detach())  # a non-uniform upstream gradient
+    return [y.detach(), x.grad, A.grad, B.grad]
+
+
+@pytest.mark.parametrize("base", [nn.Linear(16, 24), Conv1D(24, 16)], ids=["linear", "conv1d"])
+def test_folded_path_is_the_same_sum_and_gradients(base):
+    """40 tokens > 2*16*24/40 = 19.2: the layer folds; fp64 shows the same sum to rounding."""
+    layer = frozen_lora(base.double(), r=4, alpha=8)
+    x = torch.randn(5, 8, 16, dtype=torch.float64)
+    assert layer._folding_pays(x) and not layer._folding_pays(x[:1, :3])
+    x_leaf = x.clone().requires_grad_()
+    y = layer(x_leaf)
+    assert type(y.grad_fn).__name__ == "_FoldedLoRABackward"
+    y.backward(torch.ones_like(y) + y.detach())
+    ours = [y.detach(), x_leaf.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad]
+    for got, expected in zip(ours, formula_and_grads(layer, x), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # inference folds without the autograd function, and from half as many tokens
+        assert layer._folding_pays(x[:1, :3]) is False and layer._folding_pays(x[:2])
+        torch.testing.assert_close(layer(x), ours[0], rtol=1e-12, atol=1e-12)
+
+
+def test_folded_path_skips_the_input_gradient_when_nothing_needs_it():
+    layer = frozen_lora(nn.Linear(8, 8).double())
+    y = layer(torch.randn(32, 8, dtype=torch.float64))  # x does not require grad: the first layer of a model
+    y.sum().backward()
+    assert layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad is not None
+
+
+def _hooked(layer: LoRALinear) -> LoRALinear:
+    layer.base_layer.register_forward_hook(lambda module, args, out: None)
+    return layer
+
+
+@pytest.mark.parametrize(
+    "make_layer, x",
+    [
+        (lambda: random_lora(nn.Linear(8, 8)), torch.randn(64, 8)),  # base trainable: W needs its own gradient
+        (lambda: frozen_lora(nn.Linear(8, 8), lora_dropout=0.1).train(), torch.randn(64, 8)),  # dropout feeds A only
+        (lambda: _hooked(frozen_lora(nn.Linear(8, 8))), torch.randn(64, 8)),  # e.g. accelerate's offload hook
+        (lambda: frozen_lora(nn.Linear(8, 8).to(torch.bfloat16)), torch.randn(64, 8, dtype=torch.bfloat16)),
+        (lambda: frozen_lora(nn.Linear(8, 8)), torch.randn(8, 8)),  # too few tokens: unfolded is cheaper
+    ],
+    ids=["trainable-base", "dropout", "hooked-base", "bf16-base", "few-tokens"],
+)
+def test_unfolded_whenever_folding_would_change_the_result_or_cost_more(make_layer, x):
+    layer = make_layer()
+    assert not layer._folding_pays(x)
+    expected = layer.base_layer(x).float() + layer.scaling * (x.float() @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    if isinstance(layer.lora_dropout, nn.Identity):
+        torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_autocast_keeps_the_unfolded_path():
+    layer = frozen_lora(nn.Linear(8, 8))
+    x = torch.randn(64, 8)
+    assert layer._folding_pays(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer._folding_pays(x)
+
+
+def test_dropout_folds_only_in_eval():
+    layer = frozen_lora(nn.Linear(8, 8), lora_dropout=0.1)
+    x = torch.randn(64, 8)
+    assert not layer.train()._folding_pays(x) and layer.eval()._folding_pays(x)
