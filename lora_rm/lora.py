@@ -11,9 +11,9 @@ GPT-2's Conv1D stores W as (d_in, d_out); the delta is transposed once for it (P
 Two ways to compute the same sum, picked per call by cost (benchmarks/NOTES.md has the measurements):
 - unfolded, PEFT's order: W x + s * B (A x). Cheap for few tokens; the only way with dropout or a half base.
 - folded: (W + s B A) x, with A's and B's gradients still taken through h = A x. For a batch of more than
-  2 d_in d_out / (d_in + d_out) tokens (half that without gradients) one (d_out x r x d_in) product is cheaper
-  than the two (tokens x r x d) products it replaces (h B^T forward, grad_h A backward), and x's gradient
-  becomes one base-sized matmul.
+  2 d_in d_out / (d_in + d_out) tokens one (d_out x r x d_in) product, made in forward and again in backward, is
+  cheaper than the two (tokens x r x d) products it replaces (h B^T forward, grad_h A backward), and x's
+  gradient becomes one base-sized matmul.
 """
 
 from __future__ import annotations
@@ -73,11 +73,8 @@ class LoRALinear(nn.Module):
             return self.base_layer(x)
         if self._folding_pays(x):
             weight = self.base_layer.weight.T if self.fan_in_fan_out else self.base_layer.weight  # (d_out, d_in)
-            if not torch.is_grad_enabled():  # inference: nothing to keep for a backward
-                return F.linear(x, torch.addmm(weight, self.lora_B.weight, self.lora_A.weight, alpha=self.scaling),
-                                self.base_layer.bias)
             return _FoldedLoRA.apply(x, weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight,
-                                     self.scaling)
+                                     self.scaling, torch.is_grad_enabled())
         result = self.base_layer(x)
         # PEFT casts x to the adapter's dtype and the sum back to the base output's dtype.
         h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (..., r)
@@ -94,9 +91,9 @@ class LoRALinear(nn.Module):
         base = self.base_layer
         d_in, d_out = self.lora_A.in_features, self.lora_B.out_features
         tokens = x.numel() // d_in
-        merges = 2 if torch.is_grad_enabled() else 1  # W + s B A is rebuilt in backward rather than kept
         return (
-            tokens * (d_in + d_out) > merges * d_in * d_out
+            # Independent of grad mode, so reentrant checkpointing's no-grad pass and its recompute agree bit for bit.
+            tokens * (d_in + d_out) > 2 * d_in * d_out
             and x.dtype == base.weight.dtype == self.lora_A.weight.dtype  # a half base keeps PEFT's fp32 adapter path
             and not torch.is_autocast_enabled(x.device.type)
             and (isinstance(self.lora_dropout, nn.Identity) or not self.training)  # dropout feeds A only, not W
@@ -142,12 +139,13 @@ class _FoldedLoRA(torch.autograd.Function):
     """y = x (W + s B A)^T + b for a frozen W, with A's and B's gradients taken through h = x A^T as autograd would."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):  # noqa: ANN001, ANN205 (autograd's signature)
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, grad_enabled):  # noqa: ANN001, ANN205 (autograd's)
         x_2d = x.reshape(-1, x.shape[-1])
-        h = (lora_A @ x_2d.T).T  # (tokens, r), kept for B's gradient; column-major: BLAS's faster layout here
         out = F.linear(x_2d, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias)
-        ctx.save_for_backward(x_2d, h, weight, lora_A, lora_B)  # W + s B A is recomputed, not kept: it is W-sized
-        ctx.scaling = scaling
+        if grad_enabled:  # under no_grad (inference, reentrant checkpointing's first pass) no backward will come
+            h = (lora_A @ x_2d.T).T  # (tokens, r), for B's gradient; column-major: BLAS's faster layout here
+            ctx.save_for_backward(x_2d, h, weight, lora_A, lora_B)  # W + s B A is rebuilt, not kept: it is W-sized
+            ctx.scaling = scaling
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -164,4 +162,4 @@ class _FoldedLoRA(torch.autograd.Function):
             grad_A = grad_h.T @ x_2d
         if ctx.needs_input_grad[4]:
             grad_B = (h.T @ grad_2d).T * scaling
-        return grad_x, None, None, grad_A, grad_B, None
+        return grad_x, None, None, grad_A, grad_B, None, None
