@@ -52,10 +52,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Variant:
-    """One configuration: a row of the table and a `--only` key."""
+    """One configuration: a row of the table."""
 
     name: str
-    method: str  # base | floor | full | lora-rm | peft (train) ; forward | unmerged | merged (inference)
+    method: str  # floor | full | lora-rm | peft (train) ; forward | unmerged | merged (inference)
     rank: int | None = None
     checkpointing: bool = False
 

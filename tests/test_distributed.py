@@ -75,10 +75,7 @@ SAME_RUN_ATOL, SAME_RUN_RTOL = 1e-4, 1e-3
 def assert_same_run(a: Path, b: Path, atol: float = SAME_RUN_ATOL, rtol: float = SAME_RUN_RTOL) -> None:
     """Same logged losses and the same saved adapter, tensor by tensor (tolerances: see SAME_RUN_ATOL)."""
     assert losses(a) == pytest.approx(losses(b), abs=1e-6) and len(losses(a)) == 4
-    adapter_a, adapter_b = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
-    assert adapter_a.keys() == adapter_b.keys()
-    for key in adapter_a:
-        torch.testing.assert_close(adapter_a[key], adapter_b[key], atol=atol, rtol=rtol, msg=key)
+    adapter_a = assert_same_tensors(a / "adapter_model.safetensors", b / "adapter_model.safetensors", atol, rtol)
     # Not vacuous: B moved away from its zero init.
     assert max(t.abs().max().item() for k, t in adapter_a.items() if "lora_B" in k) > 1e-3
 
@@ -132,11 +129,15 @@ def test_gradient_checkpointing_and_dropout_resume_under_two_processes(tmp_path)
     assert losses(tmp_path / "dropout") != pytest.approx(losses(one), abs=1e-6)  # dropout did act
 
 
-def assert_same_tensors(a: Path, b: Path, atol: float = SAME_RUN_ATOL, rtol: float = SAME_RUN_RTOL) -> None:
+def assert_same_tensors(
+    a: Path, b: Path, atol: float = SAME_RUN_ATOL, rtol: float = SAME_RUN_RTOL
+) -> dict[str, torch.Tensor]:
+    """Two safetensors files hold the same keys and close tensors; returns a's tensors."""
     tensors_a, tensors_b = load_file(a), load_file(b)
     assert tensors_a.keys() == tensors_b.keys()
     for key in tensors_a:
         torch.testing.assert_close(tensors_a[key], tensors_b[key], atol=atol, rtol=rtol, msg=key)
+    return tensors_a
 
 
 @pytest.mark.slow
