@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, LlamaCo
 from lora_rm import LoraConfig, add_lora, enable_gradient_checkpointing, enable_input_require_grads, merge_lora
 from lora_rm.inject import lora_layers
 from lora_rm.loss import bradley_terry_loss
-from lora_rm.train import pair_rewards
+from lora_rm.scoring import pair_rewards
 
 from . import report
 

@@ -18,12 +18,13 @@ import random
 from pathlib import Path
 
 from lora_rm import load_adapter
-from lora_rm.cli import BUILTIN_TRAIN_DEFAULTS
+from lora_rm.builtin import BUILTIN_TRAIN_DEFAULTS
 from lora_rm.config import TrainConfig
-from lora_rm.train import load_model_and_tokenizer, score_texts, train
+from lora_rm.scoring import load_model_and_tokenizer, score_texts
+from lora_rm.train import train
 
 ANSWERS = [f" {n}" for n in range(19)]  # every sum of two digits: the right one is 1 of 19
-FAST = dict(max_steps=3, max_pairs=100)  # 3 optimizer steps on 90 pairs, 10 held out
+FAST = dict(max_steps=3, max_rows=100)  # 3 optimizer steps on 90 pairs, 10 held out
 
 
 def rank(model, tokenizer, prompt: str, candidates: list[str], max_length: int | None) -> list[tuple[float, str]]:

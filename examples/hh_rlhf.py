@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 
 from lora_rm import LoraConfig, load_adapter
-from lora_rm.config import ALL_LINEAR, TrainConfig
-from lora_rm.train import evaluate_rows, load_model_and_tokenizer, load_rows, train
+from lora_rm.config import ALL_LINEAR, LENGTH_POLICIES, TrainConfig
+from lora_rm.data import load_preference_dataset
+from lora_rm.scoring import evaluate_dataset, load_model_and_tokenizer
+from lora_rm.train import train
 
 LOCAL_DATA = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
 
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-pairs", type=int, default=1024, help="rows to train on")
     parser.add_argument("--eval-pairs", type=int, default=256, help="held-out rows to evaluate on")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per side")
-    parser.add_argument("--length-policy", choices=["drop", "truncate_left"], default="truncate_left",
+    parser.add_argument("--length-policy", choices=LENGTH_POLICIES, default="truncate_left",
                         help="for longer sides: keep the end, where the replies differ (default), or drop the pair")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if Path(args.dataset).exists():  # one split: train on the first rows, evaluate on the last ones
         split, eval_split, eval_rows = "train", "train", f"-{args.eval_pairs}:"
-        n_rows = len(load_rows(args.dataset, split))
+        n_rows = len(load_preference_dataset(args.dataset, split))
         if args.train_pairs + args.eval_pairs > n_rows:
             parser.error(f"--train-pairs + --eval-pairs must be at most the {n_rows} rows of {args.dataset}")
     else:
@@ -94,10 +96,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as train() chose
     model, tokenizer = load_model_and_tokenizer(args.model)
     load_adapter(model, args.output).to(device).eval()
-    rows = load_rows(args.dataset, eval_split, rows=eval_rows)
+    eval_data = load_preference_dataset(args.dataset, eval_split, rows=eval_rows)
     report = Path(args.output) / "report"
-    metrics, stats, written = evaluate_rows(
-        model, tokenizer, rows, args.max_length, args.length_policy, batch_size=args.batch_size, report=report,
+    metrics, stats, written = evaluate_dataset(
+        model, tokenizer, eval_data, args.max_length, args.length_policy, batch_size=args.batch_size, report=report,
         log=Path(args.output) / "log.jsonl",
     )
     print(f"held-out: accuracy {metrics['accuracy']:.3f}, mean margin {metrics['mean_margin']:+.3f} "

@@ -18,9 +18,10 @@ from pathlib import Path
 import peft
 
 from lora_rm import load_adapter
-from lora_rm.cli import BUILTIN_TRAIN_DEFAULTS
+from lora_rm.builtin import BUILTIN_TRAIN_DEFAULTS
 from lora_rm.config import TrainConfig
-from lora_rm.train import load_model_and_tokenizer, score_texts, train
+from lora_rm.scoring import load_model_and_tokenizer, score_texts
+from lora_rm.train import train
 
 TEXTS = [f"What is {a} + {b} ? {answer}" for a, b in [(3, 4), (9, 9), (0, 5)] for answer in (a + b, (a + b + 3) % 19)]
 
@@ -29,9 +30,9 @@ def max_abs_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
-def lora_rm_to_peft(folder: Path, steps: int, max_pairs: int | None) -> tuple[float, float]:
+def lora_rm_to_peft(folder: Path, steps: int, max_rows: int | None) -> tuple[float, float]:
     """Train with lora-rm, load the folder with PeftModel.from_pretrained; (diff vs lora-rm, shift from base)."""
-    settings = {**BUILTIN_TRAIN_DEFAULTS, "max_steps": steps, "max_pairs": max_pairs}
+    settings = {**BUILTIN_TRAIN_DEFAULTS, "max_steps": steps, "max_rows": max_rows}
     train(TrainConfig(output=str(folder), overwrite=True, progress=False, **settings))
     base, tokenizer = load_model_and_tokenizer("builtin")
     base_rewards = score_texts(base.eval(), tokenizer, TEXTS)
@@ -67,8 +68,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     output = Path(args.output)
 
-    steps, max_pairs = (3, 100) if args.fast else (args.steps, None)
-    to_peft, to_peft_shift = lora_rm_to_peft(output / "from_lora_rm", steps, max_pairs)
+    steps, max_rows = (3, 100) if args.fast else (args.steps, None)
+    to_peft, to_peft_shift = lora_rm_to_peft(output / "from_lora_rm", steps, max_rows)
     print(f"lora-rm -> PEFT: max abs reward diff {to_peft:.2e} (adapter moves rewards by {to_peft_shift:.3f})")
     from_peft, from_peft_shift = peft_to_lora_rm(output / "from_peft")
     print(f"PEFT -> lora-rm: max abs reward diff {from_peft:.2e} (adapter moves rewards by {from_peft_shift:.3f})")

@@ -14,7 +14,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import distributed
 from .config import LoraConfig
 from .inject import add_lora, head_modules, lora_config_of, lora_layers, remove_lora
 
@@ -43,8 +42,7 @@ def save_adapter(
 ) -> None:
     """Write the adapter in PEFT's format; each file goes to a temporary name first, so a crash keeps the old one.
 
-    state: adapter_state_dict(model) already gathered to full tensors (FSDP: distributed.full_tensors); default
-    the model's own.
+    state: the tensors to write under adapter_state_dict's keys (e.g. gathered from shards); default the model's.
     """
     if any(layer.merged for _, layer in lora_layers(model)):
         raise ValueError("save_adapter: the adapter is merged into the base; unmerge before saving")
@@ -98,8 +96,8 @@ def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{weights_path} is corrupt or not a safetensors file: {error}") from error
 
 
-def load_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Copy saved tensors into the model's adapter and head; every key must be there with the right shape."""
+def check_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's adapter and head tensors by key, once every saved key is checked to fit: name and shape."""
     targets = adapter_state_dict(model)
     missing = sorted(set(targets) - set(weights))
     unexpected = sorted(set(weights) - set(targets))
@@ -115,9 +113,14 @@ def load_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> 
                 f"adapter does not fit the base model: {key} has shape {tuple(weights[key].shape)} in the file "
                 f"but {tuple(target.shape)} in the model"
             )
-    with torch.no_grad():
-        for key, target in targets.items():
-            target.copy_(distributed.shard_like(weights[key], target))  # FSDP: this rank's shard
+    return targets
+
+
+@torch.no_grad()
+def load_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy saved tensors into the model's adapter and head; every key must be there with the right shape."""
+    for key, target in check_adapter_weights(model, weights).items():
+        target.copy_(weights[key])
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:

@@ -8,12 +8,16 @@ distribution, so the only way above 50% accuracy is to check the arithmetic.
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
-import torch
-from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+if TYPE_CHECKING:  # the heavy imports live inside the functions: `lora-rm --help` reads BUILTIN_TRAIN_DEFAULTS
+    from datasets import Dataset
+    from transformers import LlamaForSequenceClassification, PreTrainedTokenizerFast
 
+# `lora-rm train` with no flags: the README's main job, about 10 s on 2 cores. These override TrainConfig's
+# defaults (which suit a real model) only when --model is "builtin"; flags given still win.
+BUILTIN_TRAIN_DEFAULTS = dict(lr=2e-3, epochs=3.0, batch_size=16, max_length=32, log_every=20, eval_every=50)
+BUILTIN_PAIRS = 2000  # rows of the built-in preference dataset
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
 WORDS = ["What", "is", "+", "?", "user", "assistant", ":"] + [str(n) for n in range(19)]
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}{{ eos_token }}"
@@ -21,6 +25,9 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% 
 
 def builtin_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer built offline, Llama-like: <s> prepended, </s> as EOS, a separate pad token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + WORDS)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -38,6 +45,9 @@ def builtin_tokenizer() -> PreTrainedTokenizerFast:
 
 def builtin_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForSequenceClassification:
     """A random-init 2-layer Llama with a one-output score head, small enough to train on a laptop CPU."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
     config = LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
@@ -59,6 +69,8 @@ def builtin_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaFor
 
 def builtin_preference_dataset(n_pairs: int, seed: int = 0) -> Dataset:
     """Explicit-prompt pairs (prompt, chosen, rejected) whose chosen answer is verifiably the right sum."""
+    from datasets import Dataset
+
     rng = random.Random(seed)
     rows: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}
     for _ in range(n_pairs):

@@ -1,8 +1,14 @@
-"""Crash-safe training checkpoints without pickle: tensors in safetensors, everything else in JSON.
+"""Crash-safe training checkpoints without pickle: the format, written and read in this one file.
 
-A checkpoint is a folder OUTPUT/checkpoints/step-000120/ holding the adapter (PEFT format), the optimizer
-and scheduler position, the RNG states and the step (which fixes the position in the data). It is written
-under a temporary name and renamed, so a crash mid-save leaves the previous checkpoint as the latest.
+    OUTPUT/checkpoints/step-000120/
+        adapter_model.safetensors, adapter_config.json   adapter and head, PEFT's format (adapter_io.py)
+        optimizer.safetensors    AdamW's state as flat tensors "state.{param index}.{exp_avg|exp_avg_sq|step}"
+        rng_state.safetensors    torch RNG states: rank 0's as "cpu", "cuda.0", ...; rank r's as "rank{r}.cpu", ...
+        trainer_state.json       step (it fixes the position in the data), total_steps, world_size, global_batch,
+                                 the optimizer's param groups and Python's RNG state
+
+A checkpoint is written under a temporary name and renamed, so a crash mid-save leaves the previous one as the
+latest. Under torchrun every rank takes part in a save (the gathers are collectives) and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -20,19 +26,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import distributed
-from .adapter_io import load_adapter_weights, read_adapter_weights, save_adapter
+from .adapter_io import adapter_state_dict, check_adapter_weights, read_adapter_weights, save_adapter
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)")
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
 RNG_NAME = "rng_state.safetensors"
+RANK_PREFIX = "rank{}."  # RNG keys of rank r > 0; rank 0 keeps plain keys
 
 
-def optimizer_tensors(
-    optimizer: torch.optim.Optimizer, state: dict[str, Any] | None = None
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split optimizer.state_dict() (or `state`, one with full tensors) into flat tensors and JSON-able groups."""
-    state = optimizer.state_dict() if state is None else state
+def optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict (full tensors) into flat tensors and JSON-able param groups."""
     tensors = {
         f"state.{index}.{key}": (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu().contiguous()
         for index, param_state in state["state"].items()
@@ -42,25 +46,18 @@ def optimizer_tensors(
 
 
 def load_optimizer_tensors(
-    optimizer: torch.optim.Optimizer,
-    tensors: dict[str, torch.Tensor],
-    groups: dict[str, Any],
-    model: nn.Module | None = None,
+    model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: dict[str, Any]
 ) -> None:
-    """Inverse of optimizer_tensors; pass the model when it may be FSDP-sharded (each rank keeps its shards)."""
+    """Inverse of optimizer_tensors; under FSDP each rank keeps its shards of the full state."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         _, index, key = name.split(".", 2)
         state.setdefault(int(index), {})[key] = tensor
-    full = {"state": state, "param_groups": groups["param_groups"]}
-    if model is None:
-        optimizer.load_state_dict(full)
-    else:
-        distributed.load_optimizer_state(model, optimizer, full)
+    distributed.load_optimizer_state(model, optimizer, {"state": state, "param_groups": groups["param_groups"]})
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
-    """Torch RNG states (CPU and every CUDA device): dropout and data order depend on them."""
+    """Torch RNG states (CPU and every CUDA device): dropout depends on them."""
     tensors = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for index, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -68,12 +65,27 @@ def rng_tensors() -> dict[str, torch.Tensor]:
     return tensors
 
 
+def gather_rng_states() -> dict[str, torch.Tensor]:
+    """Every rank's RNG states for the checkpoint: rank 0's under their own names, rank r's as 'rank{r}.name'."""
+    states = rng_tensors()
+    gathered = dict(states)
+    for name, state in sorted(states.items()):  # the same names, in the same order, on every rank
+        for r, piece in enumerate(distributed.all_gather(state)[1:], start=1):
+            gathered[RANK_PREFIX.format(r) + name] = piece
+    return gathered
+
+
 def restore_rng(saved: dict[str, torch.Tensor], python_state: list, seed: int, step: int) -> None:
     """Give this rank its saved RNG streams back; a rank the saved run did not have starts rank_seed's stream."""
     random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
-    own = distributed.rank_rng_states(saved)
+    rank = distributed.rank()
+    prefix = RANK_PREFIX.format(rank)
+    if rank == 0:
+        own = {name: state for name, state in saved.items() if not name.startswith("rank")}
+    else:
+        own = {name[len(prefix) :]: state for name, state in saved.items() if name.startswith(prefix)}
     if "cpu" not in own:
-        torch.manual_seed(distributed.rank_seed(seed, distributed.rank(), step))
+        torch.manual_seed(distributed.rank_seed(seed, rank, step))
         return
     torch.set_rng_state(own["cpu"])
     cuda_states = [own[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in own]
@@ -88,33 +100,41 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     keep: int,
-    rng: dict[str, torch.Tensor] | None = None,
-    adapter: dict[str, torch.Tensor] | None = None,
-    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoints/step-N atomically (temporary folder, then os.replace) and keep the last `keep`.
+    """Call on every rank: gather adapter, optimizer and RNG states, rank 0 writes step-N; returns its path."""
+    rng = gather_rng_states()
+    adapter = distributed.full_tensors(adapter_state_dict(model))  # collectives under FSDP
+    optimizer_state = distributed.full_optimizer_state(model, optimizer)
+    final = Path(folder) / f"step-{step:06d}"
+    if distributed.is_main():
+        write_checkpoint(final, model, adapter, optimizer_state, rng, {**trainer_state, "step": step})
+        for old in list_checkpoints(folder)[:-keep]:
+            shutil.rmtree(old)
+    distributed.barrier()  # nobody goes on (or resumes) before the checkpoint is complete
+    return final
 
-    rng: the RNG states to keep (under torchrun, every rank's from distributed.gather_rng_states); default this
-    process's. adapter, optimizer_state: already gathered full tensors (under FSDP, from distributed.full_tensors
-    and distributed.full_optimizer_state); default the model's and the optimizer's own.
-    """
-    root = Path(folder)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}"
+
+def write_checkpoint(
+    final: Path,
+    model: nn.Module,
+    adapter: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    rng: dict[str, torch.Tensor],
+    trainer_state: dict[str, Any],
+) -> None:
+    """Write the checkpoint's files into a temporary folder beside `final`, then rename it to `final`."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(model, tmp, state=adapter)
-    tensors, groups = optimizer_tensors(optimizer, optimizer_state)
+    tensors, groups = optimizer_tensors(optimizer_state)
     save_file(tensors, tmp / OPTIMIZER_NAME)
-    save_file(rng if rng is not None else rng_tensors(), tmp / RNG_NAME)
-    state = {**trainer_state, "step": step, "optimizer": groups, "python_rng": list(random.getstate())}
+    save_file(rng, tmp / RNG_NAME)
+    state = {**trainer_state, "optimizer": groups, "python_rng": list(random.getstate())}
     (tmp / STATE_NAME).write_text(json.dumps(state, indent=2))
     if final.exists():  # a re-run of the same step after a resume: replace it whole
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old)
-    return final
 
 
 def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
@@ -126,6 +146,7 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.fullmatch(p.name).group(1)))
 
 
+@torch.no_grad()
 def load_checkpoint(
     path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, seed: int = 0
 ) -> dict[str, Any]:
@@ -139,7 +160,9 @@ def load_checkpoint(
         state = json.loads(state_path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"checkpoint {path} is incomplete or corrupt ({STATE_NAME}): {error}") from error
-    load_adapter_weights(model, read_adapter_weights(path))
-    load_optimizer_tensors(optimizer, load_file(path / OPTIMIZER_NAME), state["optimizer"], model)
+    weights = read_adapter_weights(path)
+    for key, target in check_adapter_weights(model, weights).items():
+        target.copy_(distributed.shard_like(weights[key], target))  # FSDP: this rank's shard
+    load_optimizer_tensors(model, optimizer, load_file(path / OPTIMIZER_NAME), state["optimizer"])
     restore_rng(load_file(path / RNG_NAME), state["python_rng"], seed, state["step"])
     return state

@@ -9,21 +9,31 @@ from typing import Any
 PEFT_TYPE = "LORA"
 TASK_TYPE = "SEQ_CLS"
 ALL_LINEAR = "all-linear"
+BUILTIN = "builtin"  # --model/--dataset value for the offline demo task (lora_rm/builtin.py)
+LENGTH_POLICIES = ("drop", "truncate_left")  # what to do with a pair longer than max_length
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field whose help text (and choices) the CLI turns into a flag: one source for every default."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class LoraConfig:
     """A LoRA adapter; shared fields carry PEFT's names and defaults so they serialise to adapter_config.json."""
 
-    r: int = 8  # rank of the update B @ A
-    lora_alpha: int = 8  # update is scaled by lora_alpha / r (or / sqrt(r) with use_rslora)
-    lora_dropout: float = 0.0  # dropout on the adapter input only, never on the base path
-    target_modules: list[str] | str | None = None  # names (exact or dotted suffix), a full-match regex, or "all-linear"
+    r: int = option(8, "rank of the update B @ A")
+    lora_alpha: int = option(8, "the update is scaled by lora_alpha / r (or / sqrt(r) with use_rslora)")
+    lora_dropout: float = option(0.0, "dropout on the adapter's input only, never on the base path")
+    target_modules: list[str] | str | None = option(
+        None, "'all-linear', names (exact or dotted suffix; comma-separated on the command line) or a full-match regex"
+    )
     exclude_modules: list[str] | str | None = None  # same matching rule; excludes win over targets
-    use_rslora: bool = False  # rank-stabilised scaling lora_alpha / sqrt(r)
+    use_rslora: bool = option(False, "rank-stabilised scaling lora_alpha / sqrt(r)")
     init_lora_weights: bool | str = True  # True: kaiming A, zero B; "gaussian": N(0, 1/r) A, zero B; False: both random
     modules_to_save: list[str] | None = None  # the fully trainable head; None means detect it (score, classifier, ...)
-    fan_in_fan_out: bool = False  # informational: Conv1D layers are always handled transposed
+    fan_in_fan_out: bool = False  # written for PEFT's loader (True for GPT-2's Conv1D); we read the layer type instead
     bias: str = "none"  # only "none" is supported: biases stay frozen
     base_model_name_or_path: str | None = None  # where the base came from, for PEFT's loader
 
@@ -44,11 +54,6 @@ class LoraConfig:
             raise ValueError("LoraConfig.target_modules is required: a list of names, a regex or 'all-linear'")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
-
-    @property
-    def scaling(self) -> float:
-        """The factor on B @ A: alpha / r, or alpha / sqrt(r) for rsLoRA."""
-        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
 
     def to_peft_dict(self) -> dict[str, Any]:
         """The adapter_config.json that PEFT's LoraConfig.from_pretrained reads."""
@@ -88,71 +93,78 @@ _UNSUPPORTED_PEFT_FIELDS: dict[str, Any] = {
 
 @dataclass
 class TrainConfig:
-    """One training run; the CLI fills it from flags, and it is saved next to the adapter as train_config.json."""
+    """One training run; the CLI builds its flags from these fields, and it is saved as train_config.json."""
 
-    model: str = "builtin"  # hub id or local folder of a *ForSequenceClassification-capable model; "builtin": tiny
-    dataset: str = "builtin"  # hub id, local file/folder, or "builtin" (generated arithmetic preferences)
-    output: str = "runs/builtin"  # adapter + head land here; checkpoints/ and log.jsonl inside
-    eval_dataset: str | None = None  # None: hold out eval_fraction of the training rows
-    split: str = "train"  # split of dataset (a hub split or a datasets slice such as "train[:1800]")
-    eval_split: str = "test"  # split of eval_dataset
-    eval_fraction: float = 0.1  # held-out share when eval_dataset is None
-    rows: str | None = None  # a slice of the training rows as text, e.g. ":1800"
-    eval_rows: str | None = None  # a slice of the eval rows as text, e.g. "-512:" (the last 512)
-    max_pairs: int | None = None  # keep the first N training rows (after rows)
-    max_eval_pairs: int | None = None  # keep the first N eval rows (after eval_rows)
+    model: str = option(BUILTIN, "hub id or local folder of the base model; 'builtin': a tiny offline Llama")
+    dataset: str = option(BUILTIN, "hub id, local .json/.jsonl(.gz)/.parquet/.csv file or folder, or 'builtin'")
+    output: str = option("runs/builtin", "folder for the adapter, log.jsonl and checkpoints/")
+    eval_dataset: str | None = option(None, "held-out preferences; default: the last eval_fraction of dataset")
+    split: str = option("train", "split of dataset: a hub split or a slice such as 'train[:1800]'")
+    eval_split: str = option("test", "split of eval_dataset")
+    eval_fraction: float = option(0.1, "held-out share of the training rows when no eval_dataset is named")
+    rows: str | None = option(None, "a slice of the training rows as text, e.g. ':1800' (applied before max_rows)")
+    eval_rows: str | None = option(None, "a slice of the eval rows as text, e.g. '-512:' for the last 512")
+    max_rows: int | None = option(None, "keep the first N training rows (after rows)")
+    max_eval_rows: int | None = option(None, "keep the first N eval rows (after eval_rows)")
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, lora_alpha=32, target_modules=ALL_LINEAR))
-    max_length: int = 512  # tokens per side (prompt + response)
-    length_policy: str = "drop"  # "drop" pairs longer than max_length (TRL) or "truncate_left" (keep the end)
-    skip_bad_rows: bool = False  # skip and count malformed rows instead of raising
-    batch_size: int = 8  # pairs per device per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-4  # peak learning rate of adapter and head
-    head_lr: float | None = None  # its own peak learning rate for the head; None: lr
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    lr_schedule: str = "linear"  # "linear" or "cosine" decay after warmup, as transformers' schedulers
-    warmup_ratio: float = 0.0  # share of total steps spent warming up linearly from 0
-    epochs: float = 1.0  # passes over the training pairs (fractions allowed)
-    max_steps: int | None = None  # overrides epochs when set
-    max_grad_norm: float | None = 1.0  # clip the global gradient norm; None: no clipping
-    center_rewards_coefficient: float | None = None  # TRL's reward centering: + coef * mean((rc + rr)^2)
-    group_by_length: bool = False  # batch pairs of similar length to cut padding
-    disable_dropout: bool = True  # TRL's default: the frozen base's dropout off (LoRA's own lora_dropout is kept)
-    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
-    reentrant_checkpointing: bool = False  # torch.utils.checkpoint's use_reentrant
-    fsdp: bool = False  # under torchrun, shard the model with FSDP2 instead of DDP (for a model too big for one device)
-    precision: str = "fp32"  # "fp32", "bf16" or "fp16" autocast (fp16 only on CUDA, with a grad scaler)
-    seed: int = 42  # seeds model init, adapter init, dropout and data order
-    log_every: int = 10  # optimizer steps between log lines
-    eval_every: int | None = None  # optimizer steps between evaluations; always evaluated at the end
-    save_every: int | None = None  # optimizer steps between checkpoints; always saved at the end
-    keep_checkpoints: int = 2  # last K checkpoints kept
-    resume: bool = False  # continue from the latest checkpoint in output/checkpoints
-    overwrite: bool = False  # allow an output folder that already holds a run
-    device: str | None = None  # None: cuda if available, else cpu
-    trust_remote_code: bool = False  # run model code from the hub; off unless asked
-    progress: bool = True  # tqdm progress bar
+    max_length: int = option(512, "tokens per side (prompt + response)")
+    length_policy: str = option("drop", "pairs longer than max_length: drop them (TRL) or keep each side's end",
+                                LENGTH_POLICIES)
+    skip_bad_rows: bool = option(False, "skip and count malformed rows instead of stopping at the first")
+    batch_size: int = option(8, "pairs per process per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(1e-4, "peak learning rate of the adapter and the head")
+    head_lr: float | None = option(None, "peak learning rate of the head; default: lr")
+    weight_decay: float = option(0.0, "AdamW's decoupled weight decay")
+    lr_schedule: str = option("linear", "decay after warmup, as transformers' schedulers", ("linear", "cosine"))
+    warmup_ratio: float = option(0.0, "share of the steps spent warming up linearly from 0")
+    epochs: float = option(1.0, "passes over the training pairs (fractions allowed)")
+    max_steps: int | None = option(None, "optimizer steps; overrides epochs when set")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this; inf: no clipping")
+    center_rewards_coefficient: float | None = option(None, "TRL's reward centering: + coef * mean((rc + rr)^2)")
+    group_by_length: bool = option(False, "batch pairs of similar length to cut padding")
+    disable_dropout: bool = option(True, "the base's dropout off, as TRL (lora_dropout is kept)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    reentrant_checkpointing: bool = option(False, "torch.utils.checkpoint's use_reentrant=True")
+    fsdp: bool = option(False, "under torchrun: shard the model with FSDP2 instead of DDP")
+    precision: str = option("fp32", "autocast dtype of the forward (fp16: CUDA only, with a grad scaler)", PRECISIONS)
+    seed: int = option(42, "seeds adapter init, dropout and data order")
+    log_every: int = option(10, "optimizer steps between log lines")
+    eval_every: int | None = option(None, "optimizer steps between evaluations; always evaluated at the end")
+    save_every: int | None = option(None, "optimizer steps between checkpoints; always saved at the end")
+    keep_checkpoints: int = option(2, "how many of the latest checkpoints to keep")
+    resume: bool = option(False, "continue from the latest checkpoint in output/checkpoints")
+    overwrite: bool = option(False, "replace a run already in output")
+    device: str | None = option(None, "torch device; default cuda if available, else cpu")
+    trust_remote_code: bool = option(False, "run model code from the hub (off unless asked)")
+    progress: bool = option(True, "show a tqdm progress bar")
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):  # read back from train_config.json
             self.lora = LoraConfig(**self.lora)
-        checks = {
-            "batch_size": self.batch_size >= 1,
-            "grad_accum": self.grad_accum >= 1,
-            "lr": self.lr > 0,
-            "max_length": self.max_length >= 2,
-            "epochs": self.epochs > 0,
-            "keep_checkpoints": self.keep_checkpoints >= 1,
-            "log_every": self.log_every >= 1,
-            "warmup_ratio": 0 <= self.warmup_ratio < 1,
-            "eval_fraction": 0 < self.eval_fraction < 1,
-            "max_steps": self.max_steps is None or self.max_steps >= 1,
-            "length_policy": self.length_policy in ("drop", "truncate_left"),
-            "lr_schedule": self.lr_schedule in ("linear", "cosine"),
-            "precision": self.precision in ("fp32", "bf16", "fp16"),
+        rules = {  # field: (holds, what it must be)
+            "batch_size": (self.batch_size >= 1, "at least 1"),
+            "grad_accum": (self.grad_accum >= 1, "at least 1"),
+            "lr": (self.lr > 0, "positive"),
+            "head_lr": (self.head_lr is None or self.head_lr > 0, "positive (leave it unset to use lr)"),
+            "max_length": (self.max_length >= 2, "at least 2"),
+            "epochs": (self.epochs > 0, "positive"),
+            "keep_checkpoints": (self.keep_checkpoints >= 1, "at least 1"),
+            "log_every": (self.log_every >= 1, "at least 1"),
+            "eval_every": (self.eval_every is None or self.eval_every >= 1, "at least 1 (unset: only at the end)"),
+            "save_every": (self.save_every is None or self.save_every >= 1, "at least 1 (unset: only at the end)"),
+            "max_grad_norm": (self.max_grad_norm > 0, "positive (inf turns clipping off)"),
+            "warmup_ratio": (0 <= self.warmup_ratio < 1, "in [0, 1)"),
+            "eval_fraction": (0 < self.eval_fraction < 1, "in (0, 1)"),
+            "max_steps": (self.max_steps is None or self.max_steps >= 1, "at least 1"),
+            "max_rows": (self.max_rows is None or self.max_rows >= 1, "at least 1"),
+            "max_eval_rows": (self.max_eval_rows is None or self.max_eval_rows >= 1, "at least 1"),
+            "length_policy": (self.length_policy in LENGTH_POLICIES, f"one of {LENGTH_POLICIES}"),
+            "lr_schedule": (self.lr_schedule in ("linear", "cosine"), "'linear' or 'cosine'"),
+            "precision": (self.precision in PRECISIONS, f"one of {PRECISIONS}"),
         }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is out of range")
+        for name, (holds, rule) in rules.items():
+            if not holds:
+                raise ValueError(f"TrainConfig.{name} must be {rule}, got {getattr(self, name)!r}")
         if self.resume and self.overwrite:
             raise ValueError("TrainConfig: resume and overwrite exclude each other")

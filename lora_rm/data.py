@@ -26,6 +26,8 @@ import torch
 from datasets import Dataset, load_dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .config import BUILTIN, LENGTH_POLICIES
+
 BUILDERS = {
     ".jsonl.gz": "json",
     ".json.gz": "json",
@@ -35,7 +37,6 @@ BUILDERS = {
     ".csv": "csv",
 }
 TOKENIZED_COLUMNS = (("chosen_ids", "rejected_ids"), ("input_ids_chosen", "input_ids_rejected"))
-MAX_LENGTH_POLICIES = ("drop", "truncate_left")
 
 
 def _builder(path: Path) -> str | None:
@@ -56,13 +57,28 @@ def _select_rows(dataset: Dataset, rows: str) -> Dataset:
 
 
 def load_preference_dataset(
-    source: str, split: str = "train", limit: int | None = None, rows: str | None = None
+    source: str, split: str = "train", max_rows: int | None = None, rows: str | None = None, seed: int = 0
 ) -> Dataset:
-    """Load a local .json/.jsonl(.gz)/.parquet/.csv file or folder of them, or a hub id with `split`.
+    """Load a local .json/.jsonl(.gz)/.parquet/.csv file or folder of them, a hub id with `split`, or "builtin".
 
     `rows` is a Python slice as text applied first ("-512:" keeps the last 512 rows, "100:200" a window), then
-    `limit` keeps the first N of what is left. Local files form a single split; `split` is then ignored.
+    `max_rows` keeps the first N of what is left. Local files form a single split; `split` is then ignored.
+    `seed` draws the built-in task's questions (lora_rm/builtin.py).
     """
+    dataset = _builtin_or_file_or_hub(source, split, seed)
+    if rows is not None:
+        dataset = _select_rows(dataset, rows)
+    if max_rows is not None:
+        dataset = dataset.select(range(min(max_rows, len(dataset))))
+    return dataset
+
+
+def _builtin_or_file_or_hub(source: str, split: str, seed: int) -> Dataset:
+    """The whole dataset `source` names, before any row selection."""
+    if source == BUILTIN:
+        from .builtin import BUILTIN_PAIRS, builtin_preference_dataset
+
+        return builtin_preference_dataset(BUILTIN_PAIRS, seed=seed)
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and _builder(p))
@@ -86,10 +102,6 @@ def load_preference_dataset(
         except Exception as err:
             message = f"{source!r} is not a local file or folder and did not load from the hub: {err}"
             raise ValueError(message) from err
-    if rows is not None:
-        dataset = _select_rows(dataset, rows)
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
     return dataset
 
 
@@ -169,8 +181,8 @@ class DataStats:
 
     n_rows: int = 0  # rows read
     n_kept: int = 0  # pairs that go on to training or evaluation
-    n_dropped_too_long: int = 0  # max_length_policy="drop": a side had more than max_length tokens
-    n_truncated: int = 0  # max_length_policy="truncate_left": pairs with a side cut from the left
+    n_dropped_too_long: int = 0  # length_policy="drop": a side had more than max_length tokens
+    n_truncated: int = 0  # length_policy="truncate_left": pairs with a side cut from the left
     n_bad_skipped: int = 0  # skip_bad_rows=True: rows with a missing, empty, non-text or identical value
 
 
@@ -180,7 +192,7 @@ def _encode_row(
     tokenizer: PreTrainedTokenizerBase,
     data_format: str,
     max_length: int | None,
-    max_length_policy: str,
+    length_policy: str,
     skip_bad_rows: bool,
 ) -> dict[str, Any]:
     """One row to chosen_ids, rejected_ids, length and status (ok, bad, too_long, truncated)."""
@@ -199,7 +211,7 @@ def _encode_row(
         return {"chosen_ids": [], "rejected_ids": [], "length": 0, "status": "bad"}
     status = "ok"
     if max_length is not None and max(len(chosen_ids), len(rejected_ids)) > max_length:
-        if max_length_policy == "drop":
+        if length_policy == "drop":
             status = "too_long"
         else:  # keep the end of each side, where the response and its EOS are and where the reward is read
             status = "truncated"
@@ -217,21 +229,20 @@ def tokenize_pairs(
     dataset: Dataset,
     tokenizer: PreTrainedTokenizerBase | None,
     max_length: int | None = None,
-    max_length_policy: str = "drop",
+    length_policy: str = "drop",
     skip_bad_rows: bool = False,
-    num_proc: int | None = None,
 ) -> tuple[Dataset, DataStats]:
     """Tokenize every pair to columns chosen_ids, rejected_ids, length (the longer side) and margin if any.
 
     Args:
-        max_length_policy: "drop" removes pairs with a side over max_length tokens (TRL's rule);
+        length_policy: "drop" removes pairs with a side over max_length tokens (TRL's rule);
             "truncate_left" keeps the last max_length tokens of each side (the prompt start, BOS included,
             is lost).
         skip_bad_rows: False raises ValueError naming the first bad row; True skips and counts them.
         tokenizer: may be None for pre-tokenized data.
     """
-    if max_length_policy not in MAX_LENGTH_POLICIES:
-        raise ValueError(f"max_length_policy must be one of {MAX_LENGTH_POLICIES}, got {max_length_policy!r}")
+    if length_policy not in LENGTH_POLICIES:
+        raise ValueError(f"length_policy must be one of {LENGTH_POLICIES}, got {length_policy!r}")
     if max_length is not None and max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
     if len(dataset) == 0:
@@ -241,7 +252,7 @@ def tokenize_pairs(
         "tokenizer": tokenizer,
         "data_format": data_format,
         "max_length": max_length,
-        "max_length_policy": max_length_policy,
+        "length_policy": length_policy,
         "skip_bad_rows": skip_bad_rows,
     }
     keep_columns = {"margin"}
@@ -250,7 +261,6 @@ def tokenize_pairs(
         fn_kwargs=kwargs,
         with_indices=True,
         remove_columns=[c for c in dataset.column_names if c not in keep_columns],
-        num_proc=num_proc,
         keep_in_memory=True,  # datasets hashes _encode_row by name: a disk cache would outlive code changes
         desc="Tokenizing preference pairs",
     )
@@ -305,22 +315,18 @@ def pad_sequences(
     return input_ids, attention_mask
 
 
-def collate_pairs(
-    rows: list[dict[str, Any]] | dict[str, list], pad_token_id: int, padding_side: str = "right"
-) -> dict[str, torch.Tensor]:
+def collate_pairs(pairs: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Pad chosen then rejected into one batch: rows 0..B-1 chosen, B..2B-1 rejected, as TRL's collator.
 
-    `rows` is a list of pairs or a slice of the tokenized Dataset (a dict of columns). TRL always pads right.
-    Left padding scores exactly only where positions are relative (RoPE: Llama, Qwen) or read from the mask
-    (OPT); GPT-2 in transformers 5.24 shifts its absolute positions and so changes the reward.
+    Always right padding, as TRL. Left padding scores exactly only where positions are relative (RoPE: Llama,
+    Qwen) or read from the mask (OPT); GPT-2 in transformers 5.24 shifts its absolute positions and so changes
+    the reward.
     """
-    if isinstance(rows, dict):
-        rows = [dict(zip(rows, values, strict=True)) for values in zip(*rows.values(), strict=True)]
-    sequences = [row["chosen_ids"] for row in rows] + [row["rejected_ids"] for row in rows]
-    input_ids, attention_mask = pad_sequences(sequences, pad_token_id, padding_side)  # (2B, L) each
+    sequences = [pair["chosen_ids"] for pair in pairs] + [pair["rejected_ids"] for pair in pairs]
+    input_ids, attention_mask = pad_sequences(sequences, pad_token_id, "right")  # (2B, L) each
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if "margin" in rows[0]:
-        batch["margin"] = torch.tensor([float(row["margin"]) for row in rows], dtype=torch.float32)  # (B,)
+    if "margin" in pairs[0]:
+        batch["margin"] = torch.tensor([float(pair["margin"]) for pair in pairs], dtype=torch.float32)  # (B,)
     return batch
 
 
@@ -329,18 +335,16 @@ def batch_indices(
     batch_size: int,
     seed: int,
     epoch: int,
-    shuffle: bool = True,
     group_by_length: bool = False,
     rank: int = 0,
     world_size: int = 1,
-    drop_last: bool = False,
 ) -> list[list[int]]:
     """This rank's batches of pair indices for one epoch, a pure function of (seed, epoch) for exact resume.
 
     A global batch holds batch_size * world_size pairs and rank r takes its r-th contiguous piece, so 2 ranks
     of 4 pairs see the same global batches as 1 rank of 8. group_by_length sorts pairs by length within chunks
     of 50 global batches, then shuffles the batches, to cut padding. A short last global batch is split evenly
-    over the ranks, or dropped if drop_last is set or it has fewer pairs than ranks (all ranks step together).
+    over the ranks, or dropped if it has fewer pairs than ranks (all ranks step together).
     """
     if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
         raise ValueError(
@@ -349,7 +353,7 @@ def batch_indices(
     lengths = list(lengths)  # a datasets Column indexes slowly
     generator = torch.Generator().manual_seed(seed + epoch)
     n = len(lengths)
-    order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+    order = torch.randperm(n, generator=generator).tolist()
     global_size = batch_size * world_size
     if group_by_length:
         chunk = 50 * global_size
@@ -359,9 +363,9 @@ def batch_indices(
             for i in sorted(order[start : start + chunk], key=lambda i: -lengths[i])
         ]
     batches = [order[start : start + global_size] for start in range(0, len(order), global_size)]
-    if batches and len(batches[-1]) < global_size and (drop_last or len(batches[-1]) < world_size):
+    if batches and len(batches[-1]) < world_size:
         batches.pop()
-    if group_by_length and shuffle:
+    if group_by_length:
         batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
     return [
         batch[rank * len(batch) // world_size : (rank + 1) * len(batch) // world_size] for batch in batches

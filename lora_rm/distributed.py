@@ -30,8 +30,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-RANK_PREFIX = "rank{}."  # RNG keys of rank r > 0 in a checkpoint's rng_state.safetensors; rank 0 keeps plain keys
-
 
 def init_from_env(device: torch.device) -> tuple[int, int, torch.device]:
     """Join torchrun's process group once (gloo on CPU, NCCL on CUDA); returns (rank, world_size, device)."""
@@ -83,6 +81,25 @@ def process_group() -> Iterator[None]:
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, device: torch.device, fsdp: bool, static_graph: bool) -> nn.Module:
+    """The module the training forward runs through: model itself, sharded in place by FSDP, or a DDP wrapper.
+
+    Outside torchrun this moves the model to the device and returns it. static_graph: see wrap_ddp.
+    """
+    if not is_distributed():
+        if fsdp:
+            print("fsdp: one process, nothing to shard; training unsharded")
+        return model.to(device)
+    if fsdp:  # fully_shard moves each unit to the device as it shards it: the model need not fit one device
+        n_layers = wrap_fsdp(model, device)
+        print_main(f"FSDP over {world_size()} processes: {n_layers} decoder layers + the root sharded")
+        return model
+    wrapped = wrap_ddp(model.to(device), device, static_graph)
+    n_sent = sum(p.numel() for p in communicated_parameters(wrapped))
+    print_main(f"DDP over {world_size()} processes: {n_sent:,} adapter + head parameters all-reduced")
+    return wrapped
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, static_graph: bool = False) -> DistributedDataParallel:
@@ -153,6 +170,15 @@ def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     pieces = [torch.empty_like(padded) for _ in range(n)]
     dist.all_gather(pieces, padded)
     return torch.cat([piece[: int(size)] for piece, size in zip(pieces, sizes, strict=True)]).to(tensor.device)
+
+
+def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's copy of an equally shaped tensor, in rank order, on the CPU; [tensor] in one process."""
+    if not is_distributed():
+        return [tensor]
+    pieces = [torch.empty_like(tensor, device=_comm_device()) for _ in range(world_size())]
+    dist.all_gather(pieces, tensor.to(_comm_device()))
+    return [piece.cpu() for piece in pieces]
 
 
 def shard(items: list) -> list:
@@ -263,25 +289,3 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
 def rank_seed(seed: int, rank: int, step: int) -> int:
     """The dropout seed of a rank that has no saved stream to continue."""
     return seed + 1_000_003 * rank + step
-
-
-def gather_rng_states(states: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every rank's RNG states for the checkpoint: rank 0's under their own names, rank r's as 'rank{r}.name'."""
-    if not is_distributed():
-        return dict(states)
-    gathered = dict(states)
-    for name, state in sorted(states.items()):  # the same names, in the same order, on every rank
-        pieces = [torch.empty_like(state, device=_comm_device()) for _ in range(world_size())]
-        dist.all_gather(pieces, state.to(_comm_device()))
-        for r, piece in enumerate(pieces[1:], start=1):
-            gathered[RANK_PREFIX.format(r) + name] = piece.cpu()
-    return gathered
-
-
-def rank_rng_states(saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """This rank's entries of a checkpoint's RNG states (rank 0: plain keys; rank r: 'rank{r}.' keys); {} if none."""
-    r = rank()
-    if r == 0:
-        return {name: state for name, state in saved.items() if not name.startswith("rank")}
-    prefix = RANK_PREFIX.format(r)
-    return {name[len(prefix) :]: state for name, state in saved.items() if name.startswith(prefix)}

@@ -100,7 +100,8 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     heads = head_modules(model, head_names)
     for head in heads.values():
         head.requires_grad_(True)
-    # Saved like PEFT: targets resolved to full names ("all-linear" too), the head named.
+    # Saved like PEFT: targets resolved to full names ("all-linear" too), the head named. Kept on the model itself
+    # because there is no wrapper to keep it on (PEFT keeps peft_config on its PeftModel); remove_lora deletes it.
     model.lora_rm_config = dataclasses.replace(
         config, target_modules=sorted(target_names), modules_to_save=list(head_names), fan_in_fan_out=has_conv1d
     )

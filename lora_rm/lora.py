@@ -8,12 +8,9 @@ Init (PEFT's and the LoRA paper's): A kaiming-uniform with a=sqrt(5) (nn.Linear'
 so a fresh adapter leaves the model unchanged. scaling = alpha / r, or alpha / sqrt(r) with rsLoRA.
 GPT-2's Conv1D stores W as (d_in, d_out); the delta is transposed once for it (PEFT's fan_in_fan_out).
 
-Two ways to compute the same sum, picked per call by cost (benchmarks/NOTES.md has the measurements):
-- unfolded, PEFT's order: W x + s * B (A x). Cheap for few tokens; the only way with dropout or a half base.
-- folded: (W + s B A) x, with A's and B's gradients still taken through h = A x. For a batch of more than
-  2 d_in d_out / (d_in + d_out) tokens one (d_out x r x d_in) product, made in forward and again in backward, is
-  cheaper than the two (tokens x r x d) products it replaces (h B^T forward, grad_h A backward), and x's
-  gradient becomes one base-sized matmul.
+forward() reads as the equation; by default it hands the same sum to fast_path.py, which computes it in fewer
+passes over memory (and, for long batches, as (W + s B A) x). fast_path=False keeps PEFT's exact order of
+operations, for comparisons bit for bit.
 """
 
 from __future__ import annotations
@@ -21,9 +18,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from . import fast_path
 
 
 class LoRALinear(nn.Module):
@@ -52,6 +50,7 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.merged = False
+        self.fast_path = True  # False: PEFT's order of operations exactly (the same sum, slower)
         self.reset_parameters(init_lora_weights)
 
     def reset_parameters(self, init_lora_weights: bool | str = True) -> None:
@@ -64,42 +63,15 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
-    def delta_weight(self) -> torch.Tensor:
-        """scaling * B @ A in the base weight's layout, (d_out, d_in) or Conv1D's (d_in, d_out)."""
-        return delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged:  # W already holds W + scaling * B A
             return self.base_layer(x)
-        if self._folding_pays(x):
-            weight = self.base_layer.weight.T if self.fan_in_fan_out else self.base_layer.weight  # (d_out, d_in)
-            return _FoldedLoRA.apply(x, weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight,
-                                     self.scaling, torch.is_grad_enabled())
+        if self.fast_path:
+            return fast_path.lora_forward(self, x)
         result = self.base_layer(x)
         # PEFT casts x to the adapter's dtype and the sum back to the base output's dtype.
-        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (..., r)
-        # PEFT's result + lora_B(h) * scaling, arranged for speed: addmm folds the scaling and the add into the
-        # second matmul, so no (tokens, d_out) tensor is written twice; with B^T contiguous, autograd computes
-        # B's gradient as h^T @ grad, the layout BLAS is fast at.
-        flat_result = result.reshape(-1, result.shape[-1]).to(h.dtype)  # (tokens, d_out)
-        lora_B_T = self.lora_B.weight.T.contiguous()  # (r, d_out)
-        out = torch.addmm(flat_result, h.reshape(-1, h.shape[-1]), lora_B_T, alpha=self.scaling)
-        return out.view(result.shape).to(result.dtype)
-
-    def _folding_pays(self, x: torch.Tensor) -> bool:
-        """Fold only when it is the same sum in the same dtype and saves FLOPs (see the module docstring)."""
-        base = self.base_layer
-        d_in, d_out = self.lora_A.in_features, self.lora_B.out_features
-        tokens = x.numel() // d_in
-        return (
-            # Independent of grad mode, so reentrant checkpointing's no-grad pass and its recompute agree bit for bit.
-            tokens * (d_in + d_out) > 2 * d_in * d_out
-            and x.dtype == base.weight.dtype == self.lora_A.weight.dtype  # a half base keeps PEFT's fp32 adapter path
-            and not torch.is_autocast_enabled(x.device.type)
-            and (isinstance(self.lora_dropout, nn.Identity) or not self.training)  # dropout feeds A only, not W
-            and not any(p.requires_grad for p in base.parameters(recurse=False))
-            and not (base._forward_hooks or base._forward_pre_hooks)  # e.g. accelerate's offload hooks must run
-        )
+        x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        return (result + self.lora_B(self.lora_A(x)) * self.scaling).to(result.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -107,7 +79,8 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("LoRALinear.merge: already merged")
         weight = self.base_layer.weight
-        merged = weight + self.delta_weight().to(weight.dtype)
+        delta = delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
+        merged = weight + delta.to(weight.dtype)
         if not torch.isfinite(merged).all():
             raise ValueError("LoRALinear.merge: the merged weight has NaN/inf; the adapter is broken")
         weight.copy_(merged)
@@ -119,7 +92,8 @@ class LoRALinear(nn.Module):
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: not merged")
         weight = self.base_layer.weight
-        weight.sub_(self.delta_weight().to(weight.dtype))
+        delta = delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
+        weight.sub_(delta.to(weight.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -133,33 +107,3 @@ def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, fan
         lora_A, lora_B = lora_A.float(), lora_B.float()
     delta = (lora_B @ lora_A) * scaling
     return (delta.T if fan_in_fan_out else delta).to(dtype)
-
-
-class _FoldedLoRA(torch.autograd.Function):
-    """y = x (W + s B A)^T + b for a frozen W, with A's and B's gradients taken through h = x A^T as autograd would."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, grad_enabled):  # noqa: ANN001, ANN205 (autograd's)
-        x_2d = x.reshape(-1, x.shape[-1])
-        out = F.linear(x_2d, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias)
-        if grad_enabled:  # under no_grad (inference, reentrant checkpointing's first pass) no backward will come
-            h = (lora_A @ x_2d.T).T  # (tokens, r), for B's gradient; column-major: BLAS's faster layout here
-            ctx.save_for_backward(x_2d, h, weight, lora_A, lora_B)  # W + s B A is rebuilt, not kept: it is W-sized
-            ctx.scaling = scaling
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        x_2d, h, weight, lora_A, lora_B = ctx.saved_tensors
-        scaling = ctx.scaling
-        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, d_out)
-        grad_x = grad_A = grad_B = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_2d @ torch.addmm(weight, lora_B, lora_A, alpha=scaling)).view(*grad_out.shape[:-1], -1)
-        # Transposed products: BLAS is up to 10x faster at r-wide results in these layouts (NOTES.md).
-        if ctx.needs_input_grad[3]:
-            grad_h = (lora_B.T @ grad_2d.T).T * scaling  # (tokens, r)
-            grad_A = grad_h.T @ x_2d
-        if ctx.needs_input_grad[4]:
-            grad_B = (h.T @ grad_2d).T * scaling
-        return grad_x, None, None, grad_A, grad_B, None, None

@@ -9,9 +9,9 @@ from transformers import AutoModelForSequenceClassification
 from lora_rm import load_adapter
 from lora_rm.builtin import builtin_model, builtin_tokenizer
 from lora_rm.cli import main, read_score_inputs
-from lora_rm.train import score_texts
+from lora_rm.scoring import score_texts
 
-TINY_TRAIN = ["--max-pairs", "80", "--max-steps", "4", "--batch-size", "4", "--lora-r", "4", "--no-progress"]
+TINY_TRAIN = ["--max-rows", "80", "--max-steps", "4", "--batch-size", "4", "--lora-r", "4", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +25,12 @@ def trained(tmp_path_factory):
 def test_train_writes_a_peft_adapter_and_refuses_to_overwrite(trained):
     assert (trained / "adapter_model.safetensors").exists() and (trained / "log.jsonl").exists()
     assert json.loads((trained / "adapter_config.json").read_text())["r"] == 4
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(SystemExit, match="^lora-rm: error: .* already holds a run; pass --resume"):
         main(["train", "--output", str(trained), *TINY_TRAIN])
 
 
 def test_eval_prints_one_json_line(trained, capsys):
-    main(["eval", "--adapter", str(trained), "--max-pairs", "24", "--max-length", "32"])
+    main(["eval", "--adapter", str(trained), "--max-rows", "24", "--max-length", "32"])
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["n_pairs"] == 24 and 0 <= metrics["accuracy"] <= 1
     assert {"mean_margin", "tie_rate", "reward_stats"} <= set(metrics)

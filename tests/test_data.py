@@ -223,8 +223,8 @@ def test_load_local_files(tmp_path, name):
 
     assert chosen() == [f"good {i}" for i in range(10)]
     assert chosen(rows="-3:") == ["good 7", "good 8", "good 9"]
-    assert chosen(limit=2) == ["good 0", "good 1"]
-    assert chosen(rows="2:", limit=2) == ["good 2", "good 3"]
+    assert chosen(max_rows=2) == ["good 0", "good 1"]
+    assert chosen(rows="2:", max_rows=2) == ["good 2", "good 3"]
 
 
 def test_load_folder_missing_path_and_bad_slice(tmp_path):
@@ -306,13 +306,13 @@ def test_max_length_drop_equals_trl_and_truncate_left_keeps_the_end(trl_trainer)
     assert (stats.n_kept, stats.n_dropped_too_long, stats.n_truncated) == (2, 1, 0)
 
     full, _ = data.tokenize_pairs(rows, tokenizer)
-    cut, stats = data.tokenize_pairs(rows, tokenizer, max_length=10, max_length_policy="truncate_left")
+    cut, stats = data.tokenize_pairs(rows, tokenizer, max_length=10, length_policy="truncate_left")
     assert (stats.n_kept, stats.n_dropped_too_long, stats.n_truncated) == (3, 0, 1)
     assert cut["rejected_ids"][1] == full["rejected_ids"][1][-10:]
     assert cut["chosen_ids"][1] == full["chosen_ids"][1][-10:]
     assert cut["chosen_ids"][0] == full["chosen_ids"][0] and list(cut["length"]) == [9, 10, 7]
-    with pytest.raises(ValueError, match="max_length_policy"):
-        data.tokenize_pairs(rows, tokenizer, max_length=10, max_length_policy="truncate_right")
+    with pytest.raises(ValueError, match="length_policy"):
+        data.tokenize_pairs(rows, tokenizer, max_length=10, length_policy="truncate_right")
 
 
 # ---- pad token, collator, where the reward is read --------------------------------------------------------
@@ -330,7 +330,7 @@ def test_ensure_pad_token_uses_eos_then_unk_and_updates_the_model():
     assert "'<unk>'" in data.ensure_pad_token(no_eos) and no_eos.pad_token == "<unk>"
 
 
-def test_collator_stacks_chosen_then_rejected_and_pads_on_either_side():
+def test_collator_stacks_chosen_then_rejected_padded_right_as_trl():
     rows = [
         {"chosen_ids": [1, 2, 3], "rejected_ids": [4, 5], "margin": 0.5},
         {"chosen_ids": [6, 7], "rejected_ids": [8], "margin": 0.0},
@@ -339,13 +339,12 @@ def test_collator_stacks_chosen_then_rejected_and_pads_on_either_side():
     trl = DataCollatorForPreference(pad_token_id=0)(rows)
     for key in ("input_ids", "attention_mask", "margin"):
         torch.testing.assert_close(right[key], trl[key])
-    left = data.collate_pairs(rows, pad_token_id=0, padding_side="left")
-    assert left["input_ids"].tolist() == [[1, 2, 3], [0, 6, 7], [0, 4, 5], [0, 0, 8]]
-    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1], [0, 1, 1], [0, 0, 1]]
-    columns = {key: [row[key] for row in rows] for key in rows[0]}  # a slice of a Dataset
-    torch.testing.assert_close(data.collate_pairs(columns, 0, "left")["input_ids"], left["input_ids"])
+    sides = [row["chosen_ids"] for row in rows] + [row["rejected_ids"] for row in rows]
+    left_ids, left_mask = data.pad_sequences(sides, 0, "left")
+    assert left_ids.tolist() == [[1, 2, 3], [0, 6, 7], [0, 4, 5], [0, 0, 8]]
+    assert left_mask.tolist() == [[1, 1, 1], [0, 1, 1], [0, 1, 1], [0, 0, 1]]
     with pytest.raises(ValueError, match="padding_side"):
-        data.collate_pairs(rows, 0, "middle")
+        data.pad_sequences(sides, 0, "middle")
 
 
 def tiny_llama_config(vocab_size, pad_token_id):
@@ -385,8 +384,8 @@ def test_pad_equal_eos_with_eos_inside_the_prompt(padding_side):
         for ids in sides
     ), "EOS must sit inside the prompt and end each side"
     with torch.no_grad():
-        batch = data.collate_pairs([pairs[i] for i in range(2)], tokenizer.pad_token_id, padding_side)
-        batched = model(**batch).logits.squeeze(-1)
+        input_ids, attention_mask = data.pad_sequences(sides, tokenizer.pad_token_id, padding_side)
+        batched = model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1)
         alone = torch.cat([model(input_ids=torch.tensor([ids])).logits.squeeze(-1) for ids in sides])
         # The trailing EOS equals pad, so transformers scores the token before it; the same alone and batched.
         before_eos = torch.cat(
@@ -441,12 +440,6 @@ def test_batch_indices_deterministic_and_cover_every_pair_once(group_by_length):
     assert batches != data.batch_indices(LENGTHS, 8, seed=3, epoch=1, group_by_length=group_by_length)
     assert sorted(i for batch in batches for i in batch) == list(range(len(LENGTHS)))
     assert [len(b) for b in batches].count(8) == len(LENGTHS) // 8
-    dropped = data.batch_indices(LENGTHS, 8, seed=3, epoch=0, group_by_length=group_by_length, drop_last=True)
-    assert all(len(batch) == 8 for batch in dropped) and len(dropped) == len(LENGTHS) // 8
-
-
-def test_unshuffled_batches_are_in_order():
-    assert data.batch_indices([1] * 5, 2, seed=0, epoch=0, shuffle=False) == [[0, 1], [2, 3], [4]]
 
 
 @pytest.mark.parametrize("group_by_length", [False, True])
@@ -488,5 +481,5 @@ def test_builtin_task_is_verifiable_and_runs():
     assert list(builtin_preference_dataset(64, seed=1)["rejected"]) == list(rows["rejected"])
     model = builtin_model(tokenizer, seed=0)
     with torch.no_grad():
-        logits = model(**data.collate_pairs(pairs[:8], tokenizer.pad_token_id)).logits
+        logits = model(**data.collate_pairs(pairs.select(range(8)).to_list(), tokenizer.pad_token_id)).logits
     assert logits.shape == (16, 1) and torch.isfinite(logits).all()

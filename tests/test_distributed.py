@@ -26,7 +26,7 @@ TESTS = Path(__file__).parent
 # Tiny and deterministic: lora_dropout 0 (the CLI default), 4 optimizer steps of 2 micro-batches, a checkpoint
 # at step 2. --batch-size is per process: 2 x 4 pairs is the global batch of 1 x 8.
 FLAGS = [
-    "--max-pairs", "96", "--grad-accum", "2", "--max-steps", "4", "--max-length", "32", "--lora-r", "4",
+    "--max-rows", "96", "--grad-accum", "2", "--max-steps", "4", "--max-length", "32", "--lora-r", "4",
     "--lora-alpha", "8", "--log-every", "1", "--save-every", "2", "--no-progress",
 ]  # fmt: skip
 ONE, TWO = ["--batch-size", "8"], ["--batch-size", "4"]

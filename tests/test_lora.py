@@ -8,6 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lora_rm import LoRALinear
+from lora_rm.fast_path import folding_pays
 from lora_rm.lora import delta_weight
 
 
@@ -15,6 +16,27 @@ def random_lora(base: nn.Module, r: int = 4, alpha: float = 8, **kwargs) -> LoRA
     layer = LoRALinear(base, r, alpha, init_lora_weights=False, **kwargs)
     nn.init.normal_(layer.lora_B.weight)  # B != 0 so the update is visible
     return layer
+
+
+def layer_delta(layer: LoRALinear) -> torch.Tensor:
+    return delta_weight(layer.lora_A.weight, layer.lora_B.weight, layer.scaling, layer.fan_in_fan_out)
+
+
+@pytest.mark.parametrize("tokens", [4, 64], ids=["unfolded", "folded"])
+def test_fast_path_equals_the_plain_equation(tokens):
+    """fast_path=False runs PEFT's one line; the fast path must give the same outputs and gradients."""
+    layer = frozen_lora(nn.Linear(8, 8).double())
+    x = torch.randn(tokens, 8, dtype=torch.float64)
+    results = []
+    for fast in (True, False):
+        layer.fast_path = fast
+        layer.zero_grad()
+        x_leaf = x.clone().requires_grad_()
+        y = layer(x_leaf)
+        y.backward(torch.ones_like(y) + y.detach())
+        results.append([y.detach(), x_leaf.grad, layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()])
+    for fast, plain in zip(*results, strict=True):
+        torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
 
 
 def test_forward_is_the_formula():
@@ -29,8 +51,8 @@ def test_conv1d_is_transposed_once():
     base = Conv1D(8, 16)  # GPT-2 layout: weight (d_in=16, d_out=8)
     layer = random_lora(base)
     x = torch.randn(2, 16)
-    torch.testing.assert_close(layer(x), x @ (base.weight + layer.delta_weight()) + base.bias)
-    assert layer.delta_weight().shape == base.weight.shape
+    torch.testing.assert_close(layer(x), x @ (base.weight + layer_delta(layer)) + base.bias)
+    assert layer_delta(layer).shape == base.weight.shape
 
 
 def test_default_init_is_a_no_op_and_kaiming():
@@ -65,7 +87,7 @@ def test_merge_unmerge_round_trip():
     unmerged = layer(x)
     layer.merge()
     torch.testing.assert_close(layer(x), unmerged)
-    torch.testing.assert_close(base.weight, original + layer.delta_weight())
+    torch.testing.assert_close(base.weight, original + layer_delta(layer))
     with pytest.raises(RuntimeError, match="already merged"):
         layer.merge()
     layer.unmerge()
@@ -131,16 +153,16 @@ def test_folded_path_is_the_same_sum_and_gradients(base):
     """40 tokens > 2*16*24/40 = 19.2: the layer folds; fp64 shows the same sum to rounding."""
     layer = frozen_lora(base.double(), r=4, alpha=8)
     x = torch.randn(5, 8, 16, dtype=torch.float64)
-    assert layer._folding_pays(x) and not layer._folding_pays(x[:1, :3])
+    assert folding_pays(layer, x) and not folding_pays(layer, x[:1, :3])
     x_leaf = x.clone().requires_grad_()
     y = layer(x_leaf)
-    assert type(y.grad_fn).__name__ == "_FoldedLoRABackward"
+    assert type(y.grad_fn).__name__ == "FoldedLoRABackward"
     y.backward(torch.ones_like(y) + y.detach())
     ours = [y.detach(), x_leaf.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad]
     for got, expected in zip(ours, formula_and_grads(layer, x), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     with torch.no_grad():  # the same decision and the same forward numbers (reentrant checkpointing relies on it)
-        assert layer._folding_pays(x) and not layer._folding_pays(x[:1, :3])
+        assert folding_pays(layer, x) and not folding_pays(layer, x[:1, :3])
         assert torch.equal(layer(x), ours[0])
 
 
@@ -169,7 +191,7 @@ def _hooked(layer: LoRALinear) -> LoRALinear:
 )
 def test_unfolded_whenever_folding_would_change_the_result_or_cost_more(make_layer, x):
     layer = make_layer()
-    assert not layer._folding_pays(x)
+    assert not folding_pays(layer, x)
     expected = layer.base_layer(x).float() + layer.scaling * (x.float() @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
     if isinstance(layer.lora_dropout, nn.Identity):
         torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
@@ -178,12 +200,12 @@ def test_unfolded_whenever_folding_would_change_the_result_or_cost_more(make_lay
 def test_autocast_keeps_the_unfolded_path():
     layer = frozen_lora(nn.Linear(8, 8))
     x = torch.randn(64, 8)
-    assert layer._folding_pays(x)
+    assert folding_pays(layer, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not layer._folding_pays(x)
+        assert not folding_pays(layer, x)
 
 
 def test_dropout_folds_only_in_eval():
     layer = frozen_lora(nn.Linear(8, 8), lora_dropout=0.1)
     x = torch.randn(64, 8)
-    assert not layer.train()._folding_pays(x) and layer.eval()._folding_pays(x)
+    assert not folding_pays(layer.train(), x) and folding_pays(layer.eval(), x)

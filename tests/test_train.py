@@ -16,7 +16,7 @@ from lora_rm.train import TrainingDiverged, learning_rate, train
 def tiny_run(output, **overrides) -> TrainConfig:
     """Six optimizer steps on the built-in task: fast, but with accumulation and dropout to replay exactly."""
     settings = dict(
-        output=str(output), max_pairs=120, eval_fraction=0.2, max_steps=6, batch_size=4, grad_accum=2,
+        output=str(output), max_rows=120, eval_fraction=0.2, max_steps=6, batch_size=4, grad_accum=2,
         max_length=32, lr=1e-3, warmup_ratio=0.2, save_every=3, log_every=1, progress=False,
         lora=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"),
     )
