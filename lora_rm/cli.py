@@ -22,10 +22,11 @@ from .config import ALL_LINEAR, BUILTIN, LoraConfig, TrainConfig
 
 LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora")  # LoraConfig on the command line
 # What eval/score/merge take from TrainConfig's flags (same names, same defaults).
-EVAL_FIELDS = ("model", "dataset", "split", "rows", "max_rows", "max_length", "length_policy", "skip_bad_rows",
-               "batch_size", "device", "trust_remote_code")
-SCORE_FIELDS = ("model", "max_length", "batch_size", "device", "trust_remote_code")
-MERGE_FIELDS = ("model", "device", "trust_remote_code")
+LOAD_FIELDS = ("model", "base_dtype", "load_in_4bit", "bnb_4bit_compute_dtype", "device", "trust_remote_code")
+EVAL_FIELDS = (*LOAD_FIELDS, "dataset", "split", "rows", "max_rows", "max_length", "length_policy", "skip_bad_rows",
+               "batch_size")
+SCORE_FIELDS = (*LOAD_FIELDS, "max_length", "batch_size")
+MERGE_FIELDS = LOAD_FIELDS
 
 
 def add_field_flags(parser: argparse.ArgumentParser, config_class: type, names: list[str] | tuple[str, ...],
@@ -87,9 +88,10 @@ def load_for_command(args: argparse.Namespace, settings: dict[str, Any]):
 
     from .scoring import load_reward_model
 
-    model, tokenizer = load_reward_model(settings["model"], args.adapter, settings["trust_remote_code"])
     device = settings["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device), tokenizer
+    load_options = {name: settings[name] for name in LOAD_FIELDS if name != "model"}
+    model, tokenizer = load_reward_model(settings["model"], args.adapter, **{**load_options, "device": device})
+    return (model if settings["load_in_4bit"] else model.to(device)), tokenizer
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -143,9 +145,14 @@ def run_score(args: argparse.Namespace) -> None:
 
 def run_merge(args: argparse.Namespace) -> None:
     from .inject import merge_lora
+    from .qlora import dequantize_4bit_layers
+    from .scoring import torch_dtype
 
-    model, tokenizer = load_for_command(args, given_or_default(args, MERGE_FIELDS))
-    merged = merge_lora(model)
+    settings = given_or_default(args, MERGE_FIELDS)
+    model, tokenizer = load_for_command(args, settings)
+    if settings["load_in_4bit"]:  # merge into dequantized fp32 weights, then store in base_dtype
+        dequantize_4bit_layers(model, torch_dtype("fp32"))
+    merged = merge_lora(model).to(torch_dtype(settings["base_dtype"]))
     merged.save_pretrained(args.output)
     tokenizer.save_pretrained(args.output)
     print(f"merged model written to {args.output}")

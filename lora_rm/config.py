@@ -12,6 +12,7 @@ ALL_LINEAR = "all-linear"
 BUILTIN = "builtin"  # --model/--dataset value for the offline demo task (lora_rm/builtin.py)
 LENGTH_POLICIES = ("drop", "truncate_left")  # what to do with a pair longer than max_length
 PRECISIONS = ("fp32", "bf16", "fp16")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch.<name>, without importing torch here
 
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -106,6 +107,11 @@ class TrainConfig:
     eval_rows: str | None = option(None, "a slice of the eval rows as text, e.g. '-512:' for the last 512")
     max_rows: int | None = option(None, "keep the first N training rows (after rows)")
     max_eval_rows: int | None = option(None, "keep the first N eval rows (after eval_rows)")
+    base_dtype: str = option("fp32", "dtype the frozen base weights are stored in (adapter and head stay fp32); "
+                             "fp32 by default: the parity contract's dtype, and CPUs compute it fastest", PRECISIONS)
+    load_in_4bit: bool = option(False, "QLoRA: quantize the base's linear layers to nf4 with bitsandbytes "
+                                "(pip install 'lora-rm[qlora]'); the head is never quantized")
+    bnb_4bit_compute_dtype: str = option("bf16", "dtype a 4-bit layer computes in", PRECISIONS)
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, lora_alpha=32, target_modules=ALL_LINEAR))
     max_length: int = option(512, "tokens per side (prompt + response)")
     length_policy: str = option("drop", "pairs longer than max_length: drop them (TRL) or keep each side's end",
@@ -162,6 +168,8 @@ class TrainConfig:
             "length_policy": (self.length_policy in LENGTH_POLICIES, f"one of {LENGTH_POLICIES}"),
             "lr_schedule": (self.lr_schedule in ("linear", "cosine"), "'linear' or 'cosine'"),
             "precision": (self.precision in PRECISIONS, f"one of {PRECISIONS}"),
+            "base_dtype": (self.base_dtype in PRECISIONS, f"one of {PRECISIONS}"),
+            "bnb_4bit_compute_dtype": (self.bnb_4bit_compute_dtype in PRECISIONS, f"one of {PRECISIONS}"),
         }
         for name, (holds, rule) in rules.items():
             if not holds:

@@ -97,8 +97,8 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
             base_layer, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights
         )
         setattr(parent, child_name, wrapped)
-    heads = head_modules(model, head_names)
-    for head in heads.values():
+    for head in head_modules(model, head_names).values():
+        keep_fp32(head)
         head.requires_grad_(True)
     # Saved like PEFT: targets resolved to full names ("all-linear" too), the head named. Kept on the model itself
     # because there is no wrapper to keep it on (PEFT keeps peft_config on its PeftModel); remove_lora deletes it.
@@ -106,6 +106,22 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         config, target_modules=sorted(target_names), modules_to_save=list(head_names), fan_in_fan_out=has_conv1d
     )
     return model
+
+
+def keep_fp32(head: nn.Module) -> None:
+    """Store a half-precision head in fp32: AdamW's updates to a bf16 head round away (PEFT trains it in bf16).
+
+    A pre-hook casts the hidden states coming from the half base to the head's dtype, whatever it is later.
+    """
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in head.parameters()):
+        head.float()
+    if _cast_to_head_dtype not in head._forward_pre_hooks.values():
+        head.register_forward_pre_hook(_cast_to_head_dtype)
+
+
+def _cast_to_head_dtype(head: nn.Module, args: tuple) -> tuple:
+    dtype = next(head.parameters()).dtype
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 def head_modules(model: nn.Module, head_names: list[str]) -> dict[str, nn.Module]:

@@ -41,10 +41,13 @@ class LoRALinear(nn.Module):
             raise TypeError(f"LoRALinear wraps nn.Linear or Conv1D, not {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        d_in, d_out = base_layer.weight.shape if self.fan_in_fan_out else base_layer.weight.shape[::-1]
         weight = base_layer.weight
-        # PEFT (autocast_adapter_dtype=True) keeps the adapter of a half-precision base in fp32, for the optimizer.
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        if self.fan_in_fan_out:
+            d_in, d_out = weight.shape
+        else:  # not weight.shape: a 4-bit Linear4bit stores its weight packed, (d_out * d_in / 2, 1) uint8
+            d_in, d_out = base_layer.in_features, base_layer.out_features
+        # PEFT (autocast_adapter_dtype=True) keeps the adapter of a half or 4-bit base in fp32, for the optimizer.
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         self.lora_A = nn.Linear(d_in, r, bias=False, device=weight.device, dtype=dtype)
         self.lora_B = nn.Linear(r, d_out, bias=False, device=weight.device, dtype=dtype)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -79,6 +82,11 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("LoRALinear.merge: already merged")
         weight = self.base_layer.weight
+        if not weight.is_floating_point():
+            raise ValueError(
+                "LoRALinear.merge: the base weight is 4-bit; merging into it would re-quantize W + s B A and round "
+                "the update away. Dequantize first (lora_rm.qlora.dequantize_4bit_layers; `lora-rm merge` does it)"
+            )
         delta = delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
         merged = weight + delta.to(weight.dtype)
         if not torch.isfinite(merged).all():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,32 +18,71 @@ from torch import nn
 
 from . import data
 from .adapter_io import load_adapter
-from .config import BUILTIN
+from .config import BUILTIN, DTYPES
 from .loss import preference_metrics, reward_stats, split_rewards
 
 
-def load_model_and_tokenizer(name: str, trust_remote_code: bool = False):
-    """A (model, tokenizer) pair with a pad token on both; "builtin" builds the same tiny offline model each time."""
+def torch_dtype(name: str) -> torch.dtype:
+    """torch.float32 for "fp32", and so on (config.DTYPES)."""
+    return getattr(torch, DTYPES[name])
+
+
+def load_model_and_tokenizer(
+    name: str,
+    trust_remote_code: bool = False,
+    base_dtype: str = "fp32",
+    load_in_4bit: bool = False,
+    bnb_4bit_compute_dtype: str = "bf16",
+    device: str | torch.device | None = None,
+):
+    """A (model, tokenizer) pair with a pad token on both; "builtin" builds the same tiny offline model each time.
+
+    The base is stored in base_dtype (its linear layers in nf4 with load_in_4bit, on `device`); what trains
+    (adapter and head) is kept fp32 by add_lora.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    dtype = torch_dtype(base_dtype)
     if name == BUILTIN:
         from .builtin import builtin_model, builtin_tokenizer
 
         tokenizer = builtin_tokenizer()
-        return builtin_model(tokenizer), tokenizer
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
+        model = builtin_model(tokenizer).to(dtype)
+        if load_in_4bit:  # quantization happens while loading: go through a folder
+            with tempfile.TemporaryDirectory() as folder:
+                model.save_pretrained(folder)
+                return load_quantized(folder, dtype, bnb_4bit_compute_dtype, device, False), tokenizer
+        return model, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        name, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
-    )
+    if load_in_4bit:
+        model = load_quantized(name, dtype, bnb_4bit_compute_dtype, device, trust_remote_code)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
+        )
     message = data.ensure_pad_token(tokenizer, model)
     if message:
         print(message)
     return model, tokenizer
 
 
-def load_reward_model(model_name: str, adapter: str | Path, trust_remote_code: bool = False):
-    """Base model + saved adapter, in eval mode: (model, tokenizer)."""
-    model, tokenizer = load_model_and_tokenizer(model_name, trust_remote_code)
+def load_quantized(name: str, dtype: torch.dtype, compute_dtype: str, device, trust_remote_code: bool) -> nn.Module:
+    """The base with nf4 linear layers, placed on `device` while loading (a 4-bit model is not moved afterwards)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from .qlora import prepare_4bit_model, quantization_config
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        name, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
+        quantization_config=quantization_config(torch_dtype(compute_dtype)), device_map={"": device},
+    )
+    return prepare_4bit_model(model)
+
+
+def load_reward_model(model_name: str, adapter: str | Path, **load_options):
+    """Base model (load_model_and_tokenizer's options) + saved adapter, in eval mode: (model, tokenizer)."""
+    model, tokenizer = load_model_and_tokenizer(model_name, **load_options)
     return load_adapter(model, adapter).eval(), tokenizer
 
 

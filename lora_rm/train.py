@@ -242,7 +242,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     checkpoints, log_path = output / "checkpoints", output / "log.jsonl"
     random.seed(config.seed)
     torch.manual_seed(config.seed)  # the same on every rank: identical adapter init
-    model, tokenizer = load_model_and_tokenizer(config.model, config.trust_remote_code)
+    model, tokenizer = load_model_and_tokenizer(
+        config.model, config.trust_remote_code, config.base_dtype, config.load_in_4bit, config.bnb_4bit_compute_dtype,
+        device,
+    )
     train_pairs, eval_pairs = load_pairs(config, tokenizer)
     collator = pair_collator(tokenizer)
     forward_model = prepare_model(model, config, device)

@@ -6,6 +6,7 @@ Run `python tests/parity.py` for the table: architecture x check x max abs diff.
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import tempfile
 from dataclasses import replace
@@ -136,6 +137,19 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+# ---- half and 4-bit bases --------------------------------------------------------------------------------------
+# bf16 keeps 8 significant bits: one rounding moves a value by up to 2^-8 of itself. A reward passes through a few
+# dozen roundings whose errors partly cancel; we allow 8 units of 2^-8 at the scale of the rewards compared (and of
+# the largest gradient), measured at 1-4 units on the tiny configs. Our head is fp32 (PEFT's bf16): that rounding is
+# inside the same bound.
+BF16_UNITS = 8
+
+
+def bf16_relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """max |ours - theirs| in units of 2^-8 x max |theirs|: the check passes below BF16_UNITS."""
+    return max_diff(ours, theirs) / (2**-8 * theirs.double().abs().max().item())
+
+
 def check_rewards_differ_from_base(arch: str, config: LoraConfig) -> float:
     """How far the adapted rewards are from the base's (must be large, or the other checks prove nothing)."""
     ours, _ = paired_models(arch, config)
@@ -227,10 +241,10 @@ def check_merged_rewards(arch: str, config: LoraConfig) -> float:
 
 
 def check_bf16_rewards(arch: str, config: LoraConfig) -> float:
-    """bf16 base, fp32 adapters (PEFT's autocast_adapter_dtype): rewards after PEFT loads ours."""
+    """bf16 base, fp32 adapters (PEFT's autocast_adapter_dtype) and our fp32 head: rewards, in bf16 units."""
     ours, theirs = paired_models(arch, config, dtype=torch.bfloat16)
     batch = tiny_batch()
-    return max_diff(rewards(ours, batch), rewards(theirs, batch))
+    return bf16_relative(rewards(ours, batch), rewards(theirs, batch))
 
 
 def check_checkpointing(arch: str, config: LoraConfig, use_reentrant: bool) -> float:
@@ -246,6 +260,94 @@ def check_checkpointing(arch: str, config: LoraConfig, use_reentrant: bool) -> f
     return max(max_diff(p[k], c[k]) for p, c in zip(plain, checkpointed, strict=True) for k in p)
 
 
+def check_bf16_gradients(arch: str, config: LoraConfig) -> float:
+    """A/B and head gradients on a bf16 base, in units of bf16 rounding at the largest gradient's scale."""
+    ours, theirs = paired_models(arch, config, dtype=torch.bfloat16)
+    batch = tiny_batch()
+    ours_grads = {k.replace("base_layer.", ""): v for k, v in _lora_and_head_grads(ours, batch, False).items()}
+    theirs_grads = _lora_and_head_grads(theirs, batch, peft_names=True)
+    scale = max(g.double().abs().max().item() for g in theirs_grads.values())
+    return max(max_diff(ours_grads[k], theirs_grads[k].float()) for k in theirs_grads) / (2**-8 * scale)
+
+
+def check_bf16_save_both_ways(arch: str, config: LoraConfig) -> float:
+    """bf16 base: PEFT loads our saved adapter, we load PEFT's; rewards of each pair, in bf16 units."""
+    ours, theirs = paired_models(arch, config, dtype=torch.bfloat16)
+    batch = tiny_batch()
+    with tempfile.TemporaryDirectory() as folder:
+        save_adapter(ours, folder)
+        peft_loaded = peft.PeftModel.from_pretrained(tiny_model(arch, dtype=torch.bfloat16), folder).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        theirs.save_pretrained(folder)
+        ours_loaded = load_adapter(tiny_model(arch, dtype=torch.bfloat16), folder).eval()
+    return max(bf16_relative(rewards(peft_loaded, batch), rewards(ours, batch)),
+               bf16_relative(rewards(ours_loaded, batch), rewards(theirs, batch)))
+
+
+def check_bf16_merge(arch: str, config: LoraConfig) -> float:
+    """bf16 base: our merged model's rewards vs PEFT's unmerged adapter, in bf16 units."""
+    ours, theirs = paired_models(arch, config, dtype=torch.bfloat16)
+    batch = tiny_batch()
+    return bf16_relative(rewards(merge_lora(ours), batch), rewards(theirs, batch))
+
+
+QUANT_ARCHS = ["llama", "qwen2", "opt", "bert"]
+
+
+def quantized_base(arch: str, folder: str) -> torch.nn.Module:
+    """tiny_model(arch) saved to `folder` once, loaded with nf4 linear layers (fp32 elsewhere), as lora-rm does."""
+    from lora_rm.scoring import load_quantized
+
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        tiny_model(arch).save_pretrained(folder)
+    return load_quantized(folder, torch.float32, "bf16", "cpu", False).eval()
+
+
+def quantized_pair(arch: str, config: LoraConfig, folder: str):
+    """(ours, PEFT's) on two loads of the same nf4 base, with the same non-zero adapter and perturbed head."""
+    theirs = peft.get_peft_model(quantized_base(arch, folder), peft_config(config)).eval()
+    ours = add_lora(quantized_base(arch, folder), config)
+    torch.manual_seed(3)
+    for _, layer in lora_layers(ours):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
+    perturb_head(ours)
+    copy_ours_into_peft(ours, theirs)
+    return ours, theirs
+
+
+def check_nf4(arch: str, config: LoraConfig, what: str) -> float:
+    """nf4 base vs PEFT + bitsandbytes: rewards, both load directions, gradients, or the adapter after one AdamW step."""
+    with tempfile.TemporaryDirectory() as folder:
+        ours, theirs = quantized_pair(arch, config, folder)
+        batch = tiny_batch()
+        if what == "rewards":
+            return max_diff(rewards(ours, batch), rewards(theirs, batch))
+        if what == "PEFT loads ours":
+            with tempfile.TemporaryDirectory() as adapter:
+                save_adapter(ours, adapter)
+                loaded = peft.PeftModel.from_pretrained(quantized_base(arch, folder), adapter).eval()
+            return max_diff(rewards(loaded, batch), rewards(ours, batch))
+        if what == "we load PEFT's":
+            with tempfile.TemporaryDirectory() as adapter:
+                theirs.save_pretrained(adapter)
+                loaded = load_adapter(quantized_base(arch, folder), adapter).eval()
+            return max_diff(rewards(loaded, batch), rewards(theirs, batch))
+        ours_grads = {k.replace("base_layer.", ""): v for k, v in _lora_and_head_grads(ours, batch, False).items()}
+        theirs_grads = _lora_and_head_grads(theirs, batch, peft_names=True)
+        if set(ours_grads) != set(theirs_grads) or any(g is None for g in ours_grads.values()):
+            raise AssertionError("nf4: trainable sets differ or a gradient is None")
+        if what == "gradients":
+            return max(max_diff(ours_grads[k], theirs_grads[k]) for k in ours_grads)
+        for model in (ours, theirs):  # one AdamW step from the gradients just taken
+            torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2).step()
+        ours_after = {k.replace("base_layer.", ""): p for k, p in ours.named_parameters() if p.requires_grad}
+        theirs_after = {
+            k.removeprefix("base_model.model.").replace(".default", "").replace(".modules_to_save", ""): p
+            for k, p in theirs.named_parameters() if p.requires_grad
+        }
+        return max(max_diff(ours_after[k], theirs_after[k]) for k in ours_after)
+
+
 CHECKS = {
     "adapted != base (must be large)": check_rewards_differ_from_base,
     "PEFT loads ours: rewards": check_peft_loads_ours,
@@ -257,9 +359,18 @@ CHECKS = {
     "merged rewards": check_merged_rewards,
     "rsLoRA: rewards": lambda a, c: check_peft_loads_ours(a, replace(c, use_rslora=True)),
     "all-linear: rewards": lambda a, c: check_we_load_peft(a, replace(c, target_modules="all-linear")),
-    "bf16 rewards": check_bf16_rewards,
+    "bf16 base: rewards (2^-8 units)": check_bf16_rewards,
+    "bf16 base: A/B + head grads (2^-8 units)": check_bf16_gradients,
+    "bf16 base: saved both ways (2^-8 units)": check_bf16_save_both_ways,
+    "bf16 base: merged rewards (2^-8 units)": check_bf16_merge,
     "checkpointing reentrant: grads": lambda a, c: check_checkpointing(a, c, True),
     "checkpointing non-reentrant: grads": lambda a, c: check_checkpointing(a, c, False),
+}
+
+
+NF4_CHECKS = {
+    f"nf4 base: {what}": (lambda what: lambda a, c: check_nf4(a, c, what))(what)
+    for what in ("rewards", "PEFT loads ours", "we load PEFT's", "gradients", "after one AdamW step")
 }
 
 
@@ -272,8 +383,9 @@ def main() -> None:
     print(f"lora-rm vs PEFT {peft.__version__}, torch {torch.__version__}; fp32 unless named; max abs diff\n")
     print("| check | " + " | ".join(archs) + " |")
     print("|---|" + "---|" * len(archs))
-    for check_name, check in CHECKS.items():
-        cells = [f"{check(arch, report_config(arch)):.2e}" for arch in archs]
+    for check_name, check in {**CHECKS, **NF4_CHECKS}.items():
+        runs = archs if check_name not in NF4_CHECKS else [a for a in archs if a in QUANT_ARCHS]
+        cells = [f"{check(arch, report_config(arch)):.2e}" if arch in runs else "-" for arch in archs]
         print(f"| {check_name} | " + " | ".join(cells) + " |")
 
 

@@ -2,13 +2,25 @@
 
 import pytest
 import torch
-from parity import CHECKS, CORE_ARCHS, check_rewards_differ_from_base, paired_models, report_config, tiny_batch
+from parity import (
+    BF16_UNITS,
+    CHECKS,
+    CORE_ARCHS,
+    NF4_CHECKS,
+    QUANT_ARCHS,
+    check_rewards_differ_from_base,
+    paired_models,
+    quantized_base,
+    quantized_pair,
+    report_config,
+    rewards,
+    tiny_batch,
+)
 
 from lora_rm import LoraConfig, add_lora, enable_gradient_checkpointing, save_adapter
 from lora_rm.inject import lora_layers
 
 FP32_TOL = 1e-5
-BF16_TOL = 2e-2  # bf16 keeps 8 bits of mantissa; rewards here are O(1)
 FP64_TOL = 1e-10  # the folded path is the same sum in another order: fp64 shows it to ~1e-14
 
 PARITY_CHECKS = [name for name in CHECKS if name != "adapted != base (must be large)"]
@@ -23,8 +35,29 @@ def test_adapter_is_not_vacuous(arch):
 @pytest.mark.parametrize("check_name", PARITY_CHECKS)
 @pytest.mark.parametrize("arch", CORE_ARCHS)
 def test_parity_with_peft(arch, check_name):
-    tolerance = BF16_TOL if "bf16" in check_name else FP64_TOL if "fp64" in check_name else FP32_TOL
+    tolerance = BF16_UNITS if "2^-8 units" in check_name else FP64_TOL if "fp64" in check_name else FP32_TOL
     assert CHECKS[check_name](arch, report_config(arch)) <= tolerance
+
+
+@pytest.mark.parametrize("check_name", list(NF4_CHECKS))
+@pytest.mark.parametrize("arch", QUANT_ARCHS)
+def test_nf4_parity_with_peft_and_bitsandbytes(arch, check_name, tmp_path):
+    """nf4 base, fp32 elsewhere: the same Linear4bit forward under both adapters, so fp32's contract applies."""
+    pytest.importorskip("bitsandbytes")
+    assert NF4_CHECKS[check_name](arch, report_config(arch)) <= FP32_TOL
+
+
+@pytest.mark.parametrize("arch", QUANT_ARCHS)
+def test_nf4_adapter_is_not_vacuous_and_base_is_4bit(arch, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    ours, _ = quantized_pair(arch, report_config(arch), str(tmp_path))
+    base = quantized_base(arch, str(tmp_path))
+    adapted_layers = [layer.base_layer for _, layer in lora_layers(ours)]
+    assert adapted_layers and all(type(layer).__name__ == "Linear4bit" for layer in adapted_layers)
+    head = ours.get_submodule(ours.lora_rm_config.modules_to_save[0])
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in head.parameters())  # never quantized
+    with torch.no_grad():
+        assert (rewards(ours, tiny_batch()) - rewards(base, tiny_batch())).abs().max() > 0.1
 
 
 @pytest.mark.slow
