@@ -6,6 +6,7 @@ Run `python tests/parity.py` for the table: architecture x check x max abs diff.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import sys
 import tempfile
@@ -316,7 +317,7 @@ def quantized_pair(arch: str, config: LoraConfig, folder: str):
 
 
 def check_nf4(arch: str, config: LoraConfig, what: str) -> float:
-    """nf4 base vs PEFT + bitsandbytes: rewards, both load directions, gradients, or the adapter after one AdamW step."""
+    """nf4 base vs PEFT + bitsandbytes: rewards, each load direction, gradients, or the adapter after an AdamW step."""
     with tempfile.TemporaryDirectory() as folder:
         ours, theirs = quantized_pair(arch, config, folder)
         batch = tiny_batch()
@@ -369,7 +370,7 @@ CHECKS = {
 
 
 NF4_CHECKS = {
-    f"nf4 base: {what}": (lambda what: lambda a, c: check_nf4(a, c, what))(what)
+    f"nf4 base: {what}": functools.partial(check_nf4, what=what)
     for what in ("rewards", "PEFT loads ours", "we load PEFT's", "gradients", "after one AdamW step")
 }
 
