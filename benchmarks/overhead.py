@@ -44,6 +44,7 @@ PRESETS = {
     "tiny": (64, 176, 2, 4, 256),  # the test's
     "small": (512, 1376, 4, 8, 32000),  # the CPU default
     "medium": (1024, 2816, 8, 16, 32000),  # for a GPU
+    "0.5b": (896, 4864, 24, 14, 151936),  # Qwen2.5-0.5B's shape (as a Llama: all heads full, no q/k/v bias)
 }
 CONFIG_FIELDS = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -1,0 +1,148 @@
+"""The memory ladder: peak memory of a LoRA reward-model train step on a realistic shape, fp32 / bf16 / nf4 base.
+
+    python -m benchmarks.memory            # Qwen2.5-0.5B's shape, random init, 1 pair x 256 tokens on CPU
+    python -m benchmarks.memory --pairs 4 --seq-len 512 --device cuda
+
+Each row runs in a fresh process: load the base (from a folder saved once, so nf4 quantizes while loading as it
+does for a hub model), add LoRA r=16 to every linear layer, take two Bradley-Terry steps (the second holds the
+optimizer state). Peak memory is what the model and its steps add to the process: on CPU the peak RSS (Linux's
+VmHWM, reset after the imports) minus the RSS before loading; on CUDA max_memory_allocated. PEFT's rows are its
+documented recipe: get_peft_model, and prepare_model_for_kbit_training first for an nf4 base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, Qwen2Config
+
+from lora_rm import LoraConfig, add_lora, enable_gradient_checkpointing
+from lora_rm.scoring import load_quantized
+
+from .overhead import REPO_ROOT, _proc_status_bytes, train_step
+
+# Qwen2.5-0.5B's published config.json, with a one-output score head.
+QWEN_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True,
+                num_labels=1, pad_token_id=151643)
+BASES = ("fp32", "bf16", "nf4")
+
+
+def save_base(folder: str) -> None:
+    """The random-init model, saved once in bf16 (each row loads it in its own dtype)."""
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(Qwen2Config(**QWEN_05B), dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+
+
+def build(folder: str, base: str, impl: str, checkpointing: bool, device: str) -> torch.nn.Module:
+    """The base in its dtype with LoRA r=16 on every linear layer, as lora-rm or as PEFT's recipe does it."""
+    dtype = torch.float32 if base == "fp32" else torch.bfloat16  # nf4: embeddings, norms and head in bf16
+    if base == "nf4":  # lora-rm's own loader: nf4 linear layers, the head never quantized
+        model = load_quantized(folder, dtype, "bf16", device, False)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=dtype)
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+    if impl == "lora-rm":
+        add_lora(model, lora)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        return model.to(device) if base != "nf4" else model
+    import peft
+
+    if base == "nf4":
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    elif checkpointing:
+        enable_gradient_checkpointing(model)
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32, target_modules="all-linear")
+    model = peft.get_peft_model(model, config)
+    return model.to(device) if base != "nf4" else model
+
+
+def measure(folder: str, base: str, impl: str, checkpointing: bool, args: argparse.Namespace) -> dict:
+    """One row, in the calling (fresh) process."""
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _proc_status_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # VmHWM := current RSS
+    started = time.perf_counter()
+    model = build(folder, base, impl, checkpointing, args.device).train()
+    loaded_s = time.perf_counter() - started
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(1, QWEN_05B["vocab_size"] - 1, (2 * args.pairs, args.seq_len), generator=generator)
+    batch = {"input_ids": input_ids.to(args.device), "attention_mask": torch.ones_like(input_ids).to(args.device)}
+    autocast = torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=base != "fp32")
+    times = []
+    for _ in range(2):
+        step_started = time.perf_counter()
+        with autocast:
+            train_step(model, batch, optimizer)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - step_started)
+    peak = torch.cuda.max_memory_allocated() if cuda else _proc_status_bytes("VmHWM")
+    return {"base": base, "impl": impl, "checkpointing": checkpointing, "peak_mib": (peak - before) / 2**20,
+            "step_s": times[-1], "load_s": loaded_s}
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    method = "spawn" if torch.device(args.device).type == "cuda" else "fork"
+    with tempfile.TemporaryDirectory() as folder:
+        save_base(folder)
+        for checkpointing in (False, True):
+            for base in args.bases:
+                for impl in ("lora-rm", "peft"):
+                    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context(method)) as pool:
+                        row = pool.submit(measure, folder, base, impl, checkpointing, args).result()
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """The ladder with each row's peak against the fp32 row of the same implementation and checkpointing."""
+    fp32 = {(r["impl"], r["checkpointing"]): r["peak_mib"] for r in rows if r["base"] == "fp32"}
+    peft = {(r["base"], r["checkpointing"]): r["peak_mib"] for r in rows if r["impl"] == "peft"}
+    lines = ["| base | checkpointing | impl | peak MiB | x fp32 peak | x PEFT peak | step s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        key, peft_key = (r["impl"], r["checkpointing"]), (r["base"], r["checkpointing"])
+        vs_fp32 = f"{r['peak_mib'] / fp32[key]:.3f}" if key in fp32 else "-"
+        vs_peft = f"{r['peak_mib'] / peft[peft_key]:.3f}" if peft_key in peft else "-"
+        lines.append(f"| {r['base']} | {'yes' if r['checkpointing'] else 'no'} | {r['impl']} | {r['peak_mib']:,.0f} | "
+                     f"{vs_fp32} | {vs_peft} | {r['step_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--bases", nargs="+", choices=BASES, default=list(BASES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "memory"))
+    args = parser.parse_args(argv)
+    rows = run(args)
+    table = markdown(rows)
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"setup": vars(args), "rows": rows}, indent=1) + "\n")
+    out.with_suffix(".md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
