@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         overhead = ["--model", "tiny", "--seq-len", "16", "--pairs", "1", "--ranks", "2", "--repeats", "1",
                     "--warmup", "0"]
-        ladder, steps = ["--pairs", "1", "--seq-len", "8", "--bases", "fp32", "bf16"], "3"
+        ladder, steps = ["--tiny", "--pairs", "1", "--seq-len", "8"], "3"
     else:
         overhead = ["--model", "0.5b", "--seq-len", "1024", "--pairs", "4", "--ranks", "8", "64", "--repeats", "10",
                     "--dtype", "bf16"]

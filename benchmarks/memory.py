@@ -32,13 +32,15 @@ from .overhead import REPO_ROOT, _proc_status_bytes, train_step
 QWEN_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True,
                 num_labels=1, pad_token_id=151643)
+TINY = dict(QWEN_05B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=256, pad_token_id=0)  # for the smoke test
 BASES = ("fp32", "bf16", "nf4")
 
 
-def save_base(folder: str) -> None:
+def save_base(folder: str, shape: dict) -> None:
     """The random-init model, saved once in bf16 (each row loads it in its own dtype)."""
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(Qwen2Config(**QWEN_05B), dtype=torch.bfloat16)
+    model = AutoModelForSequenceClassification.from_config(Qwen2Config(**shape), dtype=torch.bfloat16)
     model.save_pretrained(folder)
 
 
@@ -81,7 +83,7 @@ def measure(folder: str, base: str, impl: str, checkpointing: bool, args: argpar
     loaded_s = time.perf_counter() - started
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(1, QWEN_05B["vocab_size"] - 1, (2 * args.pairs, args.seq_len), generator=generator)
+    input_ids = torch.randint(1, (TINY if args.tiny else QWEN_05B)["vocab_size"] - 1, (2 * args.pairs, args.seq_len), generator=generator)
     batch = {"input_ids": input_ids.to(args.device), "attention_mask": torch.ones_like(input_ids).to(args.device)}
     autocast = torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=base != "fp32")
     times = []
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     method = "spawn" if torch.device(args.device).type == "cuda" else "fork"
     with tempfile.TemporaryDirectory() as folder:
-        save_base(folder)
+        save_base(folder, TINY if args.tiny else QWEN_05B)
         for checkpointing in (False, True):
             for base in args.bases:
                 for impl in ("lora-rm", "peft"):
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--bases", nargs="+", choices=BASES, default=list(BASES))
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model of width 64, for the smoke test")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "memory"))
     args = parser.parse_args(argv)

@@ -40,3 +40,20 @@ def test_overhead_suite_end_to_end(tmp_path):
     assert 0 < theory["adapted_forward"] < theory["adapted_step_folded"]  # folding adds r / tokens on top
     assert theory["adapted_step"] == pytest.approx(1.5 * theory["adapted_forward"])
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_gpu_check_runs_in_smoke_mode(tmp_path):
+    """The GPU script's every step (overhead, memory ladder with nf4, bf16 and 4-bit trainings), tiny, on CPU."""
+    pytest.importorskip("bitsandbytes")
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {(row["base"], row["impl"]) for row in summary["memory"]} == {
+        (base, impl) for base in ("fp32", "bf16", "nf4") for impl in ("lora-rm", "peft")
+    }
+    assert all(row["peak_mib"] > 0 for row in summary["memory"])
+    assert set(summary["trainings"]) == {"bf16", "nf4"}
+    assert all(0 <= metrics["accuracy"] <= 1 for metrics in summary["trainings"].values())
+    assert "| nf4 |" in (tmp_path / "gpu_check.md").read_text()
