@@ -8,6 +8,11 @@ Formats, named as TRL names them:
   tokenized       chosen_ids, rejected_ids (TRL 1.x) or input_ids_chosen, input_ids_rejected (TRL 0.x)
 An optional numeric `margin` column is carried into the batch.
 
+Local JSON and CSV files are read with the standard library, each cell as written: datasets' readers retype a
+whole column after one odd cell (a number among texts makes every JSON-like text decoded; CSV infers floats and
+reads "NA" as missing), so one bad cell would spoil good rows. Every row keeps where it came from (file and
+1-based line, or hub split and row index) in the column ROW_SOURCE, through any row selection, for errors.
+
 Where the reward is read: Hugging Face's *ForSequenceClassification heads score the rightmost token whose id
 is not pad_token_id. When pad == EOS, the EOS that ends each text is skipped and the score is read at the
 token just before it, in a padded batch and alone alike; TRL trains the same way. We keep the model's own
@@ -16,12 +21,20 @@ reading, so a merged model served by plain transformers scores exactly what was 
 
 from __future__ import annotations
 
+import csv
+import gzip
+import json
 import math
+import re
+import zlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from datasets import Dataset, load_dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,6 +50,9 @@ BUILDERS = {
     ".csv": "csv",
 }
 TOKENIZED_COLUMNS = (("chosen_ids", "rejected_ids"), ("input_ids_chosen", "input_ids_rejected"))
+ROW_SOURCE = "_row_source"  # "pairs.jsonl line 37": where a row was read, named by errors about it
+JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+UNK_CHECK_PAIRS = 64  # tokenize_pairs stops when over half the tokens of this many pairs are the unknown token
 
 
 def _builder(path: Path) -> str | None:
@@ -78,7 +94,8 @@ def _builtin_or_file_or_hub(source: str, split: str, seed: int) -> Dataset:
     if source == BUILTIN:
         from .builtin import BUILTIN_PAIRS, builtin_preference_dataset
 
-        return builtin_preference_dataset(BUILTIN_PAIRS, seed=seed)
+        dataset = builtin_preference_dataset(BUILTIN_PAIRS, seed=seed)
+        return dataset.add_column(ROW_SOURCE, [f"builtin row index {i}" for i in range(len(dataset))])
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and _builder(p))
@@ -95,25 +112,152 @@ def _builtin_or_file_or_hub(source: str, split: str, seed: int) -> Dataset:
         if None in builders or len(builders) > 1:
             names = [p.name for p in files]
             raise ValueError(f"{source}: cannot tell one file type from the extensions of {names}")
-        dataset = load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train")
-    else:
+        builder = builders.pop()
+        if builder == "parquet":  # a real schema: datasets reads it as written
+            dataset = load_dataset("parquet", data_files=[str(p) for p in files], split="train")
+            where = [f"{p} row index {i}" for p in files for i in range(pq.ParquetFile(p).metadata.num_rows)]
+            return dataset.add_column(ROW_SOURCE, where)
+        return _dataset_from_rows([row for p in files for row in _read_file(p, builder)])
+    try:
+        dataset = load_dataset(source, split=split)
+    except Exception as err:
+        message = f"{source!r} is not a local file or folder and did not load from the hub: {err}"
+        raise ValueError(message) from err
+    return dataset.add_column(ROW_SOURCE, [f"{source} split {split!r} row index {i}" for i in range(len(dataset))])
+
+
+def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of each line of a UTF-8 file, gzip-compressed or not."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    number = 0
+    try:
+        with opener(path, "rb") as file:
+            for number, raw in enumerate(file, 1):
+                try:
+                    yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as err:
+                    message = f"not UTF-8 text ({err.reason} at byte {err.start})"
+                    raise ValueError(f"{path} line {number}: {message}") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise ValueError(f"{path}: not a whole gzip file, unreadable after line {number} ({err})") from None
+
+
+def _read_file(path: Path, builder: str) -> list[tuple[str, dict[str, Any]]]:
+    """(where, row) for each row of a JSON Lines, JSON array or CSV file; a file without rows is an error."""
+    rows = [(f"{path} line {number}", row) for number, row in (_read_json if builder == "json" else _read_csv)(path)]
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: a row must be a JSON object of columns, not {type(row).__name__}")
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    return rows
+
+
+def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line, value) of each row of a JSON Lines file, or of a file holding one JSON array, as datasets reads."""
+    lines = _read_lines(path)
+    for number, line in lines:
         try:
-            dataset = load_dataset(source, split=split)
-        except Exception as err:
-            message = f"{source!r} is not a local file or folder and did not load from the hub: {err}"
-            raise ValueError(message) from err
-    return dataset
+            if line.lstrip().startswith("["):  # the rest of the file is one array
+                yield from _json_array(line + "".join(text for _, text in lines), number)
+                return
+            if line.strip():
+                yield number, json.loads(line)
+        except json.JSONDecodeError as err:  # err.lineno counts from `number`
+            line_number = number + err.lineno - 1
+            raise ValueError(f"{path} line {line_number}: not valid JSON: {err.msg} (column {err.colno})") from None
+
+
+def _json_array(text: str, first_line: int) -> Iterator[tuple[int, Any]]:
+    """(line where it starts, value) of each element of the JSON array that `text`, from `first_line`, holds."""
+    decoder = json.JSONDecoder()
+    position = JSON_WHITESPACE.match(text, text.index("[") + 1).end()
+    line, counted = first_line, 0
+    while not text.startswith("]", position):
+        value, end = decoder.raw_decode(text, position)
+        line, counted = line + text.count("\n", counted, position), position
+        yield line, value
+        position = JSON_WHITESPACE.match(text, end).end()
+        if text.startswith(",", position):
+            position = JSON_WHITESPACE.match(text, position + 1).end()
+        elif not text.startswith("]", position):
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, position)
+    end = JSON_WHITESPACE.match(text, position + 1).end()
+    if end != len(text):
+        raise json.JSONDecodeError("Extra data", text, end)
+
+
+def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line where it starts, row) of each record after the header; cells stay text, margin becomes a number."""
+    reader = csv.reader(text for _, text in _read_lines(path))
+    names, start = None, 1
+    try:
+        for record in reader:
+            if record and names is None:
+                names = record
+            elif record:
+                if len(record) != len(names):
+                    raise ValueError(f"{path} line {start}: {len(record)} fields under {len(names)} column names")
+                row = dict(zip(names, record, strict=True))
+                if "margin" in row:
+                    row["margin"] = _number_or_text(row["margin"])
+                yield start, row
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise ValueError(f"{path} line {reader.line_num}: not valid CSV: {err}") from None
+
+
+def _number_or_text(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text  # _row_problem names it
+
+
+def _shape(value: Any) -> str:
+    """A JSON value's shape, int and float apart: 'str', 'list[int]', 'list[dict(content:str,role:str)]'."""
+    if isinstance(value, list):
+        return f"list[{'|'.join(sorted({_shape(v) for v in value}))}]"
+    if isinstance(value, dict):
+        return f"dict({','.join(f'{k}:{_shape(v)}' for k, v in sorted(value.items()))})"
+    return type(value).__name__
+
+
+def _dataset_from_rows(rows: list[tuple[str, dict[str, Any]]]) -> Dataset:
+    """A Dataset whose every cell holds exactly the value read, with ROW_SOURCE naming where each row was read.
+
+    A column of one shape (or of ints and floats, a margin) is stored as its arrow type; a column that mixes
+    shapes (texts and one number, say) is stored as JSON text per cell, which datasets decodes cell by cell.
+    """
+    names = list(dict.fromkeys(name for _, row in rows for name in row))
+    columns = {}
+    for name in names:
+        values = [row.get(name) for _, row in rows]
+        shapes = {_shape(v) for v in values if v is not None}
+        try:
+            if len(shapes) <= 1 or shapes == {"int", "float"}:
+                columns[name] = pa.array(values)
+                continue
+        except (pa.ArrowException, OverflowError):  # e.g. an integer beyond int64
+            pass
+        columns[name] = pa.array([None if v is None else json.dumps(v) for v in values], type=pa.json_())
+    columns[ROW_SOURCE] = pa.array([where for where, _ in rows])
+    return Dataset(pa.table(columns))
 
 
 def detect_format(dataset: Dataset) -> str:
-    """'tokenized', 'conversational', 'explicit' or 'implicit', from columns and first row, as TRL does."""
+    """'tokenized', 'conversational', 'explicit' or 'implicit', from columns and first row, as TRL does.
+
+    The first row whose chosen is text or a list decides, so that one bad first row does not fail all the others.
+    """
     columns = set(dataset.column_names)
     if any(chosen in columns and rejected in columns for chosen, rejected in TOKENIZED_COLUMNS):
         return "tokenized"
     missing = [name for name in ("chosen", "rejected") if name not in columns]
     if missing:
         raise ValueError(f"preference data needs columns {missing}; it has {sorted(columns)}")
-    if len(dataset) and _is_messages(dataset[0]["chosen"]):
+    first = next((value for value in dataset["chosen"] if isinstance(value, (str, list))), None)
+    if _is_messages(first):
         return "conversational"
     return "explicit" if "prompt" in columns else "implicit"
 
@@ -207,7 +351,8 @@ def _encode_row(
             problem = "chosen and rejected tokenize to the same ids"
     if problem is not None:
         if not skip_bad_rows:
-            raise ValueError(f"row {index}: {problem} (pass skip_bad_rows=True to skip such rows)")
+            where = row.get(ROW_SOURCE) or f"row {index}"
+            raise ValueError(f"{where}: {problem} (pass --skip-bad-rows to skip such rows)")
         return {"chosen_ids": [], "rejected_ids": [], "length": 0, "status": "bad"}
     status = "ok"
     if max_length is not None and max(len(chosen_ids), len(rejected_ids)) > max_length:
@@ -248,6 +393,8 @@ def tokenize_pairs(
     if len(dataset) == 0:
         raise ValueError("the preference dataset has no rows")
     data_format = detect_format(dataset)
+    if data_format != "tokenized":  # first, so that all-unknown sides are not reported as identical pairs
+        _check_known_tokens(dataset.select(range(min(UNK_CHECK_PAIRS, len(dataset)))), tokenizer, data_format)
     kwargs = {
         "tokenizer": tokenizer,
         "data_format": data_format,
@@ -275,6 +422,25 @@ def tokenize_pairs(
         n_bad_skipped=counts["bad"],
     )
     return encoded.select(kept).remove_columns("status"), stats
+
+
+def _check_known_tokens(rows: Dataset, tokenizer: PreTrainedTokenizerBase, data_format: str) -> None:
+    """Stop when most tokens are the unknown token: the model would learn from nothing (HH text, --model builtin)."""
+    ids = [
+        token
+        for row in rows
+        if _row_problem(row, data_format, ("chosen", "rejected")) is None
+        for side in ("chosen", "rejected")
+        for token in encode_text(tokenizer, row.get("prompt"), row[side])
+    ]
+    n_unknown = ids.count(tokenizer.unk_token_id) if tokenizer.unk_token_id is not None else 0
+    if 2 * n_unknown > len(ids):
+        name = tokenizer.name_or_path or "the built-in model"
+        raise ValueError(
+            f"{n_unknown} of the {len(ids)} tokens of the first {len(rows)} pairs are the unknown token "
+            f"{tokenizer.unk_token!r}: the tokenizer of {name} does not know the words of this data. Pass a --model "
+            "whose tokenizer does (--model builtin is a 30-token arithmetic demo: 'What is', '+', '?', 0 to 18)"
+        )
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> str | None:

@@ -41,6 +41,8 @@ from .scoring import (
     rewards_for_pairs,
 )
 
+MIN_EVAL_PAIRS = 20  # an automatic eval split smaller than this gets a warning: its accuracy moves in steps of 5%+
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is left untouched."""
@@ -67,7 +69,15 @@ def load_pairs(config: TrainConfig, tokenizer) -> tuple[list[dict[str, Any]], li
         n_eval = max(1, int(len(train_data) * config.eval_fraction))
         n_train = len(train_data) - n_eval
         train_data, eval_data = train_data.select(range(n_train)), train_data.select(range(n_train, len(train_data)))
-    return tokenize(train_data, tokenizer, config, "train"), tokenize(eval_data, tokenizer, config, "eval")
+    train_pairs = tokenize(train_data, tokenizer, config, "train")
+    eval_pairs = tokenize(eval_data, tokenizer, config, "eval")
+    if config.eval_dataset is None and len(eval_pairs) < MIN_EVAL_PAIRS:
+        distributed.print_main(
+            f"warning: the automatic eval split holds only {len(eval_pairs)} pairs (eval_fraction="
+            f"{config.eval_fraction} of {len(train_data) + len(eval_data)} rows): its accuracy is noise; raise "
+            "--eval-fraction or pass --eval-dataset"
+        )
+    return train_pairs, eval_pairs
 
 
 def tokenize(dataset, tokenizer, config: TrainConfig, name: str) -> list[dict[str, Any]]:

@@ -483,3 +483,122 @@ def test_builtin_task_is_verifiable_and_runs():
     with torch.no_grad():
         logits = model(**data.collate_pairs(pairs.select(range(8)).to_list(), tokenizer.pad_token_id)).logits
     assert logits.shape == (16, 1) and torch.isfinite(logits).all()
+
+
+# ---- hardening: cells read as written, errors that name file and line, unknown tokens ----------------------
+
+TRICKY_TEXTS = [" 12", '"quoted reply"', "true", "null", "1.0", "NA"]  # JSON- or number-like text stays text
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    text = "\n".join(lines) + "\n"
+    path.write_bytes(gzip.compress(text.encode()) if path.name.endswith(".gz") else text.encode())
+
+
+@pytest.mark.parametrize("name", ["pairs.jsonl", "pairs.jsonl.gz", "pairs.json"])
+def test_one_non_string_cell_is_its_own_bad_row_in_json(tmp_path, name):
+    rows = [{"chosen": text, "rejected": f"bad {i}"} for i, text in enumerate(TRICKY_TEXTS)]
+    rows.insert(3, {"chosen": 5, "rejected": "bad"})  # file line 4 (JSON Lines) or 5 (array, "[" on line 1)
+    lines = [json.dumps(row) for row in rows]
+    if name.endswith(".json"):
+        lines = ["["] + [line + "," for line in lines[:-1]] + [lines[-1], "]"]
+    write_lines(tmp_path / name, lines)
+    dataset = data.load_preference_dataset(str(tmp_path / name))
+    assert list(dataset["chosen"]) == [row["chosen"] for row in rows]
+    tokenizer = word_tokenizer(["bad 0 1 2 3 4 5 12 quoted reply true null NA"])
+    line = 5 if name.endswith(".json") else 4
+    with pytest.raises(ValueError, match=rf"{name} line {line}: chosen is not text but int \(pass --skip-bad-rows"):
+        data.tokenize_pairs(dataset, tokenizer)
+    pairs, stats = data.tokenize_pairs(dataset, tokenizer, skip_bad_rows=True)
+    assert (stats.n_kept, stats.n_bad_skipped) == (len(TRICKY_TEXTS), 1)
+
+
+def test_csv_cells_are_read_as_text_and_margin_as_a_number(tmp_path):
+    path = tmp_path / "pairs.csv"
+    quoted = ['"' + text.replace('"', '""') + '"' for text in TRICKY_TEXTS]  # CSV escapes " as ""
+    lines = [f"{text},x{i},0.5" for i, text in enumerate(quoted)] + ['"two\nlines",y,abc', "z,w,1"]
+    write_lines(path, ["chosen,rejected,margin", *lines])
+    dataset = data.load_preference_dataset(str(path))
+    assert list(dataset["chosen"])[: len(TRICKY_TEXTS)] == TRICKY_TEXTS
+    assert list(dataset["margin"]) == [0.5] * len(TRICKY_TEXTS) + ["abc", 1.0]
+    tokenizer = word_tokenizer(["x0 x1 x2 x3 x4 x5 y z w 12 quoted reply true null NA two lines"])
+    with pytest.raises(ValueError, match=r"pairs.csv line 8: margin is not a finite number: 'abc'"):
+        data.tokenize_pairs(dataset, tokenizer)  # the quoted field spans lines 8-9 of the file
+    pairs, stats = data.tokenize_pairs(dataset, tokenizer, skip_bad_rows=True)
+    assert stats.n_bad_skipped == 1 and pairs["margin"] == [0.5] * len(TRICKY_TEXTS) + [1.0]
+    assert data.collate_pairs(pairs.to_list(), 0)["margin"].dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.jsonl", b'{"chosen": "a", "rejected": "b"}\n\n{"chosen": "a", "rejected": }\n', "line 3: not valid JSON"),
+        ("bad.jsonl.gz", gzip.compress(b'{"chosen": "a", "rejected": "b"}\n[1]\n'), "line 2: a row must be"),
+        ("bad.json", b'[{"chosen": "a", "rejected": "b"},\n {"chosen": "a" "rejected": 1}]', "line 2: not valid JSON"),
+        ("bad.jsonl", b'{"chosen": "a", "rejected": "b"}\n{"chosen": "\xff", "rejected": "b"}\n', "line 2: not UTF-8"),
+        ("bad.csv", b"chosen,rejected\na,b\nc,\xe9\n", "line 3: not UTF-8"),
+        ("bad.csv", b"chosen,rejected\na,b,c\n", "line 2: 3 fields under 2 column names"),
+        ("bad.jsonl", b"", "holds no rows"),
+        ("bad.jsonl.gz", gzip.compress(b"\n \n"), "holds no rows"),
+        ("bad.json", b"[]", "holds no rows"),
+        ("bad.csv", b"", "holds no rows"),
+        ("bad.jsonl.gz", gzip.compress(b'{"chosen": "a", "rejected": "b"}\n' * 9999)[:-30], "not a whole gzip file"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_malformed_files_are_named_with_their_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=f"{name}:? {message}"):
+        data.load_preference_dataset(str(tmp_path / name))
+
+
+def test_bad_eval_rows_name_their_file_line_through_row_selection(tmp_path, capsys):
+    from lora_rm.config import TrainConfig
+    from lora_rm.train import load_pairs
+
+    rows = [{"prompt": "What is 1 + 2 ?", "chosen": " 3", "rejected": f" {i % 9 + 4}"} for i in range(40)]
+    rows[36]["rejected"] = " 3"  # file line 37
+    write_lines(tmp_path / "pairs.jsonl", [json.dumps(row) for row in rows])
+    source, tokenizer = str(tmp_path / "pairs.jsonl"), builtin_tokenizer()
+    for selection in ({"rows": "-5:"}, {"rows": "30:", "max_rows": 8}):
+        with pytest.raises(ValueError, match="pairs.jsonl line 37: chosen is identical to rejected"):
+            data.tokenize_pairs(data.load_preference_dataset(source, **selection), tokenizer)
+    config = TrainConfig(dataset=source, eval_fraction=0.1, max_length=32)  # held-out tail: lines 37-40
+    with pytest.raises(ValueError, match="pairs.jsonl line 37: chosen is identical"):
+        load_pairs(config, tokenizer)
+    assert "eval pairs" not in capsys.readouterr().out  # the training rows passed, the eval rows failed
+
+
+def test_hub_rows_are_named_by_split_and_row(monkeypatch):
+    rows = Dataset.from_dict({"chosen": ["a", "b", "c"], "rejected": ["x", "b", "z"]})
+    monkeypatch.setattr(data, "load_dataset", lambda source, split: rows)
+    dataset = data.load_preference_dataset("someone/prefs", split="test", rows="1:")
+    with pytest.raises(ValueError, match=r"someone/prefs split 'test' row index 1: chosen is identical"):
+        data.tokenize_pairs(dataset, word_tokenizer(["a b c x z"]))
+
+
+def test_text_the_tokenizer_does_not_know_names_model():
+    rows = Dataset.from_dict(
+        {  # the first pair tokenizes to the same unknown ids on both sides: --model must be named, not the row
+            "chosen": ["Human: hi Assistant: hello there"]
+            + ["Human: how do I bake bread ? Assistant: mix flour , water and yeast , then bake it"] * 3,
+            "rejected": ["Human: hi Assistant: go away"]
+            + ["Human: how do I bake bread ? Assistant: I cannot help with that request"] * 3,
+        }
+    )
+    with pytest.raises(ValueError, match=r"of the first 4 pairs are the unknown token '<unk>'.*--model.*30-token"):
+        data.tokenize_pairs(rows, builtin_tokenizer())
+    pairs, _ = data.tokenize_pairs(rows, word_tokenizer(list(rows["chosen"]) + list(rows["rejected"])))
+    assert len(pairs) == 4
+
+
+def test_tiny_automatic_eval_split_warns(tmp_path, capsys):
+    from lora_rm.config import TrainConfig
+    from lora_rm.train import load_pairs
+
+    train_pairs, eval_pairs = load_pairs(TrainConfig(max_rows=50, eval_fraction=0.1), builtin_tokenizer())
+    assert (len(train_pairs), len(eval_pairs)) == (45, 5)
+    out = capsys.readouterr().out
+    assert "warning: the automatic eval split holds only 5 pairs" in out and "--eval-dataset" in out
+    load_pairs(TrainConfig(max_rows=200, eval_fraction=0.1), builtin_tokenizer())
+    assert "warning" not in capsys.readouterr().out
