@@ -7,7 +7,9 @@ that is). Pairs are scored in one forward: chosen rows first, then rejected rows
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,13 +18,29 @@ import torch
 from torch import nn
 
 from . import data
-from .adapter_io import load_adapter
+from .adapter_io import load_adapter, read_adapter_config
 from .config import BUILTIN
 from .loss import preference_metrics, reward_stats, split_rewards
 
 
-def load_model_and_tokenizer(name: str, trust_remote_code: bool = False):
-    """A (model, tokenizer) pair with a pad token on both; "builtin" builds the same tiny offline model each time."""
+def check_model_source(name: str) -> None:
+    """Fail before loading when --model names a local folder that is not a Hugging Face model folder."""
+    path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--model {name} is a folder without config.json: not a Hugging Face model folder "
+            "(save one with model.save_pretrained and tokenizer.save_pretrained, or give a hub id)"
+        )
+    if not path.exists() and name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"--model {name}: no such folder")
+
+
+def load_model_and_tokenizer(name: str, trust_remote_code: bool = False, allow_pickle_weights: bool = False):
+    """A (model, tokenizer) pair with a pad token on both; "builtin" builds the same tiny offline model each time.
+
+    Weights load from safetensors only unless allow_pickle_weights: a pytorch_model.bin is a pickle, which can run
+    code when it is read.
+    """
     if name == BUILTIN:
         from .builtin import builtin_model, builtin_tokenizer
 
@@ -30,20 +48,99 @@ def load_model_and_tokenizer(name: str, trust_remote_code: bool = False):
         return builtin_model(tokenizer), tokenizer
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    check_model_source(name)
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        name, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
-    )
+    restore_training_post_processor(tokenizer)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle_weights else True,
+        )
+    except OSError as error:
+        if allow_pickle_weights or "safetensors" not in str(error):
+            raise
+        raise OSError(
+            f"{name} has no model.safetensors ({error}); lora-rm loads weights with safetensors only. Convert the "
+            "pickle weights (pytorch_model.bin) to safetensors, or pass --allow-pickle-weights if you trust them"
+        ) from error
     message = data.ensure_pad_token(tokenizer, model)
     if message:
         print(message)
     return model, tokenizer
 
 
-def load_reward_model(model_name: str, adapter: str | Path, trust_remote_code: bool = False):
-    """Base model + saved adapter, in eval mode: (model, tokenizer)."""
-    model, tokenizer = load_model_and_tokenizer(model_name, trust_remote_code)
+def load_reward_model(model_name: str, adapter: str | Path, trust_remote_code: bool = False,
+                      allow_pickle_weights: bool = False):
+    """Base model + saved adapter, in eval mode: (model, tokenizer); the adapter is checked before the base loads."""
+    read_adapter_config(adapter)  # a wrong --adapter fails in a second, not after loading a large base
+    model, tokenizer = load_model_and_tokenizer(model_name, trust_remote_code, allow_pickle_weights)
     return load_adapter(model, adapter).eval(), tokenizer
+
+
+# tokenizer_config.json key: the post-processor training encoded with, kept by save_tokenizer when it appends EOS
+TRAINING_POST_PROCESSOR = "lora_rm_training_post_processor"
+
+
+def _post_processor_with_eos(tokenizer) -> tuple[Any, Any] | None:
+    """(old post-processor JSON, new post-processor) with EOS right after the text, or None to leave it alone."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    eos = tokenizer.eos_token
+    if eos is None or backend is None:  # BERT: [SEP] already closes the text; a slow tokenizer keeps its rules
+        return None
+    from tokenizers import Tokenizer
+
+    state = json.loads(backend.to_str())
+    old = state["post_processor"]
+    eos_piece = {"SpecialToken": {"id": eos, "type_id": 0}}
+    eos_special = {eos: {"id": eos, "ids": [tokenizer.eos_token_id], "tokens": [eos]}}
+    if old and old["type"] == "TemplateProcessing":  # Llama & co: keep BOS and the rest, EOS after $A
+        single = []
+        for piece in old["single"]:
+            single.append(piece)
+            if piece.get("Sequence", {}).get("id") == "A":
+                single.append({"SpecialToken": {"id": eos, "type_id": piece["Sequence"]["type_id"]}})
+        new = {**old, "single": single, "special_tokens": {**old["special_tokens"], **eos_special}}
+    else:  # ByteLevel (GPT-2, Qwen), RoBERTa's <s> $A </s>, none: EOS after whatever they add
+        sequence = [{"Sequence": {"id": name, "type_id": 0}} for name in ("A", "B")]
+        appended = {"type": "TemplateProcessing", "single": [sequence[0], eos_piece], "pair": sequence,
+                    "special_tokens": eos_special}
+        new = appended if old is None else {"type": "Sequence", "processors": [old, appended]}
+    return old, Tokenizer.from_str(json.dumps({**state, "post_processor": new})).post_processor
+
+
+def save_tokenizer(tokenizer, folder: str | Path) -> None:
+    """Save the tokenizer so that plain `tokenizer(text)` encodes as training did, EOS included (data.encode_text).
+
+    Whoever serves a merged model calls AutoTokenizer(folder)(text); without the EOS that training appended, the
+    reward is read at another token and can rank a pair backwards. The training-time post-processor is kept in
+    tokenizer_config.json, and load_model_and_tokenizer puts it back, so encode_text does not add a second EOS.
+    """
+    serving = copy.deepcopy(tokenizer)
+    change = _post_processor_with_eos(serving)
+    if change is not None:
+        old, new = change
+        serving.backend_tokenizer.post_processor = new
+        probes = ["What is 1 + 2 ? 3", "Hello world", "a"]
+        if all(serving(text)["input_ids"] == tokenizer(text + tokenizer.eos_token)["input_ids"] for text in probes):
+            serving.init_kwargs[TRAINING_POST_PROCESSOR] = old
+        else:
+            print(f"note: the tokenizer saved to {folder} does not append EOS by itself; encode texts with "
+                  "lora_rm.data.encode_text to score them as training did")
+            serving = tokenizer
+    serving.save_pretrained(folder)
+
+
+def restore_training_post_processor(tokenizer) -> None:
+    """Undo save_tokenizer's EOS-appending post-processor, so data.encode_text gives the training ids again."""
+    if TRAINING_POST_PROCESSOR not in tokenizer.init_kwargs:
+        return
+    from tokenizers import Tokenizer
+
+    old = tokenizer.init_kwargs.pop(TRAINING_POST_PROCESSOR)
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    tokenizer.backend_tokenizer.post_processor = Tokenizer.from_str(
+        json.dumps({**state, "post_processor": old})
+    ).post_processor
 
 
 def pair_collator(tokenizer) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
