@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", default=False, help=debug_help)
     commands = parser.add_subparsers(dest="command")
     defaults = TrainConfig()
-    train = commands.add_parser("train", help="train a reward model (no flags: the built-in demo, ~10 s)",
+    train = commands.add_parser("train", help="train a reward model (no flags: the built-in demo, ~10 s when idle)",
                                 argument_default=argparse.SUPPRESS)
     train_fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "lora"]
     add_field_flags(train, TrainConfig, train_fields, defaults, BUILTIN_TRAIN_DEFAULTS)
