@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, Qwen2Config
 
 from lora_rm import LoraConfig, add_lora, enable_gradient_checkpointing
-from lora_rm.scoring import load_quantized
+from lora_rm.scoring import load_pretrained
 
 from .overhead import REPO_ROOT, _proc_status_bytes, train_step
 
@@ -48,7 +48,7 @@ def build(folder: str, base: str, impl: str, checkpointing: bool, device: str) -
     """The base in its dtype with LoRA r=16 on every linear layer, as lora-rm or as PEFT's recipe does it."""
     dtype = torch.float32 if base == "fp32" else torch.bfloat16  # nf4: embeddings, norms and head in bf16
     if base == "nf4":  # lora-rm's own loader: nf4 linear layers, the head never quantized
-        model = load_quantized(folder, dtype, "bf16", device, False)
+        model = load_pretrained(folder, dtype, True, "bf16", device, False, False)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=dtype)
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
@@ -83,7 +83,8 @@ def measure(folder: str, base: str, impl: str, checkpointing: bool, args: argpar
     loaded_s = time.perf_counter() - started
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(1, (TINY if args.tiny else QWEN_05B)["vocab_size"] - 1, (2 * args.pairs, args.seq_len), generator=generator)
+    vocab_size = (TINY if args.tiny else QWEN_05B)["vocab_size"]
+    input_ids = torch.randint(1, vocab_size - 1, (2 * args.pairs, args.seq_len), generator=generator)
     batch = {"input_ids": input_ids.to(args.device), "attention_mask": torch.ones_like(input_ids).to(args.device)}
     autocast = torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=base != "fp32")
     times = []

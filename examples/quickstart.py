@@ -1,6 +1,6 @@
 """Quickstart: train a LoRA reward model on the built-in arithmetic task, reload it, and score two answers.
 
-    python examples/quickstart.py            # the built-in task's tuned settings (lora_rm.builtin.BUILTIN_TRAIN_DEFAULTS)
+    python examples/quickstart.py            # the built-in task's tuned settings (builtin.BUILTIN_TRAIN_DEFAULTS)
     python examples/quickstart.py --fast     # a few steps: checks that everything runs, learns nothing yet
 
 The built-in task asks "What is a + b ?"; the chosen answer is the sum, the rejected one a wrong sum. Everything

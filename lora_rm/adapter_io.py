@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import LoraConfig
-from .inject import add_lora, head_modules, lora_config_of, lora_layers, remove_lora
+from .inject import LINEAR_TYPES, add_lora, head_modules, lora_config_of, lora_layers, remove_lora
+from .lora import LoRALinear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -96,8 +98,47 @@ def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{weights_path} is corrupt or not a safetensors file: {error}") from error
 
 
+def _family(name: str) -> str:
+    """A module's kind across layers: model.layers.3.self_attn.q_proj -> model.layers.N.self_attn.q_proj."""
+    return re.sub(r"\.\d+(?=\.|$)", ".N", name)
+
+
+def _some(names: list[str]) -> str:
+    return f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''} ({len(names)} in all)"
+
+
+def check_adapter_covers_base(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Every saved module is in the base, and every base module of a saved kind has saved weights.
+
+    Targets are saved as full names, so an adapter trained on 2 layers would otherwise load onto a 4-layer
+    base of the same width and silently leave layers 2-3 unadapted.
+    """
+    suffix = ".lora_A.weight"
+    saved = {key[len(PEFT_PREFIX) : -len(suffix)] for key in weights if key.endswith(suffix)}
+    modules = dict(model.named_modules())
+    not_in_base = sorted(saved - set(modules))
+    families = {_family(name) for name in saved}
+    uncovered = sorted(
+        name for name, module in modules.items()
+        if name not in saved and _family(name) in families and isinstance(module, (*LINEAR_TYPES, LoRALinear))
+    )
+    problems = []
+    if not_in_base:
+        problems.append(f"{len(not_in_base)} of its {len(saved)} adapted modules are not in the base: "
+                        f"{_some(not_in_base)}")
+    if uncovered:
+        problems.append(f"{len(uncovered)} base modules of the kinds it adapts have no saved weights: "
+                        f"{_some(uncovered)}")
+    if problems:
+        raise ValueError(
+            f"adapter does not fit {type(model).__name__}: {'; '.join(problems)}. It was trained on another "
+            "base (e.g. one with a different number of layers); load it on the model it was trained on"
+        )
+
+
 def check_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The model's adapter and head tensors by key, once every saved key is checked to fit: name and shape."""
+    check_adapter_covers_base(model, weights)
     targets = adapter_state_dict(model)
     missing = sorted(set(targets) - set(weights))
     unexpected = sorted(set(weights) - set(targets))

@@ -12,6 +12,8 @@ import argparse
 import dataclasses
 import json
 import os
+import re
+import shlex
 import sys
 import typing
 from pathlib import Path
@@ -22,11 +24,45 @@ from .config import ALL_LINEAR, BUILTIN, LoraConfig, TrainConfig
 
 LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora")  # LoraConfig on the command line
 # What eval/score/merge take from TrainConfig's flags (same names, same defaults).
-LOAD_FIELDS = ("model", "base_dtype", "load_in_4bit", "bnb_4bit_compute_dtype", "device", "trust_remote_code")
+LOAD_FIELDS = ("model", "base_dtype", "load_in_4bit", "bnb_4bit_compute_dtype", "device", "trust_remote_code",
+               "allow_pickle_weights")
 EVAL_FIELDS = (*LOAD_FIELDS, "dataset", "split", "rows", "max_rows", "max_length", "length_policy", "skip_bad_rows",
                "batch_size")
 SCORE_FIELDS = (*LOAD_FIELDS, "max_length", "batch_size")
 MERGE_FIELDS = LOAD_FIELDS
+NEGATIVE_VALUE = re.compile(r"-\.?\d")  # "-512:" (a slice), "-1e-4": argparse takes them for flags
+USAGE_EXIT, FAILURE_EXIT = 2, 1
+
+
+def one_line_error(message: str) -> str:
+    """`lora-rm: error: ...` on one line, with config field names written as the flags that set them."""
+    message = re.sub(r"\b(?:TrainConfig|LoraConfig)\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
+    message = message.replace("--r ", "--lora-r ")
+    return "lora-rm: error: " + " ".join(message.split())
+
+
+def usage_error(message: str) -> typing.NoReturn:
+    print(one_line_error(message), file=sys.stderr)
+    raise SystemExit(USAGE_EXIT)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (exit 2) instead of the usage block."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        usage_error(f"{message} (see `{self.prog} --help`)")
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """`--rows -5:` -> `--rows=-5:` (and `--head-lr -1e-4`), so a value that starts with "-" is read as a value."""
+    joined = []
+    for token in argv:
+        previous = joined[-1] if joined else ""
+        if NEGATIVE_VALUE.match(token) and previous.startswith("--") and "=" not in previous:
+            joined[-1] = f"{previous}={token}"
+        else:
+            joined.append(token)
+    return joined
 
 
 def add_field_flags(parser: argparse.ArgumentParser, config_class: type, names: list[str] | tuple[str, ...],
@@ -73,13 +109,70 @@ def given_or_default(args: argparse.Namespace, names: tuple[str, ...]) -> dict[s
     return {name: getattr(args, name, getattr(defaults, name)) for name in names}
 
 
+def check_settings(args: argparse.Namespace) -> None:
+    """Range errors before anything loads: train's TrainConfig, or the TrainConfig fields eval/score/merge take."""
+    try:
+        if args.command == "train":
+            train_config_from_args(args)
+        else:
+            fields = {"eval": EVAL_FIELDS, "score": SCORE_FIELDS, "merge": MERGE_FIELDS}[args.command]
+            TrainConfig(**given_or_default(args, fields))  # the same rules as training, e.g. --batch-size >= 1
+    except ValueError as error:
+        usage_error(str(error))
+
+
+def settings_in_force(config: TrainConfig) -> str:
+    """Model, dataset, output, then every setting that differs from TrainConfig's defaults (flags or builtin's)."""
+    def differing(given: Any, default: Any, prefix: str, skip: tuple[str, ...]) -> list[str]:
+        return [f"{prefix}{f.name}={getattr(given, f.name)}" for f in dataclasses.fields(given)
+                if f.name not in skip and getattr(given, f.name) != getattr(default, f.name)]
+
+    defaults = TrainConfig()
+    changed = differing(config, defaults, "", ("model", "dataset", "output", "lora"))
+    changed += differing(config.lora, defaults.lora, "lora.", ("base_model_name_or_path",))
+    return (f"lora-rm train: model={config.model} dataset={config.dataset} output={config.output}\n"
+            f"  settings over the defaults: {' '.join(changed) or 'none'}")
+
+
+def report_command(config: TrainConfig) -> str:
+    """The `lora-rm eval` command that writes the reward report of this run, on its eval data."""
+    output = Path(config.output)
+    words = ["lora-rm", "eval", "--model", config.model, "--adapter", str(output)]
+    if config.eval_dataset is not None:
+        words += ["--dataset", config.eval_dataset, "--split", config.eval_split]
+        words += [f"--rows={config.eval_rows}"] if config.eval_rows else []
+        words += ["--max-rows", str(config.max_eval_rows)] if config.max_eval_rows else []
+    else:  # the built-in task draws unseen pairs with eval's default seed; other data: the training rows
+        words += ["--dataset", config.dataset, "--split", config.split]
+        words += [f"--rows={config.rows}"] if config.rows else []
+    words += ["--max-length", str(config.max_length), "--length-policy", config.length_policy]
+    words += ["--trust-remote-code"] if config.trust_remote_code else []
+    words += ["--allow-pickle-weights"] if config.allow_pickle_weights else []
+    words += ["--report", str(output / "report"), "--log", str(output / "log.jsonl")]
+    return shlex.join(words)
+
+
+def where_it_went(config: TrainConfig) -> str:
+    output = Path(config.output)
+    return "\n".join([
+        f"adapter: {output} (adapter_model.safetensors, adapter_config.json, tokenizer, train_config.json, "
+        "eval_metrics.json, reward_stats.json)",
+        f"log: {output / 'log.jsonl'}",
+        f"checkpoints: {output / 'checkpoints'}",
+        f"reward report: {report_command(config)}",
+    ])
+
+
 def run_train(args: argparse.Namespace) -> None:
     from . import distributed
     from .train import train
 
+    config = train_config_from_args(args)
     with distributed.process_group():  # under torchrun train() joins the group; it is torn down here
-        metrics = train(train_config_from_args(args))
+        distributed.print_main(settings_in_force(config), file=sys.stderr)
+        metrics = train(config)
         distributed.print_main(json.dumps({k: v for k, v in metrics.items() if k != "reward_stats"}))
+        distributed.print_main(where_it_went(config), file=sys.stderr)
 
 
 def load_for_command(args: argparse.Namespace, settings: dict[str, Any]):
@@ -146,7 +239,7 @@ def run_score(args: argparse.Namespace) -> None:
 def run_merge(args: argparse.Namespace) -> None:
     from .inject import merge_lora
     from .qlora import dequantize_4bit_layers
-    from .scoring import torch_dtype
+    from .scoring import save_tokenizer, torch_dtype
 
     settings = given_or_default(args, MERGE_FIELDS)
     model, tokenizer = load_for_command(args, settings)
@@ -154,21 +247,23 @@ def run_merge(args: argparse.Namespace) -> None:
         dequantize_4bit_layers(model, torch_dtype("fp32"))
     merged = merge_lora(model).to(torch_dtype(settings["base_dtype"]))
     merged.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
+    save_tokenizer(tokenizer, args.output)  # plain tokenizer(text) then appends the EOS training appended
     print(f"merged model written to {args.output}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora-rm", description="LoRA reward models in plain PyTorch",
-                                     argument_default=argparse.SUPPRESS)
-    parser.add_argument("--debug", action="store_true", default=False, help="show the traceback of an error")
+    parser = OneLineParser(prog="lora-rm", description="LoRA reward models in plain PyTorch",
+                           argument_default=argparse.SUPPRESS)
+    debug_help = "show the traceback of an error (or set LORA_RM_DEBUG=1)"
+    parser.add_argument("--debug", action="store_true", default=False, help=debug_help)
     commands = parser.add_subparsers(dest="command")
     defaults = TrainConfig()
-    train = commands.add_parser("train", help="train a reward model (no flags: the built-in demo, ~10 s)",
+    train = commands.add_parser("train", help="train a reward model (no flags: the built-in demo, ~10 s when idle)",
                                 argument_default=argparse.SUPPRESS)
     train_fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "lora"]
     add_field_flags(train, TrainConfig, train_fields, defaults, BUILTIN_TRAIN_DEFAULTS)
     add_field_flags(train, LoraConfig, LORA_FIELDS, defaults.lora)
+    train.add_argument("--debug", action="store_true", help=debug_help)
     for name, help_text, fields in [
         ("eval", "accuracy and margins on preference pairs", EVAL_FIELDS),
         ("score", "one reward per text", SCORE_FIELDS),
@@ -177,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, argument_default=argparse.SUPPRESS)
         sub.add_argument("--adapter", required=True, help="folder with adapter_config.json (ours or PEFT's)")
         add_field_flags(sub, TrainConfig, fields, defaults)
+        sub.add_argument("--debug", action="store_true", help=debug_help)
         if name == "eval":
             sub.add_argument("--seed", type=int, default=1, help="seed of the built-in task (default 1: unseen pairs)")
             sub.add_argument("--report", default=None, help="folder for the reward report (PNGs; needs lora-rm[plot])")
@@ -189,20 +285,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse, check the settings (usage errors exit 2), run; any failure is one line (exit 1) unless --debug."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
     command = getattr(args, "command", None)
     if command is None:
         parser.print_help()
         return
+    check_settings(args)
     run = {"train": run_train, "eval": run_eval, "score": run_score, "merge": run_merge}[command]
-    if args.debug or os.environ.get("LORA_RM_DEBUG"):
+    if args.debug or os.environ.get("LORA_RM_DEBUG", "0") not in ("", "0"):
         run(args)
         return
     try:
         run(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as error:
-        raise SystemExit(f"lora-rm: error: {error}") from None
+    except Exception as error:  # KeyboardInterrupt and SystemExit pass through as they are
+        raise SystemExit(one_line_error(failure_message(error))) from None
+
+
+def failure_message(error: Exception) -> str:
+    """The error's own words; the type too where the words alone do not say what went wrong (KeyError: 'x')."""
+    expected = (ValueError, TypeError, OSError, RuntimeError)  # ours and the loaders' errors carry their own message
+    if isinstance(error, expected) and str(error):
+        return str(error)
+    return f"{type(error).__name__}: {error} (run with --debug or LORA_RM_DEBUG=1 for the traceback)"
 
 
 if __name__ == "__main__":

@@ -143,6 +143,7 @@ class TrainConfig:
     overwrite: bool = option(False, "replace a run already in output")
     device: str | None = option(None, "torch device; default cuda if available, else cpu")
     trust_remote_code: bool = option(False, "run model code from the hub (off unless asked)")
+    allow_pickle_weights: bool = option(False, "load a base that has only pickle weights (pytorch_model.bin)")
     progress: bool = option(True, "show a tqdm progress bar")
 
     def __post_init__(self) -> None:

@@ -7,7 +7,9 @@ that is). Pairs are scored in one forward: chosen rows first, then rejected rows
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from . import data
-from .adapter_io import load_adapter
+from .adapter_io import load_adapter, read_adapter_config
 from .config import BUILTIN, DTYPES
 from .loss import preference_metrics, reward_stats, split_rewards
 
@@ -27,6 +29,18 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, DTYPES[name])
 
 
+def check_model_source(name: str) -> None:
+    """Fail before loading when --model names a local folder that is not a Hugging Face model folder."""
+    path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--model {name} is a folder without config.json: not a Hugging Face model folder "
+            "(save one with model.save_pretrained and tokenizer.save_pretrained, or give a hub id)"
+        )
+    if not path.exists() and name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"--model {name}: no such folder")
+
+
 def load_model_and_tokenizer(
     name: str,
     trust_remote_code: bool = False,
@@ -34,14 +48,14 @@ def load_model_and_tokenizer(
     load_in_4bit: bool = False,
     bnb_4bit_compute_dtype: str = "bf16",
     device: str | torch.device | None = None,
+    allow_pickle_weights: bool = False,
 ):
     """A (model, tokenizer) pair with a pad token on both; "builtin" builds the same tiny offline model each time.
 
     The base is stored in base_dtype (its linear layers in nf4 with load_in_4bit, on `device`); what trains
-    (adapter and head) is kept fp32 by add_lora.
+    (adapter and head) is kept fp32 by add_lora. Weights load from safetensors only unless allow_pickle_weights:
+    a pytorch_model.bin is a pickle, which can run code when it is read.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     dtype = torch_dtype(base_dtype)
     if name == BUILTIN:
         from .builtin import builtin_model, builtin_tokenizer
@@ -51,39 +65,127 @@ def load_model_and_tokenizer(
         if load_in_4bit:  # quantization happens while loading: go through a folder
             with tempfile.TemporaryDirectory() as folder:
                 model.save_pretrained(folder)
-                return load_quantized(folder, dtype, bnb_4bit_compute_dtype, device, False), tokenizer
+                return load_pretrained(folder, dtype, False, bnb_4bit_compute_dtype, device, False, False), tokenizer
         return model, tokenizer
+    from transformers import AutoTokenizer
+
+    check_model_source(name)
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    if load_in_4bit:
-        model = load_quantized(name, dtype, bnb_4bit_compute_dtype, device, trust_remote_code)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+    restore_training_post_processor(tokenizer)
+    model = load_pretrained(
+        name, dtype, load_in_4bit, bnb_4bit_compute_dtype, device, trust_remote_code, allow_pickle_weights
+    )
     message = data.ensure_pad_token(tokenizer, model)
     if message:
         print(message)
     return model, tokenizer
 
 
-def load_quantized(name: str, dtype: torch.dtype, compute_dtype: str, device, trust_remote_code: bool) -> nn.Module:
-    """The base with nf4 linear layers, placed on `device` while loading (a 4-bit model is not moved afterwards)."""
+def load_pretrained(
+    name: str, dtype: torch.dtype, load_in_4bit: bool, compute_dtype: str, device, trust_remote_code: bool,
+    allow_pickle_weights: bool,
+) -> nn.Module:
+    """from_pretrained with one output, safetensors only unless allowed; with load_in_4bit, nf4 linear layers
+    placed on `device` while loading (a 4-bit model is not moved afterwards)."""
     from transformers import AutoModelForSequenceClassification
 
-    from .qlora import prepare_4bit_model, quantization_config
+    options = dict(num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
+                   use_safetensors=None if allow_pickle_weights else True)
+    if load_in_4bit:
+        from .qlora import quantization_config
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = AutoModelForSequenceClassification.from_pretrained(
-        name, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
-        quantization_config=quantization_config(torch_dtype(compute_dtype)), device_map={"": device},
-    )
-    return prepare_4bit_model(model)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        options.update(quantization_config=quantization_config(torch_dtype(compute_dtype)), device_map={"": device})
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(name, **options)
+    except OSError as error:
+        if allow_pickle_weights or "safetensors" not in str(error):
+            raise
+        raise OSError(
+            f"{name} has no model.safetensors ({error}); lora-rm loads weights with safetensors only. Convert the "
+            "pickle weights (pytorch_model.bin) to safetensors, or pass --allow-pickle-weights if you trust them"
+        ) from error
+    if load_in_4bit:
+        from .qlora import prepare_4bit_model
+
+        prepare_4bit_model(model)
+    return model
 
 
 def load_reward_model(model_name: str, adapter: str | Path, **load_options):
-    """Base model (load_model_and_tokenizer's options) + saved adapter, in eval mode: (model, tokenizer)."""
+    """Base model (load_model_and_tokenizer's options) + saved adapter, in eval mode: (model, tokenizer).
+
+    The adapter's config is read first: a wrong --adapter fails in a second, not after loading a large base.
+    """
+    read_adapter_config(adapter)
     model, tokenizer = load_model_and_tokenizer(model_name, **load_options)
     return load_adapter(model, adapter).eval(), tokenizer
+
+
+# tokenizer_config.json key: the post-processor training encoded with, kept by save_tokenizer when it appends EOS
+TRAINING_POST_PROCESSOR = "lora_rm_training_post_processor"
+
+
+def _post_processor_with_eos(tokenizer) -> tuple[Any, Any] | None:
+    """(old post-processor JSON, new post-processor) with EOS right after the text, or None to leave it alone."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    eos = tokenizer.eos_token
+    if eos is None or backend is None:  # BERT: [SEP] already closes the text; a slow tokenizer keeps its rules
+        return None
+    from tokenizers import Tokenizer
+
+    state = json.loads(backend.to_str())
+    old = state["post_processor"]
+    eos_piece = {"SpecialToken": {"id": eos, "type_id": 0}}
+    eos_special = {eos: {"id": eos, "ids": [tokenizer.eos_token_id], "tokens": [eos]}}
+    if old and old["type"] == "TemplateProcessing":  # Llama & co: keep BOS and the rest, EOS after $A
+        single = []
+        for piece in old["single"]:
+            single.append(piece)
+            if piece.get("Sequence", {}).get("id") == "A":
+                single.append({"SpecialToken": {"id": eos, "type_id": piece["Sequence"]["type_id"]}})
+        new = {**old, "single": single, "special_tokens": {**old["special_tokens"], **eos_special}}
+    else:  # ByteLevel (GPT-2, Qwen), RoBERTa's <s> $A </s>, none: EOS after whatever they add
+        sequence = [{"Sequence": {"id": name, "type_id": 0}} for name in ("A", "B")]
+        appended = {"type": "TemplateProcessing", "single": [sequence[0], eos_piece], "pair": sequence,
+                    "special_tokens": eos_special}
+        new = appended if old is None else {"type": "Sequence", "processors": [old, appended]}
+    return old, Tokenizer.from_str(json.dumps({**state, "post_processor": new})).post_processor
+
+
+def save_tokenizer(tokenizer, folder: str | Path) -> None:
+    """Save the tokenizer so that plain `tokenizer(text)` encodes as training did, EOS included (data.encode_text).
+
+    Whoever serves a merged model calls AutoTokenizer(folder)(text); without the EOS that training appended, the
+    reward is read at another token and can rank a pair backwards. The training-time post-processor is kept in
+    tokenizer_config.json, and load_model_and_tokenizer puts it back, so encode_text does not add a second EOS.
+    """
+    serving = copy.deepcopy(tokenizer)
+    change = _post_processor_with_eos(serving)
+    if change is not None:
+        old, new = change
+        serving.backend_tokenizer.post_processor = new
+        probes = ["What is 1 + 2 ? 3", "Hello world", "a"]
+        if all(serving(text)["input_ids"] == tokenizer(text + tokenizer.eos_token)["input_ids"] for text in probes):
+            serving.init_kwargs[TRAINING_POST_PROCESSOR] = old
+        else:
+            print(f"note: the tokenizer saved to {folder} does not append EOS by itself; encode texts with "
+                  "lora_rm.data.encode_text to score them as training did")
+            serving = tokenizer
+    serving.save_pretrained(folder)
+
+
+def restore_training_post_processor(tokenizer) -> None:
+    """Undo save_tokenizer's EOS-appending post-processor, so data.encode_text gives the training ids again."""
+    if TRAINING_POST_PROCESSOR not in tokenizer.init_kwargs:
+        return
+    from tokenizers import Tokenizer
+
+    old = tokenizer.init_kwargs.pop(TRAINING_POST_PROCESSOR)
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    tokenizer.backend_tokenizer.post_processor = Tokenizer.from_str(
+        json.dumps({**state, "post_processor": old})
+    ).post_processor
 
 
 def pair_collator(tokenizer) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:

@@ -39,6 +39,7 @@ from .scoring import (
     pair_collator,
     pair_rewards,
     rewards_for_pairs,
+    save_tokenizer,
 )
 
 MIN_EVAL_PAIRS = 20  # an automatic eval split smaller than this gets a warning: its accuracy moves in steps of 5%+
@@ -254,7 +255,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(config.seed)  # the same on every rank: identical adapter init
     model, tokenizer = load_model_and_tokenizer(
         config.model, config.trust_remote_code, config.base_dtype, config.load_in_4bit, config.bnb_4bit_compute_dtype,
-        device,
+        device, config.allow_pickle_weights,
     )
     train_pairs, eval_pairs = load_pairs(config, tokenizer)
     collator = pair_collator(tokenizer)
@@ -323,7 +324,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     adapter = distributed.full_tensors(adapter_state_dict(model))  # under FSDP every rank gathers, rank 0 writes
     if distributed.is_main():
         save_adapter(model, output, state=adapter)
-        tokenizer.save_pretrained(output)
+        save_tokenizer(tokenizer, output)  # plain tokenizer(text) appends the EOS training did
     final = evaluate(model, eval_pairs, collator, config.batch_size, device, config.precision)
     log_line(log_path, {"step": total_steps, **{f"eval_{k}": v for k, v in final.items()}})
     if distributed.is_main():

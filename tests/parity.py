@@ -297,11 +297,11 @@ QUANT_ARCHS = ["llama", "qwen2", "opt", "bert"]
 
 def quantized_base(arch: str, folder: str) -> torch.nn.Module:
     """tiny_model(arch) saved to `folder` once, loaded with nf4 linear layers (fp32 elsewhere), as lora-rm does."""
-    from lora_rm.scoring import load_quantized
+    from lora_rm.scoring import load_pretrained
 
     if not os.path.exists(os.path.join(folder, "config.json")):
         tiny_model(arch).save_pretrained(folder)
-    return load_quantized(folder, torch.float32, "bf16", "cpu", False).eval()
+    return load_pretrained(folder, torch.float32, True, "bf16", "cpu", False, False).eval()
 
 
 def quantized_pair(arch: str, config: LoraConfig, folder: str):

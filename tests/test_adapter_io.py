@@ -137,3 +137,26 @@ def test_saving_a_merged_layer_is_refused(saved):
     next(lora_layers(model))[1].merge()
     with pytest.raises(ValueError, match="merged"):
         save_adapter(model, folder)
+
+
+def builtin_like_llama(layers: int) -> torch.nn.Module:
+    """The built-in model's shape (hidden 64, 4 heads) with a chosen number of layers."""
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    return AutoModelForSequenceClassification.from_config(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, num_labels=1, pad_token_id=0))
+
+
+def test_adapter_of_fewer_layers_is_refused_on_a_deeper_base_and_the_reverse(tmp_path):
+    """Full-name targets of a 2-layer adapter match layers 0-1 of a 4-layer base: every key fits, layers 2-3 not."""
+    save_adapter(add_lora(builtin_like_llama(2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])), tmp_path / "2")
+    deeper = builtin_like_llama(4)
+    with pytest.raises(ValueError, match=r"4 base modules of the kinds it adapts have no saved weights: "
+                                         r"model\.layers\.2\.self_attn\.q_proj.*\(4 in all\)"):
+        load_adapter(deeper, tmp_path / "2")
+    assert not list(lora_layers(deeper)), "a failed load must not leave a half-loaded adapter"
+    save_adapter(add_lora(builtin_like_llama(4), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])), tmp_path / "4")
+    with pytest.raises(ValueError, match=r"4 of its 8 adapted modules are not in the base: model\.layers\.2\."):
+        load_adapter(builtin_like_llama(2), tmp_path / "4")
+    load_adapter(builtin_like_llama(4), tmp_path / "4")  # the base it was trained on still loads

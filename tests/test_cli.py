@@ -1,25 +1,43 @@
 """The `lora-rm` command end to end on the built-in task: train, eval, score, merge, and its refusals."""
 
+import contextlib
+import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from lora_rm import load_adapter
+from lora_rm import LoraConfig, add_lora, load_adapter, save_adapter
 from lora_rm.builtin import builtin_model, builtin_tokenizer
 from lora_rm.cli import main, read_score_inputs
-from lora_rm.scoring import score_texts
+from lora_rm.data import encode_text
+from lora_rm.scoring import load_model_and_tokenizer, score_texts
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_TRAIN = ["--max-rows", "80", "--max-steps", "4", "--batch-size", "4", "--lora-r", "4", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A built-in reward model trained for four steps through the CLI."""
+    """A built-in reward model trained for four steps through the CLI; what it printed to stderr is kept beside it."""
     output = tmp_path_factory.mktemp("cli") / "run"
-    main(["train", "--output", str(output), *TINY_TRAIN])
+    with contextlib.redirect_stderr(io.StringIO()) as stderr:
+        main(["train", "--output", str(output), *TINY_TRAIN])
+    (output.parent / "stderr.txt").write_text(stderr.getvalue())
     return output
+
+
+def lora_rm_command(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """`python -m lora_rm ...` in a fresh process, as a user runs it."""
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run([sys.executable, "-m", "lora_rm", *args], capture_output=True, text=True, env=environment,
+                          timeout=120)
 
 
 def test_train_writes_a_peft_adapter_and_refuses_to_overwrite(trained):
@@ -58,3 +76,165 @@ def test_merge_writes_a_plain_model_with_the_same_rewards(trained, tmp_path):
     batch = tokenizer(["What is 1 + 2 ? 3"], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_errors_are_one_line_with_usage_and_failure_exit_codes(tmp_path):
+    bad_flag = lora_rm_command("train", "--lr", "abc")
+    assert bad_flag.returncode == 2
+    assert bad_flag.stderr.splitlines() == [
+        "lora-rm: error: argument --lr: invalid float value: 'abc' (see `lora-rm train --help`)"
+    ]
+    missing = lora_rm_command("eval", "--adapter", str(tmp_path / "nowhere"))
+    assert missing.returncode == 1
+    assert missing.stderr.splitlines() == [f"lora-rm: error: no adapter_config.json in {tmp_path / 'nowhere'}: "
+                                           "not a saved adapter folder"]
+    debug = lora_rm_command("eval", "--adapter", str(tmp_path / "nowhere"), LORA_RM_DEBUG="1")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize("error", [KeyError("chosen"), ImportError("no module named x"), Exception("odd")])
+def test_any_failure_is_one_line(monkeypatch, capsys, error):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr("lora_rm.cli.run_score", fail)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "--adapter", "x"])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"lora-rm: error: {type(error).__name__}: ") and "--debug" in message
+    assert "\n" not in message
+    monkeypatch.setattr("lora_rm.cli.run_score", lambda args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        main(["score", "--adapter", "x"])
+
+
+@pytest.mark.parametrize("flags, flag", [
+    (["train", "--head-lr", "-1e-4"], "--head-lr"),
+    (["train", "--head-lr", "0"], "--head-lr"),
+    (["train", "--save-every", "0"], "--save-every"),
+    (["train", "--eval-every", "0"], "--eval-every"),
+    (["train", "--max-grad-norm", "0"], "--max-grad-norm"),
+    (["train", "--lora-r", "0"], "--lora-r"),
+    (["eval", "--adapter", "x", "--batch-size", "0"], "--batch-size"),
+    (["eval", "--adapter", "x", "--max-length", "1"], "--max-length"),
+    (["score", "--adapter", "x", "--batch-size", "0"], "--batch-size"),
+])
+def test_out_of_range_settings_are_usage_errors_naming_the_flag(capsys, flags, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        main(flags)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lora-rm: error: {flag} must be")
+
+
+def test_slice_flags_take_a_negative_start_without_equals(trained, capsys):
+    main(["eval", "--adapter", str(trained), "--rows", "-5:", "--max-length", "32"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n_pairs"] == 5
+
+
+def test_model_folder_without_config_json_says_so(trained, tmp_path):
+    (tmp_path / "README.md").write_text("not a model")
+    with pytest.raises(SystemExit, match=f"^lora-rm: error: --model {tmp_path} is a folder without config.json: "
+                                         "not a Hugging Face model folder"):
+        main(["eval", "--model", str(tmp_path), "--adapter", str(trained)])
+
+
+def test_base_weights_load_with_safetensors_only_unless_allowed(tmp_path):
+    tokenizer = builtin_tokenizer()
+    model = builtin_model(tokenizer)
+    model.save_pretrained(tmp_path / "safe")
+    tokenizer.save_pretrained(tmp_path / "safe")
+    loaded, _ = load_model_and_tokenizer(str(tmp_path / "safe"))
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+    pickled = tmp_path / "pickled"
+    model.config.save_pretrained(pickled)
+    tokenizer.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(OSError, match="no model.safetensors .* or pass --allow-pickle-weights"):
+        load_model_and_tokenizer(str(pickled))
+    allowed, _ = load_model_and_tokenizer(str(pickled), allow_pickle_weights=True)
+    torch.testing.assert_close(allowed.state_dict(), model.state_dict())
+
+
+def test_train_prints_the_settings_in_force_and_where_everything_went(trained):
+    printed = (trained.parent / "stderr.txt").read_text()
+    assert f"lora-rm train: model=builtin dataset=builtin output={trained}\n" in printed
+    assert "settings over the defaults: max_rows=80 max_length=32 batch_size=4 lr=0.002" in printed
+    assert "max_steps=4" in printed and "progress=False lora.r=4" in printed
+    assert f"log: {trained / 'log.jsonl'}" in printed and f"checkpoints: {trained / 'checkpoints'}" in printed
+    assert (f"reward report: lora-rm eval --model builtin --adapter {trained} --dataset builtin --split train "
+            f"--max-length 32 --length-policy drop --report {trained / 'report'} --log {trained / 'log.jsonl'}"
+            ) in printed
+
+
+def test_help_shows_builtin_overrides_and_importing_the_cli_skips_torch():
+    shown = lora_rm_command("train", "--help")
+    assert shown.returncode == 0 and "0.002 with --model builtin" in " ".join(shown.stdout.split())
+    imported = subprocess.run([sys.executable, "-c", "import sys, lora_rm.cli; print('torch' in sys.modules)"],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert imported.stdout.strip() == "False"
+
+
+TEXTS = ["What is 1 + 2 ? 3", "What is 1 + 2 ? 4"]
+
+
+def assert_plain_transformers_scores_as_trained(folder, training_tokenizer, score_args, capsys, tmp_path):
+    """AutoTokenizer + AutoModelForSequenceClassification on a merged folder: training's ids and `lora-rm score`'s."""
+    plain_tokenizer = AutoTokenizer.from_pretrained(folder)
+    plain_model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    inputs = tmp_path / "texts.txt"
+    inputs.write_text("\n".join(TEXTS) + "\n")
+    capsys.readouterr()
+    main(["score", *score_args, "--input", str(inputs)])
+    scored = [float(line) for line in capsys.readouterr().out.split()]
+    for text, score in zip(TEXTS, scored, strict=True):
+        ids = plain_tokenizer(text)["input_ids"]
+        assert ids == encode_text(training_tokenizer, None, text)
+        with torch.no_grad():
+            reward = plain_model(**plain_tokenizer(text, return_tensors="pt")).logits.item()
+        assert reward == pytest.approx(score, abs=2e-6)
+    reloaded = load_model_and_tokenizer(str(folder))[1]  # lora-rm reading its own saved tokenizer: no second EOS
+    assert [encode_text(reloaded, None, t) for t in TEXTS] == [encode_text(training_tokenizer, None, t) for t in TEXTS]
+
+
+def test_merged_decoder_scores_as_trained_with_plain_transformers(trained, tmp_path, capsys):
+    merged = tmp_path / "merged"
+    main(["merge", "--adapter", str(trained), "--output", str(merged)])
+    assert_plain_transformers_scores_as_trained(merged, builtin_tokenizer(), ["--adapter", str(trained)], capsys,
+                                                tmp_path)
+    output_tokenizer = AutoTokenizer.from_pretrained(trained)  # the training run's own folder too
+    assert output_tokenizer(TEXTS[0])["input_ids"] == encode_text(builtin_tokenizer(), None, TEXTS[0])
+
+
+def tiny_bert_folder(folder: Path):
+    """A tiny BERT classifier and WordPiece tokenizer built offline, saved as a model folder; its tokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "is", "+", "?", "1", "2", "3", "4"]
+    vocab = {word: index for index, word in enumerate(words)}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, num_labels=1, pad_token_id=0))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def test_merged_bert_scores_as_trained_with_plain_transformers(tmp_path, capsys):
+    base = tmp_path / "bert"
+    tokenizer = tiny_bert_folder(base)
+    adapted = add_lora(AutoModelForSequenceClassification.from_pretrained(base),
+                       LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False))
+    save_adapter(adapted, tmp_path / "adapter")
+    merged = tmp_path / "merged"
+    main(["merge", "--model", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(merged)])
+    args = ["--model", str(base), "--adapter", str(tmp_path / "adapter")]
+    assert_plain_transformers_scores_as_trained(merged, tokenizer, args, capsys, tmp_path)
