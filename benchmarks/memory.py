@@ -48,7 +48,7 @@ def build(folder: str, base: str, impl: str, checkpointing: bool, device: str) -
     """The base in its dtype with LoRA r=16 on every linear layer, as lora-rm or as PEFT's recipe does it."""
     dtype = torch.float32 if base == "fp32" else torch.bfloat16  # nf4: embeddings, norms and head in bf16
     if base == "nf4":  # lora-rm's own loader: nf4 linear layers, the head never quantized
-        model = load_pretrained(folder, dtype, True, "bf16", device, False, False)
+        model = load_pretrained(folder, dtype, load_in_4bit=True, device=device)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=dtype)
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")

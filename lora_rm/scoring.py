@@ -65,16 +65,17 @@ def load_model_and_tokenizer(
         if load_in_4bit:  # quantization happens while loading: go through a folder
             with tempfile.TemporaryDirectory() as folder:
                 model.save_pretrained(folder)
-                return load_pretrained(folder, dtype, False, bnb_4bit_compute_dtype, device, False, False), tokenizer
+                model = load_pretrained(folder, dtype, load_in_4bit=True, compute_dtype=bnb_4bit_compute_dtype,
+                                        device=device)
+                return model, tokenizer
         return model, tokenizer
     from transformers import AutoTokenizer
 
     check_model_source(name)
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     restore_training_post_processor(tokenizer)
-    model = load_pretrained(
-        name, dtype, load_in_4bit, bnb_4bit_compute_dtype, device, trust_remote_code, allow_pickle_weights
-    )
+    model = load_pretrained(name, dtype, load_in_4bit, bnb_4bit_compute_dtype, device, trust_remote_code,
+                            allow_pickle_weights)
     message = data.ensure_pad_token(tokenizer, model)
     if message:
         print(message)
@@ -82,8 +83,8 @@ def load_model_and_tokenizer(
 
 
 def load_pretrained(
-    name: str, dtype: torch.dtype, load_in_4bit: bool, compute_dtype: str, device, trust_remote_code: bool,
-    allow_pickle_weights: bool,
+    name: str, dtype: torch.dtype, load_in_4bit: bool = False, compute_dtype: str = "bf16", device=None,
+    trust_remote_code: bool = False, allow_pickle_weights: bool = False,
 ) -> nn.Module:
     """from_pretrained with one output, safetensors only unless allowed; with load_in_4bit, nf4 linear layers
     placed on `device` while loading (a 4-bit model is not moved afterwards)."""

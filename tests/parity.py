@@ -301,7 +301,7 @@ def quantized_base(arch: str, folder: str) -> torch.nn.Module:
 
     if not os.path.exists(os.path.join(folder, "config.json")):
         tiny_model(arch).save_pretrained(folder)
-    return load_pretrained(folder, torch.float32, True, "bf16", "cpu", False, False).eval()
+    return load_pretrained(folder, torch.float32, load_in_4bit=True, device="cpu").eval()
 
 
 def quantized_pair(arch: str, config: LoraConfig, folder: str):
