@@ -66,10 +66,25 @@ def _atomic_path(target: Path) -> Iterator[str]:
     os.close(handle)
     try:
         yield tmp
+        # mkstemp (and safetensors' own temporary file) make 0600; other nodes of a shared filesystem must read it
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask alone must set one to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_adapter_config(path: str | os.PathLike) -> LoraConfig:

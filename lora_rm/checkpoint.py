@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import distributed
-from .adapter_io import adapter_state_dict, check_adapter_weights, read_adapter_weights, save_adapter
+from .adapter_io import _atomic_path, adapter_state_dict, check_adapter_weights, read_adapter_weights, save_adapter
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)")
 STATE_NAME = "trainer_state.json"
@@ -106,6 +107,12 @@ def save_checkpoint(
     adapter = distributed.full_tensors(adapter_state_dict(model))  # collectives under FSDP
     optimizer_state = distributed.full_optimizer_state(model, optimizer)
     final = Path(folder) / f"step-{step:06d}"
+    bad = [key for key, tensor in adapter.items() if not torch.isfinite(tensor).all()]
+    if bad:  # every rank holds the full tensors, so every rank refuses
+        raise ValueError(
+            f"not writing checkpoint {final.name}: {len(bad)} adapter/head tensors hold NaN or inf "
+            f"(first: {bad[0]}); the checkpoints already in {folder} are untouched"
+        )
     if distributed.is_main():
         write_checkpoint(final, model, adapter, optimizer_state, rng, {**trainer_state, "step": step})
         for old in list_checkpoints(folder)[:-keep]:
@@ -128,8 +135,9 @@ def write_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(model, tmp, state=adapter)
     tensors, groups = optimizer_tensors(optimizer_state)
-    save_file(tensors, tmp / OPTIMIZER_NAME)
-    save_file(rng, tmp / RNG_NAME)
+    for name, part in ((OPTIMIZER_NAME, tensors), (RNG_NAME, rng)):
+        with _atomic_path(tmp / name) as path:  # for the umask's mode (safetensors writes 0600)
+            save_file(part, path)
     state = {**trainer_state, "optimizer": groups, "python_rng": list(random.getstate())}
     (tmp / STATE_NAME).write_text(json.dumps(state, indent=2))
     if final.exists():  # a re-run of the same step after a resume: replace it whole
@@ -155,14 +163,38 @@ def load_checkpoint(
     seed: the run's seed, for a rank the saved run did not have (resuming under a larger world size).
     """
     path = Path(path)
+    # Read and check every file before changing anything: a corrupt checkpoint leaves model and optimizer as they were.
     state_path = path / STATE_NAME
     try:
         state = json.loads(state_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"checkpoint {path} is incomplete or corrupt ({STATE_NAME}): {error}") from error
+        step, groups, python_rng = state["step"], state["optimizer"], state["python_rng"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"checkpoint file {state_path} is missing or corrupt: {error!r}") from error
     weights = read_adapter_weights(path)
-    for key, target in check_adapter_weights(model, weights).items():
+    targets = check_adapter_weights(model, weights)
+    saved_optimizer, saved_rng = (read_tensors(path / name) for name in (OPTIMIZER_NAME, RNG_NAME))
+    for key, target in targets.items():
         target.copy_(distributed.shard_like(weights[key], target))  # FSDP: this rank's shard
-    load_optimizer_tensors(model, optimizer, load_file(path / OPTIMIZER_NAME), state["optimizer"])
-    restore_rng(load_file(path / RNG_NAME), state["python_rng"], seed, state["step"])
+    load_optimizer_tensors(model, optimizer, saved_optimizer, groups)
+    restore_rng(saved_rng, python_rng, seed, step)
     return state
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """load_file, naming the file when it is missing or corrupt (e.g. cut short by a kill)."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"checkpoint file {path} is missing or corrupt: {error}") from error
+
+
+def set_aside_checkpoints(folder: str | os.PathLike, from_step: int) -> list[Path]:
+    """Rename checkpoints of step >= from_step to 'diverged-step-N' so no resume picks them; returns the new paths."""
+    moved = []
+    for path in list_checkpoints(folder):
+        if int(CHECKPOINT_PATTERN.fullmatch(path.name).group(1)) >= from_step:
+            target = path.with_name(f"diverged-{path.name}")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(path, target)
+            moved.append(target)
+    return moved

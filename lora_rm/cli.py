@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import shlex
@@ -200,9 +201,24 @@ def run_eval(args: argparse.Namespace) -> None:
         settings["batch_size"], args.report, args.log,
     )
     print(f"eval pairs: {stats}", file=sys.stderr)
-    print(json.dumps(metrics))
+    finite_metrics = finite_or_none(metrics)
+    print(json.dumps(finite_metrics, allow_nan=False))  # strict JSON: a NaN would make the line unreadable
     if written:
         print(f"report: {', '.join(str(path) for path in written)}", file=sys.stderr)
+    if finite_metrics != metrics:
+        raise SystemExit("lora-rm: error: some metrics are NaN or inf (printed as null): the adapter's rewards are "
+                         "not finite, e.g. saved from a diverged run")
+
+
+def finite_or_none(value: Any) -> Any:
+    """The value with every NaN or inf float (in nested dicts and lists) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(item) for item in value]
+    return value
 
 
 def read_score_inputs(path: str | None) -> list:
