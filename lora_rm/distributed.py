@@ -12,6 +12,7 @@ else it starts rank_seed(seed, r, step). Data order never depends on these strea
 Under FSDP (fully_shard, for a model that does not fit one device) every parameter is a DTensor shard: each
 decoder layer is one unit, the root holds the rest. Saving gathers full tensors on every rank (collectives),
 rank 0 writes them; resuming cuts every rank's shard out of the full tensors it read, without communication.
+A checkpoint base is never loaded whole under FSDP: sharded_load.py builds it on the meta device and fills the shards.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import data, distributed
+from . import data, distributed, sharded_load
 from .adapter_io import _atomic_path, adapter_state_dict, save_adapter
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_aside_checkpoints
 from .config import TrainConfig
@@ -277,7 +277,20 @@ def prepare_model(model: nn.Module, config: TrainConfig, device: torch.device) -
         enable_gradient_checkpointing(model, use_reentrant=config.reentrant_checkpointing)
     distributed.print_main(format_parameter_counts(model))
     reentrant = config.gradient_checkpointing and config.reentrant_checkpointing
-    return distributed.wrap_model(model, device, config.fsdp, static_graph=reentrant)
+    forward_model = distributed.wrap_model(model, device, config.fsdp, static_graph=reentrant)
+    if sharded_load.is_empty(model):  # built by load_base on the meta device: read this rank's shards now
+        sharded_load.load_shards(model, config.model, device, config.base_dtype)
+    return forward_model
+
+
+def load_base(config: TrainConfig, device: torch.device):
+    """(model, tokenizer); under --fsdp across processes the model is still empty (meta): prepare_model fills it."""
+    if sharded_load.applies(config):
+        return sharded_load.empty_model_and_tokenizer(config.model, config.trust_remote_code, config.base_dtype)
+    return load_model_and_tokenizer(
+        config.model, config.trust_remote_code, config.base_dtype, config.load_in_4bit, config.bnb_4bit_compute_dtype,
+        device, config.allow_pickle_weights,
+    )
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -475,10 +488,7 @@ def train_locked(config: TrainConfig, rank: int, world_size: int, device: torch.
     checkpoints, log_path = output / "checkpoints", output / "log.jsonl"
     random.seed(config.seed)
     torch.manual_seed(config.seed)  # the same on every rank: identical adapter init
-    model, tokenizer = load_model_and_tokenizer(
-        config.model, config.trust_remote_code, config.base_dtype, config.load_in_4bit, config.bnb_4bit_compute_dtype,
-        device, config.allow_pickle_weights,
-    )
+    model, tokenizer = load_base(config, device)
     train_pairs, eval_pairs = load_pairs(config, tokenizer)
     collator = pair_collator(tokenizer)
     forward_model = prepare_model(model, config, device)

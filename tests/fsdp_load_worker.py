@@ -1,0 +1,50 @@
+"""Launched by tests/test_distributed.py: train's model set-up on a checkpoint folder, measured.
+
+argv[1] is a folder for the results, argv[2:] the `lora-rm train` words (with --fsdp and --model FOLDER). Each rank
+writes rank{r}.json with its peak RSS growth (MB) while train's set-up (load_base, prepare_model) loaded the model
+and every local weight was read once;
+rank 0 writes the (gathered) weights to weights.safetensors. Under torchrun the same words then train; as one plain
+process (no torchrun: from_pretrained, the oracle) it stops there.
+"""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lora_rm import distributed
+from lora_rm.cli import build_parser, train_config_from_args
+from lora_rm.train import load_base, prepare_model, train
+
+
+def status_mb(field: str) -> float:
+    """A /proc/self/status memory field (VmRSS, VmHWM), in MB."""
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) / 1024
+
+
+def main(results: Path, words: list[str]) -> None:
+    config = train_config_from_args(build_parser().parse_args(["train", *words]))
+    with distributed.process_group():
+        rank, _, device = distributed.init_from_env(torch.device("cpu"))
+        torch.manual_seed(config.seed)  # as train() seeds before loading
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = status_mb("VmRSS")
+        model, _ = load_base(config, device)
+        prepare_model(model, config, device)
+        for param in model.parameters():  # read every local weight once, as the first forward does: from_pretrained
+            param.to_local().sum() if distributed.is_fsdp(model) else param.sum()  # maps the file, pages come lazily
+        growth = status_mb("VmHWM") - before
+        (results / f"rank{rank}.json").write_text(json.dumps({"peak_rss_growth_mb": growth}))
+        full = distributed.full_tensors(model.state_dict())  # a collective
+        if rank == 0:
+            save_file({key: tensor.contiguous() for key, tensor in full.items()}, results / "weights.safetensors")
+        del full, model
+        if distributed.is_distributed():
+            train(config)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])
