@@ -8,25 +8,17 @@ run replays exactly what an uninterrupted one would have done.
 Under torchrun the same loop runs on every rank; process-group work stays inside distributed.py and
 checkpoint.py (wrapping the model, syncing gradients, gathering logs and checkpoints).
 
-Run safety: OUTPUT/.lock keeps a second run out of the folder; a resume refuses changed settings (but those in
-RESUME_MAY_CHANGE); a loss, gradient or weight that is not finite, or a model collapsed to constant rewards, stops
-the run and names the latest checkpoint that is still good.
+Run safety lives beside it: run_folder.py keeps a second run out of the output folder and a resume to the settings
+that ran; health.py stops a run whose loss, gradients or weights are not finite, or whose model collapsed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import datetime
 import functools
 import json
 import math
-import os
 import random
-import shutil
-import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +28,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data, distributed, sharded_load
-from .adapter_io import _atomic_path, adapter_state_dict, save_adapter
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_aside_checkpoints
+from .adapter_io import adapter_state_dict, save_adapter
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .health import Health, TrainingDiverged  # noqa: F401 (TrainingDiverged: what train() raises)
 from .inject import add_lora, enable_gradient_checkpointing, format_parameter_counts, lora_config_of
 from .loss import bradley_terry_loss, preference_metrics
+from .run_folder import log_line, output_lock, prepare_output, truncate_log, write_config
 from .scoring import (
     autocast_context,
     eval_metrics,
@@ -52,114 +46,6 @@ from .scoring import (
 )
 
 MIN_EVAL_PAIRS = 20  # an automatic eval split smaller than this gets a warning: its accuracy moves in steps of 5%+
-LOCK_NAME = ".lock"  # in the output folder while a run writes there: {"pid", "host", "started"}
-CONFIG_NAME = "train_config.json"
-COLLAPSE_STEPS = 5  # this many consecutive optimizer steps with constant rewards or a zero gradient norm: collapsed
-
-# What a resume may change, each on purpose; any other changed setting is refused (it would not be what ran).
-RESUME_MAY_CHANGE = {
-    "max_steps": "extends (or shortens) the run; the schedule follows the new total from here on",
-    "epochs": "the same, counted in passes over the data",
-    "resume": "how this process was started, not what it trains",
-    "overwrite": "the same (a resume never overwrites)",
-    "output": "the same run, reached by another path or copied to another folder",
-    "progress": "display only",
-    "log_every": "how often the loss is logged, not what is trained",
-    "eval_every": "when to evaluate, not what is trained",
-    "save_every": "when to checkpoint, not what is trained",
-    "keep_checkpoints": "disk use only",
-    "device": "where it runs (another node or GPU); the math is the same",
-    "batch_size": "the per-process share, to resume under another number of processes; resume_step refuses a "
-                  "changed global batch (batch_size x processes x grad_accum)",
-    "grad_accum": "the same",
-    "gradient_checkpointing": "trades memory for compute; the gradients are the same",
-    "reentrant_checkpointing": "the same",
-    "allow_pickle_weights": "how the base's weights may be read, not which weights",
-}
-
-
-class TrainingDiverged(RuntimeError):
-    """A loss, gradient or weight became NaN or inf, or the model collapsed; only good checkpoints are kept."""
-
-
-def lock_holder(lock: Path) -> dict[str, Any] | None:
-    """The {pid, host, started} a run wrote into its lock; None when the file is unreadable."""
-    try:
-        holder = json.loads(lock.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return holder if isinstance(holder, dict) and {"pid", "host", "started"} <= set(holder) else None
-
-
-def holder_is_gone(holder: dict[str, Any]) -> bool:
-    """True only when the holder ran on this host and its pid is no live process (or is this very process)."""
-    if holder["host"] != socket.gethostname():
-        return False  # another node's process cannot be asked
-    if holder["pid"] == os.getpid():
-        return True  # a container restarted after a kill -9 gets the same pid; this process holds no lock yet
-    try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError, ValueError):
-        return False  # PermissionError: alive, another user's
-    return False
-
-
-def take_output_lock(output: Path) -> Path:
-    """Create OUTPUT/.lock for this process (O_EXCL: exactly one run wins); a dead holder's lock is taken over."""
-    output.mkdir(parents=True, exist_ok=True)
-    lock = output / LOCK_NAME
-    me = {"pid": os.getpid(), "host": socket.gethostname(),
-          "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-    for attempt in range(2):
-        try:
-            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        except FileExistsError:
-            holder = lock_holder(lock)
-            if attempt == 0 and holder is not None and holder_is_gone(holder):
-                print(f"taking over the stale lock {lock}: pid {holder['pid']} on {holder['host']} (started "
-                      f"{holder['started']}) is no longer running")
-                lock.unlink(missing_ok=True)
-                continue
-            if holder is None:
-                raise FileExistsError(
-                    f"{output} is locked by {lock}, which is unreadable; if no run writes to this folder, delete it"
-                ) from None
-            raise FileExistsError(
-                f"{output} is in use by another run: pid {holder['pid']} on host {holder['host']}, started "
-                f"{holder['started']}; wait for it to finish (if it is gone, delete {lock})"
-            ) from None
-        with os.fdopen(handle, "w") as file:
-            file.write(json.dumps(me) + "\n")
-        return lock
-    raise FileExistsError(f"{lock} was taken by another run while this one took over its stale lock")
-
-
-def release_output_lock(lock: Path) -> None:
-    """Remove the lock if it is still this process's (never another run's)."""
-    holder = lock_holder(lock)
-    if holder is not None and holder["pid"] == os.getpid() and holder["host"] == socket.gethostname():
-        lock.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def output_lock(output: Path) -> Iterator[None]:
-    """Hold OUTPUT/.lock for the whole run; rank 0 takes it, and every rank stops if it could not."""
-    lock, error = None, None
-    if distributed.is_main():
-        try:
-            lock = take_output_lock(output)
-        except FileExistsError as caught:
-            error = caught
-    if distributed.sum_over_ranks([float(error is not None)])[0]:  # a collective: every rank learns the outcome
-        raise error or FileExistsError(f"{output} is in use by another run (see rank 0's message)")
-    try:
-        yield
-    finally:
-        if lock is not None:
-            release_output_lock(lock)
-
 
 def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, schedule: str) -> float:
     """transformers' linear/cosine schedule with linear warmup, as a pure function of the step."""
@@ -202,59 +88,6 @@ def tokenize(dataset, tokenizer, config: TrainConfig, name: str) -> list[dict[st
     if not len(pairs):
         raise ValueError(f"no {name} pairs left after tokenization ({stats}); raise --max-length or check the data")
     return pairs.to_list()
-
-
-def prepare_output(config: TrainConfig) -> Path:
-    """Refuse to mix a new run into an old one unless told to resume or overwrite; rank 0 alone touches disk."""
-    output = Path(config.output)
-    has_run = output.is_dir() and any(
-        (output / name).exists() for name in ("log.jsonl", "adapter_config.json", "checkpoints")
-    )
-    if has_run and not (config.resume or config.overwrite):
-        raise FileExistsError(f"{output} already holds a run; pass --resume to continue it or --overwrite")
-    distributed.barrier()  # every rank has looked before rank 0 deletes anything
-    if has_run and config.overwrite and distributed.is_main():
-        for entry in output.iterdir():
-            if entry.name != LOCK_NAME:  # the lock stays: this run holds it
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-    if distributed.is_main():
-        output.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
-    if config.resume:
-        check_resumed_config(config, output / CONFIG_NAME)
-    return output
-
-
-def changed_settings(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(name, old, new) of every setting both hold with different values; nested dicts (lora) as 'lora.r'."""
-    changes = []
-    for name in now:
-        if name not in saved:
-            continue  # a setting this version added: the saved run had its default
-        if isinstance(now[name], dict) and isinstance(saved[name], dict):
-            changes += changed_settings(saved[name], now[name], f"{prefix}{name}.")
-        elif now[name] != saved[name]:
-            changes.append((f"{prefix}{name}", saved[name], now[name]))
-    return changes
-
-
-def check_resumed_config(config: TrainConfig, saved_path: Path) -> None:
-    """Refuse to resume with settings other than the saved run's, but those RESUME_MAY_CHANGE allows."""
-    if not saved_path.exists():
-        return
-    try:
-        saved = json.loads(saved_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot resume: {saved_path} is not valid JSON ({error})") from error
-    now = json.loads(json.dumps(dataclasses.asdict(config)))  # as it would be saved: tuples as lists
-    refused = [change for change in changed_settings(saved, now) if change[0] not in RESUME_MAY_CHANGE]
-    if refused:
-        listed = ", ".join(f"{name}: {old!r} -> {new!r}" for name, old, new in refused)
-        raise ValueError(
-            f"--resume with changed settings ({listed}); the checkpoints were trained with the old values in "
-            f"{saved_path}. Resume with those, or start a new run (another --output, or --overwrite). A resume "
-            f"may change only: {', '.join(RESUME_MAY_CHANGE)}"
-        )
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -362,35 +195,6 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     optimizer.zero_grad(set_to_none=True)
 
 
-def weights_are_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every trainable weight (adapter and head) is finite on every rank; the same answer on each."""
-    local = [p.to_local() if hasattr(p, "to_local") else p for g in optimizer.param_groups for p in g["params"]]
-    finite = torch.stack([t.detach().isfinite().all() for t in local]).all().item()
-    return distributed.sum_over_ranks([float(not finite)])[0] == 0
-
-
-def reward_spread(rewards: list[torch.Tensor]) -> float:
-    """max - min of a step's rewards, summed over ranks: 0 only when each rank gave every text the same reward."""
-    every = torch.cat(rewards).float()
-    return distributed.sum_over_ranks([(every.max() - every.min()).item()])[0]
-
-
-def diverged(what: str, lr: float, config: TrainConfig, checkpoints: Path, bad_from: int) -> TrainingDiverged:
-    """The error that stops a run: what happened, the learning rate that did it, and the latest good checkpoint.
-
-    Checkpoints of step >= bad_from hold the weights that went wrong: they are renamed diverged-step-N (kept to
-    look at, never resumed from).
-    """
-    moved = set_aside_checkpoints(checkpoints, bad_from) if distributed.is_main() else []
-    good = list_checkpoints(checkpoints)
-    parts = [f"{what}; the learning rate of the update that led here was {lr:g} (peak --lr {config.lr:g})."]
-    if moved:
-        parts.append(f"Set aside as not good (saved with those weights): {', '.join(p.name for p in moved)}.")
-    parts.append(f"The latest good checkpoint is {good[-1]}." if good else "There is no good checkpoint.")
-    parts.append("Lower --lr, use fp32/bf16, or check the data.")
-    return TrainingDiverged(" ".join(parts))
-
-
 @dataclass
 class LogWindow:
     """Losses and rewards since the last log line: each line averages its window, as HF Trainer's logged loss."""
@@ -439,40 +243,6 @@ def evaluate(model, pairs, collator, batch_size: int, device, precision: str = "
     return eval_metrics(distributed.gather_cat(chosen[:n_real]), distributed.gather_cat(rejected[:n_real]))
 
 
-def log_line(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON record to log.jsonl (rank 0 only)."""
-    if distributed.is_main():
-        with path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-
-def truncate_log(path: Path, step: int, total_steps: int) -> None:
-    """Drop the log records a resume from `step` writes again: later steps, and the final eval of a finished run.
-
-    A torn last line (a kill mid-write) is dropped with a note; a bad line before it is an error naming it.
-    """
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines()
-    kept = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            record_step, is_eval = record["step"], any(key.startswith("eval_") for key in record)
-        except (json.JSONDecodeError, TypeError, KeyError) as error:
-            if number == len(lines):
-                distributed.print_main(f"note: dropping the torn last line {number} of {path} (cut off mid-write)")
-                continue
-            raise ValueError(f"cannot resume: {path}:{number} is not a log record ({error!r})") from error
-        final_eval = is_eval and record_step == step == total_steps  # evaluated again at the end of this run
-        if record_step <= step and not final_eval:
-            kept.append(line)
-    with _atomic_path(path) as tmp:
-        Path(tmp).write_text("".join(line + "\n" for line in kept))
-
-
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train a LoRA reward model as configured, holding OUTPUT/.lock throughout; returns the final eval metrics."""
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -512,13 +282,12 @@ def train_locked(config: TrainConfig, rank: int, world_size: int, device: torch.
     start_step = resume_step(config, model, optimizer, checkpoints, global_batch)
     if distributed.is_main():
         truncate_log(log_path, start_step, total_steps)
-        with _atomic_path(output / CONFIG_NAME) as tmp:  # after check_resumed_config: the settings that run
-            Path(tmp).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        write_config(config, output)
 
     # -- the loop
     window, started = LogWindow(start=start_step), time.perf_counter()
-    previous_lr = learning_rate(max(0, start_step - 1), total_steps, warmup_steps, config.lr, config.lr_schedule)
-    collapsed_since, collapse_lr = None, 0.0  # the step a run of collapsed steps began at, and the lr before it
+    health = Health(config.lr, checkpoints, previous_lr=learning_rate(
+        max(0, start_step - 1), total_steps, warmup_steps, config.lr, config.lr_schedule))
     progress = tqdm(total=total_steps, initial=start_step, disable=not config.progress or rank > 0, desc="train")
     for step in range(start_step, total_steps):
         for group in optimizer.param_groups:  # adapter and head, each from its own peak
@@ -532,40 +301,16 @@ def train_locked(config: TrainConfig, rank: int, world_size: int, device: torch.
             batch = collator([train_pairs[i] for i in epoch_batches(epoch=epoch)[position]])
             last = (micro + 1) % config.grad_accum == 0
             loss, rewards_chosen, rewards_rejected = micro_batch_loss(forward_model, batch, config, device, last)
-            if not torch.isfinite(loss):  # the weights after `step` updates (checkpoint step-N, N = step) did this
-                raise diverged(f"loss is {loss.item()} at step {step}; nothing was updated with it", previous_lr,
-                               config, checkpoints, bad_from=step)
+            health.check_loss(loss, step)
             scaler.scale(loss / config.grad_accum).backward()
             window.add(loss, rewards_chosen, rewards_rejected)
             step_rewards += [rewards_chosen, rewards_rejected]
 
-        # the update, and the checks that stop a run gone wrong before it is logged or saved
+        # clip, check, step: a run gone wrong stops before it is logged or saved
         grad_norm = clip_gradients(optimizer, scaler, config.max_grad_norm)
-        if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16's scaler skips such a step itself
-            raise diverged(f"the gradient norm is {grad_norm} at step {step}; nothing was updated with it",
-                           previous_lr, config, checkpoints, bad_from=step)
-        collapsed = grad_norm == 0.0 or reward_spread(step_rewards) == 0.0
-        if not collapsed:
-            collapsed_since = None
-        elif collapsed_since is None:
-            collapsed_since, collapse_lr = step, previous_lr  # the update before this step made these weights
-        if collapsed_since is not None and step - collapsed_since + 1 >= COLLAPSE_STEPS:
-            raise diverged(
-                f"the model collapsed: every reward the same or a zero gradient norm for {COLLAPSE_STEPS} "
-                f"consecutive steps ({collapsed_since}-{step}), so training cannot move it", collapse_lr, config,
-                checkpoints, bad_from=collapsed_since,
-            )
-        try:
+        health.check_gradients(grad_norm, step_rewards, step, scaled=scaler.is_enabled())
+        with health.update(step, lr, optimizer):
             optimizer_step(optimizer, scaler)
-        except RuntimeError as error:  # AdamW's step size lr / (1 - beta1^t) overflows float32 at a huge lr
-            if "overflow" not in str(error):
-                raise
-            raise diverged(f"the update of step {step} overflowed ({error})", lr, config, checkpoints,
-                           bad_from=step + 1) from error
-        if not weights_are_finite(optimizer):
-            raise diverged(f"the update of step {step} left NaN or inf in the adapter or head", lr, config,
-                           checkpoints, bad_from=step + 1)
-        previous_lr = lr
         progress.update(1)
 
         # log, evaluate, checkpoint on their intervals

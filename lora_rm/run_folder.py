@@ -1,0 +1,223 @@
+"""A run's output folder: one run at a time (OUTPUT/.lock), no mixing of runs, a resume with the settings that ran,
+and log.jsonl.
+
+    OUTPUT/
+        .lock                 {"pid", "host", "started"} of the run writing here; removed when it ends
+        train_config.json     the settings that ran (written after a resume's settings are checked)
+        log.jsonl             one JSON record per log line and per evaluation
+        checkpoints/          checkpoint.py's step-N folders
+        adapter_model.safetensors, adapter_config.json, tokenizer files, eval_metrics.json, reward_stats.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from . import distributed
+from .adapter_io import _atomic_path
+from .config import TrainConfig
+
+LOCK_NAME = ".lock"  # in the output folder while a run writes there: {"pid", "host", "started"}
+CONFIG_NAME = "train_config.json"
+
+# What a resume may change, each on purpose; any other changed setting is refused (it would not be what ran).
+RESUME_MAY_CHANGE = {
+    "max_steps": "extends (or shortens) the run; the schedule follows the new total from here on",
+    "epochs": "the same, counted in passes over the data",
+    "resume": "how this process was started, not what it trains",
+    "overwrite": "the same (a resume never overwrites)",
+    "output": "the same run, reached by another path or copied to another folder",
+    "progress": "display only",
+    "log_every": "how often the loss is logged, not what is trained",
+    "eval_every": "when to evaluate, not what is trained",
+    "save_every": "when to checkpoint, not what is trained",
+    "keep_checkpoints": "disk use only",
+    "device": "where it runs (another node or GPU); the math is the same",
+    "batch_size": "the per-process share, to resume under another number of processes; resume_step refuses a "
+                  "changed global batch (batch_size x processes x grad_accum)",
+    "grad_accum": "the same",
+    "gradient_checkpointing": "trades memory for compute; the gradients are the same",
+    "reentrant_checkpointing": "the same",
+    "allow_pickle_weights": "how the base's weights may be read, not which weights",
+}
+
+
+def lock_holder(lock: Path) -> dict[str, Any] | None:
+    """The {pid, host, started} a run wrote into its lock; None when the file is unreadable."""
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return holder if isinstance(holder, dict) and {"pid", "host", "started"} <= set(holder) else None
+
+
+def holder_is_gone(holder: dict[str, Any]) -> bool:
+    """True only when the holder ran on this host and its pid is no live process (or is this very process)."""
+    if holder["host"] != socket.gethostname():
+        return False  # another node's process cannot be asked
+    if holder["pid"] == os.getpid():
+        return True  # a container restarted after a kill -9 gets the same pid; this process holds no lock yet
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        return False  # PermissionError: alive, another user's
+    return False
+
+
+def take_output_lock(output: Path) -> Path:
+    """Create OUTPUT/.lock for this process (O_EXCL: exactly one run wins); a dead holder's lock is taken over."""
+    output.mkdir(parents=True, exist_ok=True)
+    lock = output / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    for attempt in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            holder = lock_holder(lock)
+            if attempt == 0 and holder is not None and holder_is_gone(holder):
+                print(f"taking over the stale lock {lock}: pid {holder['pid']} on {holder['host']} (started "
+                      f"{holder['started']}) is no longer running")
+                lock.unlink(missing_ok=True)
+                continue
+            if holder is None:
+                raise FileExistsError(
+                    f"{output} is locked by {lock}, which is unreadable; if no run writes to this folder, delete it"
+                ) from None
+            raise FileExistsError(
+                f"{output} is in use by another run: pid {holder['pid']} on host {holder['host']}, started "
+                f"{holder['started']}; wait for it to finish (if it is gone, delete {lock})"
+            ) from None
+        with os.fdopen(handle, "w") as file:
+            file.write(json.dumps(me) + "\n")
+        return lock
+    raise FileExistsError(f"{lock} was taken by another run while this one took over its stale lock")
+
+
+def release_output_lock(lock: Path) -> None:
+    """Remove the lock if it is still this process's (never another run's)."""
+    holder = lock_holder(lock)
+    if holder is not None and holder["pid"] == os.getpid() and holder["host"] == socket.gethostname():
+        lock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Hold OUTPUT/.lock for the whole run; rank 0 takes it, and every rank stops if it could not."""
+    lock, error = None, None
+    if distributed.is_main():
+        try:
+            lock = take_output_lock(output)
+        except FileExistsError as caught:
+            error = caught
+    if distributed.sum_over_ranks([float(error is not None)])[0]:  # a collective: every rank learns the outcome
+        raise error or FileExistsError(f"{output} is in use by another run (see rank 0's message)")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            release_output_lock(lock)
+
+
+def prepare_output(config: TrainConfig) -> Path:
+    """Refuse to mix a new run into an old one unless told to resume or overwrite; rank 0 alone touches disk."""
+    output = Path(config.output)
+    has_run = output.is_dir() and any(
+        (output / name).exists() for name in ("log.jsonl", "adapter_config.json", "checkpoints")
+    )
+    if has_run and not (config.resume or config.overwrite):
+        raise FileExistsError(f"{output} already holds a run; pass --resume to continue it or --overwrite")
+    distributed.barrier()  # every rank has looked before rank 0 deletes anything
+    if has_run and config.overwrite and distributed.is_main():
+        for entry in output.iterdir():
+            if entry.name != LOCK_NAME:  # the lock stays: this run holds it
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    if distributed.is_main():
+        output.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    if config.resume:
+        check_resumed_config(config, output / CONFIG_NAME)
+    return output
+
+
+def changed_settings(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(name, old, new) of every setting both hold with different values; nested dicts (lora) as 'lora.r'."""
+    changes = []
+    for name in now:
+        if name not in saved:
+            continue  # a setting this version added: the saved run had its default
+        if isinstance(now[name], dict) and isinstance(saved[name], dict):
+            changes += changed_settings(saved[name], now[name], f"{prefix}{name}.")
+        elif now[name] != saved[name]:
+            changes.append((f"{prefix}{name}", saved[name], now[name]))
+    return changes
+
+
+def check_resumed_config(config: TrainConfig, saved_path: Path) -> None:
+    """Refuse to resume with settings other than the saved run's, but those RESUME_MAY_CHANGE allows."""
+    if not saved_path.exists():
+        return
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot resume: {saved_path} is not valid JSON ({error})") from error
+    now = json.loads(json.dumps(dataclasses.asdict(config)))  # as it would be saved: tuples as lists
+    refused = [change for change in changed_settings(saved, now) if change[0] not in RESUME_MAY_CHANGE]
+    if refused:
+        listed = ", ".join(f"{name}: {old!r} -> {new!r}" for name, old, new in refused)
+        raise ValueError(
+            f"--resume with changed settings ({listed}); the checkpoints were trained with the old values in "
+            f"{saved_path}. Resume with those, or start a new run (another --output, or --overwrite). A resume "
+            f"may change only: {', '.join(RESUME_MAY_CHANGE)}"
+        )
+
+
+def write_config(config: TrainConfig, output: Path) -> None:
+    """train_config.json: the settings that run (after check_resumed_config), written atomically."""
+    with _atomic_path(output / CONFIG_NAME) as tmp:
+        Path(tmp).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+
+
+def log_line(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON record to log.jsonl (rank 0 only)."""
+    if distributed.is_main():
+        with path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path: Path, step: int, total_steps: int) -> None:
+    """Drop the log records a resume from `step` writes again: later steps, and the final eval of a finished run.
+
+    A torn last line (a kill mid-write) is dropped with a note; a bad line before it is an error naming it.
+    """
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record_step, is_eval = record["step"], any(key.startswith("eval_") for key in record)
+        except (json.JSONDecodeError, TypeError, KeyError) as error:
+            if number == len(lines):
+                distributed.print_main(f"note: dropping the torn last line {number} of {path} (cut off mid-write)")
+                continue
+            raise ValueError(f"cannot resume: {path}:{number} is not a log record ({error!r})") from error
+        final_eval = is_eval and record_step == step == total_steps  # evaluated again at the end of this run
+        if record_step <= step and not final_eval:
+            kept.append(line)
+    with _atomic_path(path) as tmp:
+        Path(tmp).write_text("".join(line + "\n" for line in kept))
