@@ -266,6 +266,10 @@ def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
 
 
+# tokenizer_config.json key set by scoring.save_tokenizer: this tokenizer's post-processor appends EOS itself.
+APPENDS_EOS = "lora_rm_appends_eos"
+
+
 def encode_text(
     tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict] | None, completion: str | list[dict]
 ) -> list[int]:
@@ -273,14 +277,16 @@ def encode_text(
 
     Text: EOS is appended to the completion unless already there, then the tokenizer adds its own special
     tokens (Llama's BOS, BERT's [CLS] ... [SEP]). A tokenizer without an EOS (BERT) gets none: its [SEP]
-    already closes the text, where TRL would fail on `str.endswith(None)`. Messages: the chat template alone
-    decides; no EOS is added.
+    already closes the text, where TRL would fail on `str.endswith(None)`. A tokenizer lora-rm saved
+    (APPENDS_EOS) appends the EOS itself: the same ids. Messages: the chat template alone decides; no EOS is added.
     """
     if isinstance(completion, list):
         messages = list(prompt or []) + completion
         return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
     eos = tokenizer.eos_token
-    if eos is not None and not completion.endswith(eos):
+    if eos is not None and tokenizer.init_kwargs.get(APPENDS_EOS):
+        completion = completion.removesuffix(eos)
+    elif eos is not None and not completion.endswith(eos):
         completion = completion + eos
     return list(tokenizer(text=(prompt or "") + completion)["input_ids"])
 

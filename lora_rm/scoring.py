@@ -73,7 +73,6 @@ def load_model_and_tokenizer(
 
     check_model_source(name)
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    restore_training_post_processor(tokenizer)
     model = load_pretrained(name, dtype, load_in_4bit, bnb_4bit_compute_dtype, device, trust_remote_code,
                             allow_pickle_weights)
     message = data.ensure_pad_token(tokenizer, model)
@@ -123,12 +122,8 @@ def load_reward_model(model_name: str, adapter: str | Path, **load_options):
     return load_adapter(model, adapter).eval(), tokenizer
 
 
-# tokenizer_config.json key: the post-processor training encoded with, kept by save_tokenizer when it appends EOS
-TRAINING_POST_PROCESSOR = "lora_rm_training_post_processor"
-
-
-def _post_processor_with_eos(tokenizer) -> tuple[Any, Any] | None:
-    """(old post-processor JSON, new post-processor) with EOS right after the text, or None to leave it alone."""
+def _post_processor_with_eos(tokenizer) -> Any | None:
+    """The tokenizer's post-processor with EOS right after the text, or None to leave it alone."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     eos = tokenizer.eos_token
     if eos is None or backend is None:  # BERT: [SEP] already closes the text; a slow tokenizer keeps its rules
@@ -151,42 +146,28 @@ def _post_processor_with_eos(tokenizer) -> tuple[Any, Any] | None:
         appended = {"type": "TemplateProcessing", "single": [sequence[0], eos_piece], "pair": sequence,
                     "special_tokens": eos_special}
         new = appended if old is None else {"type": "Sequence", "processors": [old, appended]}
-    return old, Tokenizer.from_str(json.dumps({**state, "post_processor": new})).post_processor
+    return Tokenizer.from_str(json.dumps({**state, "post_processor": new})).post_processor
 
 
 def save_tokenizer(tokenizer, folder: str | Path) -> None:
     """Save the tokenizer so that plain `tokenizer(text)` encodes as training did, EOS included (data.encode_text).
 
     Whoever serves a merged model calls AutoTokenizer(folder)(text); without the EOS that training appended, the
-    reward is read at another token and can rank a pair backwards. The training-time post-processor is kept in
-    tokenizer_config.json, and load_model_and_tokenizer puts it back, so encode_text does not add a second EOS.
+    reward is read at another token and can rank a pair backwards. tokenizer_config.json then carries
+    data.APPENDS_EOS, so encode_text does not add a second EOS to texts encoded with the saved tokenizer.
     """
     serving = copy.deepcopy(tokenizer)
-    change = _post_processor_with_eos(serving)
-    if change is not None:
-        old, new = change
+    new = _post_processor_with_eos(serving)
+    if new is not None:
         serving.backend_tokenizer.post_processor = new
         probes = ["What is 1 + 2 ? 3", "Hello world", "a"]
         if all(serving(text)["input_ids"] == tokenizer(text + tokenizer.eos_token)["input_ids"] for text in probes):
-            serving.init_kwargs[TRAINING_POST_PROCESSOR] = old
+            serving.init_kwargs[data.APPENDS_EOS] = True
         else:
             print(f"note: the tokenizer saved to {folder} does not append EOS by itself; encode texts with "
                   "lora_rm.data.encode_text to score them as training did")
             serving = tokenizer
     serving.save_pretrained(folder)
-
-
-def restore_training_post_processor(tokenizer) -> None:
-    """Undo save_tokenizer's EOS-appending post-processor, so data.encode_text gives the training ids again."""
-    if TRAINING_POST_PROCESSOR not in tokenizer.init_kwargs:
-        return
-    from tokenizers import Tokenizer
-
-    old = tokenizer.init_kwargs.pop(TRAINING_POST_PROCESSOR)
-    state = json.loads(tokenizer.backend_tokenizer.to_str())
-    tokenizer.backend_tokenizer.post_processor = Tokenizer.from_str(
-        json.dumps({**state, "post_processor": old})
-    ).post_processor
 
 
 def pair_collator(tokenizer) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:

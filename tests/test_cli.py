@@ -204,6 +204,9 @@ def test_merged_decoder_scores_as_trained_with_plain_transformers(trained, tmp_p
                                                 tmp_path)
     output_tokenizer = AutoTokenizer.from_pretrained(trained)  # the training run's own folder too
     assert output_tokenizer(TEXTS[0])["input_ids"] == encode_text(builtin_tokenizer(), None, TEXTS[0])
+    # encode_text with the saved tokenizer adds no second EOS, with or without an EOS already in the text
+    for text in (TEXTS[0], TEXTS[0] + "</s>"):
+        assert encode_text(output_tokenizer, None, text) == encode_text(builtin_tokenizer(), None, text)
 
 
 def tiny_bert_folder(folder: Path):
