@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, LlamaCo
 from lora_rm import LoraConfig, add_lora, enable_gradient_checkpointing, enable_input_require_grads, merge_lora
 from lora_rm.inject import lora_layers
 from lora_rm.loss import bradley_terry_loss
-from lora_rm.scoring import pair_rewards
+from lora_rm.scoring import batch_rewards
 
 from . import report
 
@@ -151,7 +151,7 @@ def make_batch(args: argparse.Namespace, vocab_size: int) -> dict[str, torch.Ten
 
 def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer | None) -> None:
     """One Bradley-Terry step; identical for every configuration (the floor has nothing to update)."""
-    chosen, rejected = pair_rewards(model, batch)  # the trainer's own forward and loss
+    chosen, rejected = batch_rewards(model, batch)  # the trainer's own forward and loss
     bradley_terry_loss(chosen, rejected).backward()
     if optimizer is not None:
         optimizer.step()

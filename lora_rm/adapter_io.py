@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -16,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import LoraConfig
+from .files import atomic_path
 from .inject import LINEAR_TYPES, add_lora, head_modules, lora_config_of, lora_layers, remove_lora
 from .lora import LoRALinear
 
@@ -52,39 +50,11 @@ def save_adapter(
     directory.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model) if state is None else state
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in state.items()}
-    with _atomic_path(directory / WEIGHTS_NAME) as tmp:
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
     config_text = json.dumps(lora_config_of(model).to_peft_dict(), indent=2, sort_keys=True)
-    with _atomic_path(directory / CONFIG_NAME) as tmp:
+    with atomic_path(directory / CONFIG_NAME) as tmp:
         Path(tmp).write_text(config_text + "\n")
-
-
-@contextlib.contextmanager
-def _atomic_path(target: Path) -> Iterator[str]:
-    """Yield a temporary file name beside target and rename it onto target only if the write finished."""
-    handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(handle)
-    try:
-        yield tmp
-        # mkstemp (and safetensors' own temporary file) make 0600; other nodes of a shared filesystem must read it
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _current_umask() -> int:
-    """The process umask, read without changing it where /proc allows (os.umask alone must set one to read it)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
@@ -151,7 +121,7 @@ def check_adapter_covers_base(model: nn.Module, weights: dict[str, torch.Tensor]
         )
 
 
-def check_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def matched_adapter_tensors(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The model's adapter and head tensors by key, once every saved key is checked to fit: name and shape."""
     check_adapter_covers_base(model, weights)
     targets = adapter_state_dict(model)
@@ -175,7 +145,7 @@ def check_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor]) ->
 @torch.no_grad()
 def load_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Copy saved tensors into the model's adapter and head; every key must be there with the right shape."""
-    for key, target in check_adapter_weights(model, weights).items():
+    for key, target in matched_adapter_tensors(model, weights).items():
         target.copy_(weights[key])
 
 

@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import distributed
-from .adapter_io import _atomic_path, adapter_state_dict, check_adapter_weights, read_adapter_weights, save_adapter
+from .adapter_io import adapter_state_dict, matched_adapter_tensors, read_adapter_weights, save_adapter
+from .files import atomic_path
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)")
 STATE_NAME = "trainer_state.json"
@@ -136,7 +137,7 @@ def write_checkpoint(
     save_adapter(model, tmp, state=adapter)
     tensors, groups = optimizer_tensors(optimizer_state)
     for name, part in ((OPTIMIZER_NAME, tensors), (RNG_NAME, rng)):
-        with _atomic_path(tmp / name) as path:  # for the umask's mode (safetensors writes 0600)
+        with atomic_path(tmp / name) as path:  # for the umask's mode (safetensors writes 0600)
             save_file(part, path)
     state = {**trainer_state, "optimizer": groups, "python_rng": list(random.getstate())}
     (tmp / STATE_NAME).write_text(json.dumps(state, indent=2))
@@ -171,7 +172,7 @@ def load_checkpoint(
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"checkpoint file {state_path} is missing or corrupt: {error!r}") from error
     weights = read_adapter_weights(path)
-    targets = check_adapter_weights(model, weights)
+    targets = matched_adapter_tensors(model, weights)
     saved_optimizer, saved_rng = (read_tensors(path / name) for name in (OPTIMIZER_NAME, RNG_NAME))
     for key, target in targets.items():
         target.copy_(distributed.shard_like(weights[key], target))  # FSDP: this rank's shard

@@ -30,7 +30,6 @@ LOAD_FIELDS = ("model", "base_dtype", "load_in_4bit", "bnb_4bit_compute_dtype", 
 EVAL_FIELDS = (*LOAD_FIELDS, "dataset", "split", "rows", "max_rows", "max_length", "length_policy", "skip_bad_rows",
                "batch_size")
 SCORE_FIELDS = (*LOAD_FIELDS, "max_length", "batch_size")
-MERGE_FIELDS = LOAD_FIELDS
 NEGATIVE_VALUE = re.compile(r"-\.?\d")  # "-512:" (a slice), "-1e-4": argparse takes them for flags
 USAGE_EXIT, FAILURE_EXIT = 2, 1
 
@@ -116,7 +115,7 @@ def check_settings(args: argparse.Namespace) -> None:
         if args.command == "train":
             train_config_from_args(args)
         else:
-            fields = {"eval": EVAL_FIELDS, "score": SCORE_FIELDS, "merge": MERGE_FIELDS}[args.command]
+            fields = {"eval": EVAL_FIELDS, "score": SCORE_FIELDS, "merge": LOAD_FIELDS}[args.command]
             TrainConfig(**given_or_default(args, fields))  # the same rules as training, e.g. --batch-size >= 1
     except ValueError as error:
         usage_error(str(error))
@@ -257,7 +256,7 @@ def run_merge(args: argparse.Namespace) -> None:
     from .qlora import dequantize_4bit_layers
     from .scoring import save_tokenizer, torch_dtype
 
-    settings = given_or_default(args, MERGE_FIELDS)
+    settings = given_or_default(args, LOAD_FIELDS)
     model, tokenizer = load_for_command(args, settings)
     if settings["load_in_4bit"]:  # merge into dequantized fp32 weights, then store in base_dtype
         dequantize_4bit_layers(model, torch_dtype("fp32"))
@@ -283,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, fields in [
         ("eval", "accuracy and margins on preference pairs", EVAL_FIELDS),
         ("score", "one reward per text", SCORE_FIELDS),
-        ("merge", "fold the adapter into a plain HF model", MERGE_FIELDS),
+        ("merge", "fold the adapter into a plain HF model", LOAD_FIELDS),
     ]:
         sub = commands.add_parser(name, help=help_text, argument_default=argparse.SUPPRESS)
         sub.add_argument("--adapter", required=True, help="folder with adapter_config.json (ours or PEFT's)")

@@ -1,4 +1,5 @@
-"""Configuration dataclasses: what a LoRA adapter is (serialised as PEFT's adapter_config.json)."""
+"""The two dataclasses: a LoRA adapter (serialised as PEFT's adapter_config.json) and a training run (the CLI's
+flags, saved as train_config.json)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class LoraConfig:
     )
     exclude_modules: list[str] | str | None = None  # same matching rule; excludes win over targets
     use_rslora: bool = option(False, "rank-stabilised scaling lora_alpha / sqrt(r)")
-    init_lora_weights: bool | str = True  # True: kaiming A, zero B; "gaussian": N(0, 1/r) A, zero B; False: both random
+    init_lora_weights: bool | str = True  # True: kaiming A, zero B; "gaussian": A ~ normal(std 1/r); False: random
     modules_to_save: list[str] | None = None  # the fully trainable head; None means detect it (score, classifier, ...)
     fan_in_fan_out: bool = False  # written for PEFT's loader (True for GPT-2's Conv1D); we read the layer type instead
     bias: str = "none"  # only "none" is supported: biases stay frozen

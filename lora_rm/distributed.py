@@ -46,6 +46,10 @@ def init_from_env(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """The dropout seed of a rank that has no saved stream to continue."""
+    return seed + 1_000_003 * rank + step
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -121,8 +125,9 @@ def wrap_ddp(model: nn.Module, device: torch.device, static_graph: bool = False)
 
 def communicated_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters DDP broadcasts at construction and all-reduces in backward."""
-    ddp = model if isinstance(model, DistributedDataParallel) else None
-    return [] if ddp is None else [p for p in ddp._module_parameters if p.requires_grad]
+    if not isinstance(model, DistributedDataParallel):
+        return []
+    return [p for p in model.module.parameters() if p.requires_grad]
 
 
 def no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
@@ -135,7 +140,7 @@ def no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
     Under FSDP it sets set_requires_gradient_sync(sync) and leaves it set: FSDP reads the flag in backward, after
     this context has closed, and every micro-batch sets it afresh.
     """
-    if isinstance(model, FSDPModule):
+    if is_fsdp(model):
         model.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
     if sync or not isinstance(model, DistributedDataParallel):
@@ -285,8 +290,3 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]],
     }
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
-
-
-def rank_seed(seed: int, rank: int, step: int) -> int:
-    """The dropout seed of a rank that has no saved stream to continue."""
-    return seed + 1_000_003 * rank + step

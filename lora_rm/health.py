@@ -48,6 +48,7 @@ class Health:
 
     def check_loss(self, loss: torch.Tensor, step: int) -> None:
         if not torch.isfinite(loss):
+            # the weights after `step` updates (checkpoint step-N, N = step) gave this loss
             raise self.diverged(f"loss is {loss.item()} at step {step}; nothing was updated with it",
                                 self.previous_lr, bad_from=step)
 
@@ -69,13 +70,14 @@ class Health:
             )
 
     @contextlib.contextmanager
-    def update(self, step: int, lr: float, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    def guard_update(self, step: int, lr: float, optimizer: torch.optim.Optimizer) -> Iterator[None]:
         """Around the optimizer step: an overflow in it, or NaN/inf weights after it, stop the run."""
         try:
             yield
         except RuntimeError as error:  # AdamW's step size lr / (1 - beta1^t) overflows float32 at a huge lr
             if "overflow" not in str(error):
                 raise
+            # the update of `step` made the weights of checkpoint step-(step + 1): that one is bad, the rest good
             raise self.diverged(f"the update of step {step} overflowed ({error})", lr, bad_from=step + 1) from error
         if not weights_are_finite(optimizer):
             raise self.diverged(f"the update of step {step} left NaN or inf in the adapter or head", lr,

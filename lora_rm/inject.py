@@ -109,7 +109,8 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
 
 
 def keep_fp32(head: nn.Module) -> None:
-    """Store a half-precision head in fp32: AdamW's updates to a bf16 head round away (PEFT trains it in bf16).
+    """Store a half-precision head in fp32: AdamW's updates to a bf16 head round away (unlike PEFT, which trains
+    its head copy in bf16).
 
     A pre-hook casts the hidden states coming from the half base to the head's dtype, whatever it is later.
     """

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed
-from .adapter_io import _atomic_path
 from .config import TrainConfig
+from .files import atomic_path
 
 LOCK_NAME = ".lock"  # in the output folder while a run writes there: {"pid", "host", "started"}
-CONFIG_NAME = "train_config.json"
+TRAIN_CONFIG_NAME = "train_config.json"
 
 # What a resume may change, each on purpose; any other changed setting is refused (it would not be what ran).
 RESUME_MAY_CHANGE = {
@@ -147,7 +147,7 @@ def prepare_output(config: TrainConfig) -> Path:
         output.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
     if config.resume:
-        check_resumed_config(config, output / CONFIG_NAME)
+        check_resumed_config(config, output / TRAIN_CONFIG_NAME)
     return output
 
 
@@ -185,7 +185,7 @@ def check_resumed_config(config: TrainConfig, saved_path: Path) -> None:
 
 def write_config(config: TrainConfig, output: Path) -> None:
     """train_config.json: the settings that run (after check_resumed_config), written atomically."""
-    with _atomic_path(output / CONFIG_NAME) as tmp:
+    with atomic_path(output / TRAIN_CONFIG_NAME) as tmp:
         Path(tmp).write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
 
@@ -219,5 +219,5 @@ def truncate_log(path: Path, step: int, total_steps: int) -> None:
         final_eval = is_eval and record_step == step == total_steps  # evaluated again at the end of this run
         if record_step <= step and not final_eval:
             kept.append(line)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         Path(tmp).write_text("".join(line + "\n" for line in kept))

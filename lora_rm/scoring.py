@@ -2,6 +2,8 @@
 
 The reward of a text is the score head's output at its last real token (lora_rm/data.py says which token
 that is). Pairs are scored in one forward: chosen rows first, then rejected rows, padded right as TRL does.
+save_tokenizer writes the tokenizer a trained or merged model is served with, so that plain transformers encodes
+texts as training did.
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ def check_model_source(name: str) -> None:
         raise FileNotFoundError(f"--model {name}: no such folder")
 
 
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """The tokenizer of a hub id or model folder, after checking the folder is a model folder."""
+    from transformers import AutoTokenizer
+
+    check_model_source(name)
+    return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+
+
 def load_model_and_tokenizer(
     name: str,
     trust_remote_code: bool = False,
@@ -62,17 +72,12 @@ def load_model_and_tokenizer(
 
         tokenizer = builtin_tokenizer()
         model = builtin_model(tokenizer).to(dtype)
-        if load_in_4bit:  # quantization happens while loading: go through a folder
-            with tempfile.TemporaryDirectory() as folder:
-                model.save_pretrained(folder)
-                model = load_pretrained(folder, dtype, load_in_4bit=True, compute_dtype=bnb_4bit_compute_dtype,
-                                        device=device)
-                return model, tokenizer
-        return model, tokenizer
-    from transformers import AutoTokenizer
-
-    check_model_source(name)
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        if not load_in_4bit:
+            return model, tokenizer
+        with tempfile.TemporaryDirectory() as folder:  # quantization happens while loading: go through a folder
+            model.save_pretrained(folder)
+            return load_pretrained(folder, dtype, True, bnb_4bit_compute_dtype, device), tokenizer
+    tokenizer = load_tokenizer(name, trust_remote_code)
     model = load_pretrained(name, dtype, load_in_4bit, bnb_4bit_compute_dtype, device, trust_remote_code,
                             allow_pickle_weights)
     message = data.ensure_pad_token(tokenizer, model)
@@ -184,7 +189,7 @@ def autocast_context(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def pair_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over chosen rows then rejected rows; the reward is read at each row's last real token."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     return split_rewards(logits.float())  # (2B, 1) -> (B,), (B,)
@@ -199,7 +204,7 @@ def rewards_for_pairs(model, pairs, collator, batch_size: int, device, precision
     for start in range(0, len(pairs), batch_size):
         batch = {k: v.to(device) for k, v in collator(pairs[start : start + batch_size]).items()}
         with autocast_context(precision, device):
-            rewards_chosen, rewards_rejected = pair_rewards(model, batch)
+            rewards_chosen, rewards_rejected = batch_rewards(model, batch)
         chosen.append(rewards_chosen.cpu())
         rejected.append(rewards_rejected.cpu())
     model.train(was_training)

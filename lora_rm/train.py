@@ -5,8 +5,8 @@ forward pass), clip, step, zero the grads, log; evaluate and checkpoint on inter
 alone fixes the position in the data (batch order is a pure function of seed and epoch), so a resumed
 run replays exactly what an uninterrupted one would have done.
 
-Under torchrun the same loop runs on every rank; process-group work stays inside distributed.py and
-checkpoint.py (wrapping the model, syncing gradients, gathering logs and checkpoints).
+Under torchrun the same loop runs on every rank; process-group work goes through distributed.py's functions
+(wrapping the model, syncing gradients, gathering logs and checkpoints).
 
 Run safety lives beside it: run_folder.py keeps a second run out of the output folder and a resume to the settings
 that ran; health.py stops a run whose loss, gradients or weights are not finite, or whose model collapsed.
@@ -31,16 +31,16 @@ from . import data, distributed, sharded_load
 from .adapter_io import adapter_state_dict, save_adapter
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .health import Health, TrainingDiverged  # noqa: F401 (TrainingDiverged: what train() raises)
+from .health import Health
 from .inject import add_lora, enable_gradient_checkpointing, format_parameter_counts, lora_config_of
 from .loss import bradley_terry_loss, preference_metrics
 from .run_folder import log_line, output_lock, prepare_output, truncate_log, write_config
 from .scoring import (
     autocast_context,
+    batch_rewards,
     eval_metrics,
     load_model_and_tokenizer,
     pair_collator,
-    pair_rewards,
     rewards_for_pairs,
     save_tokenizer,
 )
@@ -139,7 +139,9 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
 
-def resume_step(config: TrainConfig, model: nn.Module, optimizer, checkpoints: Path, global_batch: int) -> int:
+def resume_from_latest_checkpoint(
+    config: TrainConfig, model: nn.Module, optimizer, checkpoints: Path, global_batch: int
+) -> int:
     """With resume, load the latest loadable checkpoint on every rank (DDP replicates it); the step to start at.
 
     A corrupt checkpoint (e.g. a file cut short) is named and the one before it tried; nothing is deleted.
@@ -175,7 +177,7 @@ def micro_batch_loss(forward_model: nn.Module, batch: dict[str, torch.Tensor], c
     """
     batch = {key: tensor.to(device) for key, tensor in batch.items()}
     with distributed.no_sync(forward_model, sync), autocast_context(config.precision, device):
-        rewards_chosen, rewards_rejected = pair_rewards(forward_model, batch)
+        rewards_chosen, rewards_rejected = batch_rewards(forward_model, batch)
     loss = bradley_terry_loss(rewards_chosen, rewards_rejected, batch.get("margin"), config.center_rewards_coefficient)
     return loss, rewards_chosen.detach(), rewards_rejected.detach()
 
@@ -268,18 +270,21 @@ def train_locked(config: TrainConfig, rank: int, world_size: int, device: torch.
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
 
     # -- how long: batches of this rank per epoch (a pure function of seed and epoch), steps, intervals
-    epoch_batches = functools.lru_cache(maxsize=1)(functools.partial(
-        data.batch_indices, [pair["length"] for pair in train_pairs], config.batch_size, config.seed,
-        group_by_length=config.group_by_length, rank=rank, world_size=world_size,
-    ))
-    n_batches = len(epoch_batches(epoch=0))
+    lengths = [pair["length"] for pair in train_pairs]
+
+    @functools.lru_cache(maxsize=1)  # one epoch's order at a time
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        return data.batch_indices(lengths, config.batch_size, config.seed, epoch, config.group_by_length, rank,
+                                  world_size)
+
+    n_batches = len(epoch_batches(0))
     steps_per_epoch = max(1, n_batches // config.grad_accum)
     total_steps = config.max_steps or max(1, int(config.epochs * steps_per_epoch))
     warmup_steps = int(config.warmup_ratio * total_steps)
     global_batch = config.batch_size * world_size * config.grad_accum
     trainer_state = {"total_steps": total_steps, "world_size": world_size, "global_batch": global_batch}
 
-    start_step = resume_step(config, model, optimizer, checkpoints, global_batch)
+    start_step = resume_from_latest_checkpoint(config, model, optimizer, checkpoints, global_batch)
     if distributed.is_main():
         truncate_log(log_path, start_step, total_steps)
         write_config(config, output)
@@ -298,7 +303,7 @@ def train_locked(config: TrainConfig, rank: int, world_size: int, device: torch.
         step_rewards = []
         for micro in range(step * config.grad_accum, (step + 1) * config.grad_accum):
             epoch, position = divmod(micro, n_batches)
-            batch = collator([train_pairs[i] for i in epoch_batches(epoch=epoch)[position]])
+            batch = collator([train_pairs[i] for i in epoch_batches(epoch)[position]])
             last = (micro + 1) % config.grad_accum == 0
             loss, rewards_chosen, rewards_rejected = micro_batch_loss(forward_model, batch, config, device, last)
             health.check_loss(loss, step)
@@ -309,7 +314,7 @@ def train_locked(config: TrainConfig, rank: int, world_size: int, device: torch.
         # clip, check, step: a run gone wrong stops before it is logged or saved
         grad_norm = clip_gradients(optimizer, scaler, config.max_grad_norm)
         health.check_gradients(grad_norm, step_rewards, step, scaled=scaler.is_enabled())
-        with health.update(step, lr, optimizer):
+        with health.guard_update(step, lr, optimizer):
             optimizer_step(optimizer, scaler)
         progress.update(1)
 

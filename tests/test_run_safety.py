@@ -19,10 +19,10 @@ from lora_rm.builtin import builtin_model, builtin_tokenizer
 from lora_rm.checkpoint import list_checkpoints, save_checkpoint
 from lora_rm.cli import main
 from lora_rm.config import LoraConfig
-from lora_rm.health import COLLAPSE_STEPS
+from lora_rm.health import COLLAPSE_STEPS, TrainingDiverged
 from lora_rm.inject import add_lora
 from lora_rm.run_folder import LOCK_NAME
-from lora_rm.train import TrainingDiverged, train
+from lora_rm.train import train
 
 
 @pytest.fixture(scope="module")

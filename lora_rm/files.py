@@ -1,0 +1,37 @@
+"""Writing files so that a crash never leaves half of one: a temporary name beside the target, then os.replace."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[str]:
+    """Yield a temporary file name beside target and rename it onto target only if the write finished."""
+    handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(handle)
+    try:
+        yield tmp
+        # mkstemp (and safetensors' own temporary file) make 0600; other nodes of a shared filesystem must read it
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask alone must set one to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
