@@ -5,8 +5,10 @@
 
 Each row runs in a fresh process: load the base (from a folder saved once, so nf4 quantizes while loading as it
 does for a hub model), add LoRA r=16 to every linear layer, take two Bradley-Terry steps (the second holds the
-optimizer state). Peak memory is what the model and its steps add to the process: on CPU the peak RSS (Linux's
-VmHWM, reset after the imports) minus the RSS before loading; on CUDA max_memory_allocated. PEFT's rows are its
+optimizer state). Peak memory is what loading and the steps add to the process: on CUDA max_memory_allocated; on
+CPU the peak of Linux's RssAnon (the process's own allocations, sampled every 2 ms) minus its value before
+loading. RssAnon leaves out the pages of the memory-mapped checkpoint file, which the kernel can drop and which
+are not the model's; VmHWM (all resident pages, file-backed included) is reported beside it. PEFT's rows are its
 documented recipe: get_peft_model, and prepare_model_for_kbit_training first for an nf4 base.
 """
 
@@ -16,6 +18,7 @@ import argparse
 import json
 import multiprocessing
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -68,16 +71,38 @@ def build(folder: str, base: str, impl: str, checkpointing: bool, device: str) -
     return model.to(device) if base != "nf4" else model
 
 
+class AnonPeak:
+    """The peak of this process's RssAnon, sampled in a thread (Linux keeps a peak only of the whole RSS)."""
+
+    def __init__(self) -> None:
+        self.peak, self._stop = _proc_status_bytes("RssAnon"), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _proc_status_bytes("RssAnon"))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _proc_status_bytes("RssAnon"))
+
+
 def measure(folder: str, base: str, impl: str, checkpointing: bool, args: argparse.Namespace) -> dict:
     """One row, in the calling (fresh) process."""
+    import bitsandbytes  # noqa: F401  libraries are imported before the baseline: their code is not the model's
+    import peft  # noqa: F401
+
     cuda = torch.device(args.device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        before = _proc_status_bytes("VmRSS")
+        before, before_anon = _proc_status_bytes("VmRSS"), _proc_status_bytes("RssAnon")
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # VmHWM := current RSS
+        anon = AnonPeak()
     started = time.perf_counter()
     model = build(folder, base, impl, checkpointing, args.device).train()
     loaded_s = time.perf_counter() - started
@@ -95,9 +120,11 @@ def measure(folder: str, base: str, impl: str, checkpointing: bool, args: argpar
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - step_started)
-    peak = torch.cuda.max_memory_allocated() if cuda else _proc_status_bytes("VmHWM")
-    return {"base": base, "impl": impl, "checkpointing": checkpointing, "peak_mib": (peak - before) / 2**20,
-            "step_s": times[-1], "load_s": loaded_s}
+    row = {"base": base, "impl": impl, "checkpointing": checkpointing, "step_s": times[-1], "load_s": loaded_s}
+    if cuda:
+        return {**row, "peak_mib": (torch.cuda.max_memory_allocated() - before) / 2**20}
+    return {**row, "peak_mib": (anon.stop() - before_anon) / 2**20,
+            "vmhwm_mib": (_proc_status_bytes("VmHWM") - before) / 2**20}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
