@@ -8,9 +8,7 @@ Formats, named as TRL names them:
   tokenized       chosen_ids, rejected_ids (TRL 1.x) or input_ids_chosen, input_ids_rejected (TRL 0.x)
 An optional numeric `margin` column is carried into the batch.
 
-Local JSON and CSV files are read with the standard library, each cell as written: datasets' readers retype a
-whole column after one odd cell (a number among texts makes every JSON-like text decoded; CSV infers floats and
-reads "NA" as missing), so one bad cell would spoil good rows. Every row keeps where it came from (file and
+Local files are read by data_files.py, each cell as written. Every row keeps where it came from (file and
 1-based line, or hub split and row index) in the column ROW_SOURCE, through any row selection, for errors.
 
 Where the reward is read: Hugging Face's *ForSequenceClassification heads score the rightmost token whose id
@@ -21,43 +19,20 @@ reading, so a merged model served by plain transformers scores exactly what was 
 
 from __future__ import annotations
 
-import csv
-import gzip
-import json
 import math
-import re
-import zlib
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from datasets import Dataset, load_dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import BUILTIN, LENGTH_POLICIES
+from .data_files import ROW_SOURCE, find_preference_files, read_preference_files
 
-BUILDERS = {
-    ".jsonl.gz": "json",
-    ".json.gz": "json",
-    ".jsonl": "json",
-    ".json": "json",
-    ".parquet": "parquet",
-    ".csv": "csv",
-}
 TOKENIZED_COLUMNS = (("chosen_ids", "rejected_ids"), ("input_ids_chosen", "input_ids_rejected"))
-ROW_SOURCE = "_row_source"  # "pairs.jsonl line 37": where a row was read, named by errors about it
-JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
 UNK_CHECK_PAIRS = 64  # tokenize_pairs stops when over half the tokens of this many pairs are the unknown token
-
-
-def _builder(path: Path) -> str | None:
-    """The datasets builder for a data file, from its (possibly double) extension."""
-    return next((builder for ext, builder in BUILDERS.items() if path.name.endswith(ext)), None)
 
 
 def _select_rows(dataset: Dataset, rows: str) -> Dataset:
@@ -96,153 +71,15 @@ def _builtin_or_file_or_hub(source: str, split: str, seed: int) -> Dataset:
 
         dataset = builtin_preference_dataset(BUILTIN_PAIRS, seed=seed)
         return dataset.add_column(ROW_SOURCE, [f"builtin row index {i}" for i in range(len(dataset))])
-    path = Path(source).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _builder(p))
-        if not files:
-            raise FileNotFoundError(f"folder {source} holds no {', '.join(BUILDERS)} files")
-    elif path.is_file():
-        files = [path]
-    elif _builder(path) or source.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"no such data file or folder: {source}")
-    else:
-        files = []
+    files = find_preference_files(source)
     if files:
-        builders = {_builder(p) for p in files}
-        if None in builders or len(builders) > 1:
-            names = [p.name for p in files]
-            raise ValueError(f"{source}: cannot tell one file type from the extensions of {names}")
-        builder = builders.pop()
-        if builder == "parquet":  # a real schema: datasets reads it as written
-            dataset = load_dataset("parquet", data_files=[str(p) for p in files], split="train")
-            where = [f"{p} row index {i}" for p in files for i in range(pq.ParquetFile(p).metadata.num_rows)]
-            return dataset.add_column(ROW_SOURCE, where)
-        return _dataset_from_rows([row for p in files for row in _read_file(p, builder)])
+        return read_preference_files(source, files)
     try:
         dataset = load_dataset(source, split=split)
     except Exception as err:
         message = f"{source!r} is not a local file or folder and did not load from the hub: {err}"
         raise ValueError(message) from err
     return dataset.add_column(ROW_SOURCE, [f"{source} split {split!r} row index {i}" for i in range(len(dataset))])
-
-
-def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) of each line of a UTF-8 file, gzip-compressed or not."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    number = 0
-    try:
-        with opener(path, "rb") as file:
-            for number, raw in enumerate(file, 1):
-                try:
-                    yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                except UnicodeDecodeError as err:
-                    message = f"not UTF-8 text ({err.reason} at byte {err.start})"
-                    raise ValueError(f"{path} line {number}: {message}") from None
-    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-        raise ValueError(f"{path}: not a whole gzip file, unreadable after line {number} ({err})") from None
-
-
-def _read_file(path: Path, builder: str) -> list[tuple[str, dict[str, Any]]]:
-    """(where, row) for each row of a JSON Lines, JSON array or CSV file; a file without rows is an error."""
-    rows = [(f"{path} line {number}", row) for number, row in (_read_json if builder == "json" else _read_csv)(path)]
-    for where, row in rows:
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: a row must be a JSON object of columns, not {type(row).__name__}")
-    if not rows:
-        raise ValueError(f"{path} holds no rows")
-    return rows
-
-
-def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line, value) of each row of a JSON Lines file, or of a file holding one JSON array, as datasets reads."""
-    lines = _read_lines(path)
-    for number, line in lines:
-        try:
-            if line.lstrip().startswith("["):  # the rest of the file is one array
-                yield from _json_array(line + "".join(text for _, text in lines), number)
-                return
-            if line.strip():
-                yield number, json.loads(line)
-        except json.JSONDecodeError as err:  # err.lineno counts from `number`
-            line_number = number + err.lineno - 1
-            raise ValueError(f"{path} line {line_number}: not valid JSON: {err.msg} (column {err.colno})") from None
-
-
-def _json_array(text: str, first_line: int) -> Iterator[tuple[int, Any]]:
-    """(line where it starts, value) of each element of the JSON array that `text`, from `first_line`, holds."""
-    decoder = json.JSONDecoder()
-    position = JSON_WHITESPACE.match(text, text.index("[") + 1).end()
-    line, counted = first_line, 0
-    while not text.startswith("]", position):
-        value, end = decoder.raw_decode(text, position)
-        line, counted = line + text.count("\n", counted, position), position
-        yield line, value
-        position = JSON_WHITESPACE.match(text, end).end()
-        if text.startswith(",", position):
-            position = JSON_WHITESPACE.match(text, position + 1).end()
-        elif not text.startswith("]", position):
-            raise json.JSONDecodeError("Expecting ',' delimiter", text, position)
-    end = JSON_WHITESPACE.match(text, position + 1).end()
-    if end != len(text):
-        raise json.JSONDecodeError("Extra data", text, end)
-
-
-def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line where it starts, row) of each record after the header; cells stay text, margin becomes a number."""
-    reader = csv.reader(text for _, text in _read_lines(path))
-    names, start = None, 1
-    try:
-        for record in reader:
-            if record and names is None:
-                names = record
-            elif record:
-                if len(record) != len(names):
-                    raise ValueError(f"{path} line {start}: {len(record)} fields under {len(names)} column names")
-                row = dict(zip(names, record, strict=True))
-                if "margin" in row:
-                    row["margin"] = _number_or_text(row["margin"])
-                yield start, row
-            start = reader.line_num + 1
-    except csv.Error as err:
-        raise ValueError(f"{path} line {reader.line_num}: not valid CSV: {err}") from None
-
-
-def _number_or_text(text: str) -> float | str:
-    try:
-        return float(text)
-    except ValueError:
-        return text  # _row_problem names it
-
-
-def _shape(value: Any) -> str:
-    """A JSON value's shape, int and float apart: 'str', 'list[int]', 'list[dict(content:str,role:str)]'."""
-    if isinstance(value, list):
-        return f"list[{'|'.join(sorted({_shape(v) for v in value}))}]"
-    if isinstance(value, dict):
-        return f"dict({','.join(f'{k}:{_shape(v)}' for k, v in sorted(value.items()))})"
-    return type(value).__name__
-
-
-def _dataset_from_rows(rows: list[tuple[str, dict[str, Any]]]) -> Dataset:
-    """A Dataset whose every cell holds exactly the value read, with ROW_SOURCE naming where each row was read.
-
-    A column of one shape (or of ints and floats, a margin) is stored as its arrow type; a column that mixes
-    shapes (texts and one number, say) is stored as JSON text per cell, which datasets decodes cell by cell.
-    """
-    names = list(dict.fromkeys(name for _, row in rows for name in row))
-    columns = {}
-    for name in names:
-        values = [row.get(name) for _, row in rows]
-        shapes = {_shape(v) for v in values if v is not None}
-        try:
-            if len(shapes) <= 1 or shapes == {"int", "float"}:
-                columns[name] = pa.array(values)
-                continue
-        except (pa.ArrowException, OverflowError):  # e.g. an integer beyond int64
-            pass
-        columns[name] = pa.array([None if v is None else json.dumps(v) for v in values], type=pa.json_())
-    columns[ROW_SOURCE] = pa.array([where for where, _ in rows])
-    return Dataset(pa.table(columns))
 
 
 def detect_format(dataset: Dataset) -> str:
@@ -474,7 +311,7 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel 
 def pad_sequences(
     sequences: list[list[int]], pad_token_id: int, padding_side: str = "right"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), each (N, longest), padded on the tokenizer's side."""
+    """(input_ids, attention_mask), each (N, longest): pads on `padding_side`, the mask 1 over each sequence's ids."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     longest = max(len(ids) for ids in sequences)

@@ -9,8 +9,8 @@ so a fresh adapter leaves the model unchanged. scaling = alpha / r, or alpha / s
 GPT-2's Conv1D stores W as (d_in, d_out); the delta is transposed once for it (PEFT's fan_in_fan_out).
 
 forward() reads as the equation; by default it hands the same sum to fast_path.py, which computes it in fewer
-passes over memory (and, for long batches, as (W + s B A) x). fast_path=False keeps PEFT's exact order of
-operations, for comparisons bit for bit.
+passes over memory (and, for long batches, as (W + s B A) x). Setting the attribute `layer.fast_path = False`
+keeps PEFT's exact order of operations, for comparisons bit for bit.
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ from . import fast_path
 
 
 class LoRALinear(nn.Module):
-    """Wraps a frozen nn.Linear or Conv1D with a trainable low-rank update; merging is explicit."""
+    """Wraps a frozen nn.Linear or Conv1D with a trainable low-rank update; merging is explicit.
+
+    lora_alpha may be any positive number: scaling = lora_alpha / r is a float either way (LoraConfig holds an
+    int, as PEFT's config does).
+    """
 
     def __init__(
         self,
@@ -48,23 +52,15 @@ class LoRALinear(nn.Module):
             d_in, d_out = base_layer.in_features, base_layer.out_features
         # PEFT (autocast_adapter_dtype=True) keeps the adapter of a half or 4-bit base in fp32, for the optimizer.
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        self.lora_A = nn.Linear(d_in, r, bias=False, device=weight.device, dtype=dtype)
-        self.lora_B = nn.Linear(r, d_out, bias=False, device=weight.device, dtype=dtype)
+        self.lora_A, self.lora_B = new_lora_pair(d_in, r, d_out, init_lora_weights, dtype, weight.device)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.merged = False
         self.fast_path = True  # False: PEFT's order of operations exactly (the same sum, slower)
-        self.reset_parameters(init_lora_weights)
 
     def reset_parameters(self, init_lora_weights: bool | str = True) -> None:
-        """B = 0 makes a fresh adapter an exact no-op; False keeps nn.Linear's random init on both (tests)."""
-        if init_lora_weights is False:
-            return
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / self.lora_A.out_features)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        """Draw A and B again with PEFT's init (draw_lora_weights): B = 0 makes the adapter an exact no-op."""
+        draw_lora_weights(self.lora_A.weight, self.lora_B.weight, init_lora_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:  # W already holds W + scaling * B A
@@ -106,6 +102,34 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.lora_A.out_features}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def new_lora_pair(
+    d_in: int, r: int, d_out: int, init: bool | str, dtype: torch.dtype, device: torch.device | None = None
+) -> tuple[nn.Linear, nn.Linear]:
+    """A (d_in -> r) and B (r -> d_out) as a new LoRALinear holds them; the one place their RNG draws are ordered.
+
+    From the global RNG: A's then B's nn.Linear default init, then draw_lora_weights. sharded_load draws the
+    adapter through it too, so an --fsdp run starts from the very weights of a one-process run.
+    """
+    lora_A = nn.Linear(d_in, r, bias=False, device=device, dtype=dtype)
+    lora_B = nn.Linear(r, d_out, bias=False, device=device, dtype=dtype)
+    draw_lora_weights(lora_A.weight, lora_B.weight, init)
+    return lora_A, lora_B
+
+
+def draw_lora_weights(lora_A: torch.Tensor, lora_B: torch.Tensor, init: bool | str = True) -> None:
+    """PEFT's init in place: B = 0 makes a fresh adapter an exact no-op; False keeps both as they are (tests).
+
+    True: A kaiming-uniform (a=sqrt(5)); "gaussian": A normal with std 1/r. lora_A is (r, d_in), lora_B (d_out, r).
+    """
+    if init is False:
+        return
+    if init == "gaussian":
+        nn.init.normal_(lora_A, std=1 / lora_A.shape[0])
+    else:
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+    nn.init.zeros_(lora_B)
 
 
 def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:

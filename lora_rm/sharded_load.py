@@ -3,12 +3,12 @@
 from_pretrained on every rank would hold a full copy per process before fully_shard cuts it. Instead the model
 is built with its parameters on the meta device (no memory; buffers such as rotary tables stay real: they are
 computed at construction, not saved), LoRA goes in and FSDP shards it as usual, `to_empty` allocates only the
-local shards, and the checkpoint's safetensors tensors are read one at a time, each rank keeping its piece.
+local shards, and the pretrained model's safetensors tensors are read one at a time, each rank keeping its piece.
 
-What the checkpoint lacks is drawn as the one-process path draws it, from the global RNG in the same order
+What the pretrained files lack is drawn as the one-process path draws it, from the global RNG in the same order
 (train() seeds it identically on every rank): the score head first (from_pretrained's normal(0,
-initializer_range) in the base dtype), then each LoRA layer's A and B as LoRALinear's construction and
-reset_parameters draw them. So --fsdp starts from the very weights one process starts from.
+initializer_range) in the base dtype), then each LoRA layer's A and B through lora.new_lora_pair, as LoRALinear
+draws them. So --fsdp starts from the very weights one process starts from.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
@@ -26,7 +25,7 @@ from torch import nn
 from . import data, distributed
 from .config import BUILTIN, TrainConfig
 from .inject import head_modules, lora_config_of, lora_layers
-from .lora import LoRALinear
+from .lora import new_lora_pair
 from .scoring import torch_dtype
 
 
@@ -73,8 +72,8 @@ def is_empty(model: nn.Module) -> bool:
     return any(param.is_meta for param in model.parameters())
 
 
-def checkpoint_files(name: str) -> list[Path]:
-    """The safetensors files of a local folder or a Hub id (downloaded); a pickle-only (.bin) folder is refused."""
+def pretrained_files(name: str) -> list[Path]:
+    """The pretrained model's safetensors files, of a local folder or a Hub id (downloaded); .bin only is refused."""
     folder = Path(name)
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
@@ -92,50 +91,81 @@ def checkpoint_files(name: str) -> list[Path]:
     )
 
 
-def checkpoint_name(model_key: str) -> str:
-    """The checkpoint's name of a model weight: LoRA wraps a layer's weight as ...q_proj.base_layer.weight."""
+def pretrained_key(model_key: str) -> str:
+    """The pretrained files' name of a model weight: LoRA wraps a layer's weight as ...q_proj.base_layer.weight."""
     return model_key.replace(".base_layer.", ".")
 
 
 @torch.no_grad()
 def load_shards(model: nn.Module, name: str, device: torch.device, base_dtype: str = "fp32") -> None:
-    """Allocate this rank's shards of a model sharded on the meta device and fill them, one checkpoint tensor at a time.
+    """Allocate this rank's shards of a model sharded on the meta device and fill them, one pretrained tensor at a time.
 
-    Weights the checkpoint has are read (lm_head and other extra keys are ignored); the head, if missing, and the
-    adapter are drawn as in one process (module docstring). A parameter left without a value raises.
+    Weights the pretrained files have are read (lm_head and other extra keys are ignored); the head, if missing,
+    and the adapter are drawn as in one process (module docstring). A parameter left without a value raises.
     """
-    files = checkpoint_files(name)
+    keys_by_file = pretrained_keys_by_file(pretrained_files(name))
+    in_pretrained = {key for keys in keys_by_file.values() for key in keys}
+    sources = plan_sources(model, in_pretrained)
+    lora = lora_config_of(model)
+    heads = head_modules(model, lora.modules_to_save)
+    drawn = drawn_names(model, heads)
+    refuse_weights_without_source(model, name, sources, in_pretrained, drawn)
+    allocate_shards(model, device)
+    filled = fill_from_files(model, name, keys_by_file, sources, device)
+    draw_missing_head(heads, filled, model.config.get_text_config().initializer_range, torch_dtype(base_dtype))
+    draw_adapter(model, lora.init_lora_weights)
+    refuse_empty_parameters(model, name, filled, drawn)
+
+
+def pretrained_keys_by_file(files: list[Path]) -> dict[Path, list[str]]:
+    """The tensor names each safetensors file holds, read from its header alone."""
     keys_by_file = {}
     for file in files:
         with safe_open(file, framework="pt") as handle:
             keys_by_file[file] = list(handle.keys())
-    in_checkpoint = {key for keys in keys_by_file.values() for key in keys}
+    return keys_by_file
+
+
+def plan_sources(model: nn.Module, in_pretrained: set[str]) -> dict[str, str]:
+    """Model key -> the pretrained key that fills it; a base model's files lack the head's prefix (model.)."""
     prefix = getattr(model, "base_model_prefix", "") + "."
-    source = {}  # model key -> checkpoint key
+    sources = {}
     for key in model.state_dict(keep_vars=True):
-        wanted = checkpoint_name(key)
-        if wanted not in in_checkpoint and wanted.removeprefix(prefix) in in_checkpoint:  # a base-model checkpoint
+        wanted = pretrained_key(key)
+        if wanted not in in_pretrained and wanted.removeprefix(prefix) in in_pretrained:
             wanted = wanted.removeprefix(prefix)
-        source[key] = wanted
-    lora = lora_config_of(model)
-    heads = head_modules(model, lora.modules_to_save)
-    drawn = drawn_names(model, heads)
+        sources[key] = wanted
+    return sources
+
+
+def refuse_weights_without_source(
+    model: nn.Module, name: str, sources: dict[str, str], in_pretrained: set[str], drawn: set[str]
+) -> None:
+    """Before any memory is allocated: every parameter is read from the files or drawn, under one of its names."""
     aliases: dict[int, list[str]] = {}  # tied weights: one parameter, several names
     for key, param in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(param), []).append(key)
     unknown = [names[0] for names in aliases.values()
-               if not any(source[key] in in_checkpoint or key in drawn for key in names)]  # fmt: skip
+               if not any(sources[key] in in_pretrained or key in drawn for key in names)]  # fmt: skip
     if unknown:
         raise ValueError(f"{name}: the checkpoint has no weight for {', '.join(unknown)}; not training on empty memory")
-    targets: dict[str, list[str]] = {}  # checkpoint key -> model keys
-    for key, wanted in source.items():
-        targets.setdefault(wanted, []).append(key)
 
+
+def allocate_shards(model: nn.Module, device: torch.device) -> None:
+    """Real memory for this rank's shards only; the buffers (rotary tables), computed at construction, are kept."""
     buffers = {key: buffer.clone() for key, buffer in model.named_buffers(remove_duplicate=False)}
-    model.to_empty(device=device)  # only this rank's shards; buffers come back empty too
+    model.to_empty(device=device)  # buffers come back empty too
     for key, buffer in buffers.items():
         model.get_buffer(key).copy_(buffer)
 
+
+def fill_from_files(
+    model: nn.Module, name: str, keys_by_file: dict[Path, list[str]], sources: dict[str, str], device: torch.device
+) -> set[int]:
+    """Copy each pretrained tensor the model wants into this rank's shard; returns the ids of the filled parameters."""
+    targets: dict[str, list[str]] = {}  # pretrained key -> model keys
+    for key, wanted in sources.items():
+        targets.setdefault(wanted, []).append(key)
     state = model.state_dict(keep_vars=True)  # after to_empty: FSDP may have replaced the parameter objects
     filled = set()
     for file, keys in keys_by_file.items():
@@ -154,8 +184,11 @@ def load_shards(model: nn.Module, name: str, device: torch.device, base_dtype: s
                     target.copy_(distributed.shard_like(full.to(device, target.dtype), target))
                     filled.add(id(target))
             del full
-    draw_missing_head(heads, filled, model.config.get_text_config().initializer_range, torch_dtype(base_dtype))
-    draw_adapter(model, lora.init_lora_weights)
+    return filled
+
+
+def refuse_empty_parameters(model: nn.Module, name: str, filled: set[int], drawn: set[str]) -> None:
+    """After filling and drawing: no parameter may be left holding to_empty's uninitialised memory."""
     empty = [key for key, param in model.named_parameters(remove_duplicate=False)
              if id(param) not in filled and key not in drawn]  # fmt: skip
     if empty:
@@ -187,12 +220,7 @@ def draw_missing_head(heads: dict[str, nn.Module], filled: set[int], std: float,
 def draw_adapter(model: nn.Module, init_lora_weights: bool | str) -> None:
     """Each LoRA layer's A and B drawn in full on the CPU, as LoRALinear draws them, then this rank's shards kept."""
     for _, layer in lora_layers(model):
-        dtype = layer.lora_A.weight.dtype
-        # LoRALinear builds two nn.Linear (each draws its default init), then reset_parameters draws again.
-        fresh = SimpleNamespace(
-            lora_A=nn.Linear(layer.lora_A.in_features, layer.lora_A.out_features, bias=False, dtype=dtype),
-            lora_B=nn.Linear(layer.lora_B.in_features, layer.lora_B.out_features, bias=False, dtype=dtype),
-        )
-        LoRALinear.reset_parameters(fresh, init_lora_weights)
-        for target, full in ((layer.lora_A.weight, fresh.lora_A.weight), (layer.lora_B.weight, fresh.lora_B.weight)):
+        d_in, r, d_out = layer.lora_A.in_features, layer.lora_A.out_features, layer.lora_B.out_features
+        fresh_A, fresh_B = new_lora_pair(d_in, r, d_out, init_lora_weights, layer.lora_A.weight.dtype)
+        for target, full in ((layer.lora_A.weight, fresh_A.weight), (layer.lora_B.weight, fresh_B.weight)):
             target.copy_(distributed.shard_like(full.to(target.device), target))

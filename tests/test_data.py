@@ -18,7 +18,7 @@ from transformers import (
 )
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from lora_rm import data
+from lora_rm import data, data_files
 from lora_rm.builtin import builtin_model, builtin_preference_dataset, builtin_tokenizer
 
 HH_TEST = (
@@ -225,6 +225,23 @@ def test_load_local_files(tmp_path, name):
     assert chosen(rows="-3:") == ["good 7", "good 8", "good 9"]
     assert chosen(max_rows=2) == ["good 0", "good 1"]
     assert chosen(rows="2:", max_rows=2) == ["good 2", "good 3"]
+
+
+def test_data_files_reads_local_files_and_names_each_row(tmp_path):
+    """The file reader on its own: data_files finds and reads; data.load_preference_dataset goes through it."""
+    write_rows(tmp_path / "a.jsonl", [{"chosen": "x", "rejected": "y"}])
+    write_rows(tmp_path / "b.jsonl.gz", [{"chosen": "z", "rejected": "w"}, {"chosen": "5", "rejected": "v"}])
+    assert data_files.FILE_KINDS[".jsonl.gz"] == data_files.file_kind(tmp_path / "b.jsonl.gz") == "json"
+    assert data_files.file_kind(tmp_path / "notes.txt") is None
+    files = data_files.find_preference_files(str(tmp_path))
+    assert files == [tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"]
+    assert data_files.find_preference_files("someone/prefs") == []  # a hub id: not a local path
+    dataset = data_files.read_preference_files(str(tmp_path), files)
+    assert dataset.to_list() == data.load_preference_dataset(str(tmp_path)).to_list()
+    assert list(dataset["chosen"]) == ["x", "z", "5"]
+    assert data.ROW_SOURCE is data_files.ROW_SOURCE
+    lines = ["a.jsonl line 1", "b.jsonl.gz line 1", "b.jsonl.gz line 2"]
+    assert list(dataset[data.ROW_SOURCE]) == [f"{tmp_path}/{line}" for line in lines]
 
 
 def test_load_folder_missing_path_and_bad_slice(tmp_path):

@@ -258,6 +258,8 @@ def test_sharded_load_reads_what_from_pretrained_reads_and_refuses_gaps(tmp_path
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    assert sharded_load.pretrained_files(str(folder)) == [folder / "model.safetensors"]
+    assert sharded_load.pretrained_key("model.layers.0.q_proj.base_layer.weight") == "model.layers.0.q_proj.weight"
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
 
     def sharded(name: str, base_dtype: str = "fp32") -> torch.nn.Module:
@@ -268,7 +270,9 @@ def test_sharded_load_reads_what_from_pretrained_reads_and_refuses_gaps(tmp_path
         sharded_load.load_shards(model, name, torch.device("cpu"), base_dtype)
         return model
 
-    for base_dtype in ("fp32", "bf16"):  # bf16: the head is drawn in bf16 and kept in fp32, as in one process
+    # bf16: the head is drawn in bf16 and kept in fp32, as in one process; False and "gaussian": every adapter draw
+    for base_dtype, init in (("fp32", True), ("bf16", True), ("fp32", "gaussian"), ("fp32", False)):
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=init)
         model = sharded(str(folder), base_dtype)
         torch.manual_seed(7)
         expected, _ = load_model_and_tokenizer(str(folder), base_dtype=base_dtype)

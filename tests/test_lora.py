@@ -9,7 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lora_rm import LoRALinear
 from lora_rm.fast_path import folding_pays
-from lora_rm.lora import delta_weight
+from lora_rm.lora import delta_weight, draw_lora_weights, new_lora_pair
 
 
 def random_lora(base: nn.Module, r: int = 4, alpha: float = 8, **kwargs) -> LoRALinear:
@@ -63,6 +63,34 @@ def test_default_init_is_a_no_op_and_kaiming():
     assert (layer.lora_B.weight == 0).all()
     bound = 1 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) on fan_in=64
     assert layer.lora_A.weight.abs().max() <= bound and layer.lora_A.weight.std() > bound / 3
+
+
+@pytest.mark.parametrize("init", [True, "gaussian", False])
+def test_new_lora_pair_draws_what_a_new_layer_draws(init):
+    """The RNG draw order of a fresh adapter lives in new_lora_pair alone (sharded_load draws through it)."""
+    base = nn.Linear(8, 6)
+    torch.manual_seed(3)
+    layer = LoRALinear(base, r=4, lora_alpha=8, init_lora_weights=init)
+    after_layer = torch.rand(3)
+    torch.manual_seed(3)
+    lora_A, lora_B = new_lora_pair(8, 4, 6, init, torch.float32)
+    assert torch.equal(lora_A.weight, layer.lora_A.weight) and torch.equal(lora_B.weight, layer.lora_B.weight)
+    assert torch.equal(torch.rand(3), after_layer)  # the same number of draws
+    assert (lora_B.weight == 0).all() == (init is not False)
+    assert list(layer.state_dict()) == ["base_layer.weight", "base_layer.bias", "lora_A.weight", "lora_B.weight"]
+
+
+def test_reset_parameters_is_draw_lora_weights():
+    layer = LoRALinear(nn.Linear(8, 6), r=4, lora_alpha=8, init_lora_weights=False)
+    lora_A, lora_B = layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone()
+    draw_lora_weights(lora_A, lora_B, False)
+    assert torch.equal(lora_A, layer.lora_A.weight) and (lora_B != 0).any()  # False changes nothing
+    torch.manual_seed(5)
+    layer.reset_parameters("gaussian")
+    torch.manual_seed(5)
+    draw_lora_weights(lora_A, lora_B, "gaussian")
+    assert torch.equal(lora_A, layer.lora_A.weight) and (layer.lora_B.weight == 0).all() and (lora_B == 0).all()
+    assert 0.15 < lora_A.std() < 0.35  # std 1 / r
 
 
 def test_rslora_scaling():
