@@ -26,7 +26,7 @@ from . import data, distributed
 from .config import BUILTIN, TrainConfig
 from .inject import head_modules, lora_config_of, lora_layers
 from .lora import new_lora_pair
-from .scoring import torch_dtype
+from .scoring import load_tokenizer, torch_dtype
 
 
 def applies(config: TrainConfig) -> bool:
@@ -53,9 +53,9 @@ def parameters_on_meta() -> Iterator[None]:
 
 def empty_model_and_tokenizer(name: str, trust_remote_code: bool = False, base_dtype: str = "fp32"):
     """load_model_and_tokenizer's pair, but nothing read: the parameters are on the meta device (buffers real)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(name, trust_remote_code)
     model_config = AutoConfig.from_pretrained(name, num_labels=1, trust_remote_code=trust_remote_code)
     with parameters_on_meta():
         model = AutoModelForSequenceClassification.from_config(
