@@ -83,6 +83,11 @@ class AnonPeak:
         while not self._stop.wait(0.002):
             self.peak = max(self.peak, _proc_status_bytes("RssAnon"))
 
+    def restart(self) -> int:
+        """The peak so far; from now on, the peak of what follows."""
+        peak, self.peak = self.peak, _proc_status_bytes("RssAnon")
+        return peak
+
     def stop(self) -> int:
         self._stop.set()
         self._thread.join()
@@ -106,6 +111,8 @@ def measure(folder: str, base: str, impl: str, checkpointing: bool, args: argpar
     started = time.perf_counter()
     model = build(folder, base, impl, checkpointing, args.device).train()
     loaded_s = time.perf_counter() - started
+    if not cuda:
+        load_peak, resident = anon.restart(), _proc_status_bytes("RssAnon")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     generator = torch.Generator().manual_seed(1)
     vocab_size = (TINY if args.tiny else QWEN_05B)["vocab_size"]
@@ -123,7 +130,10 @@ def measure(folder: str, base: str, impl: str, checkpointing: bool, args: argpar
     row = {"base": base, "impl": impl, "checkpointing": checkpointing, "step_s": times[-1], "load_s": loaded_s}
     if cuda:
         return {**row, "peak_mib": (torch.cuda.max_memory_allocated() - before) / 2**20}
-    return {**row, "peak_mib": (anon.stop() - before_anon) / 2**20,
+    step_peak = anon.stop()
+    mib = {"load_peak_mib": load_peak, "resident_mib": resident, "step_peak_mib": step_peak,
+           "peak_mib": max(load_peak, step_peak)}
+    return {**row, **{name: (value - before_anon) / 2**20 for name, value in mib.items()},
             "vmhwm_mib": (_proc_status_bytes("VmHWM") - before) / 2**20}
 
 
@@ -146,14 +156,16 @@ def markdown(rows: list[dict]) -> str:
     """The ladder with each row's peak against the fp32 row of the same implementation and checkpointing."""
     fp32 = {(r["impl"], r["checkpointing"]): r["peak_mib"] for r in rows if r["base"] == "fp32"}
     peft = {(r["base"], r["checkpointing"]): r["peak_mib"] for r in rows if r["impl"] == "peft"}
-    lines = ["| base | checkpointing | impl | peak MiB | x fp32 peak | x PEFT peak | step s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| base | checkpointing | impl | peak MiB | x fp32 peak | x PEFT peak | after load MiB | load peak MiB | "
+             "step peak MiB | step s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         key, peft_key = (r["impl"], r["checkpointing"]), (r["base"], r["checkpointing"])
         vs_fp32 = f"{r['peak_mib'] / fp32[key]:.3f}" if key in fp32 else "-"
         vs_peft = f"{r['peak_mib'] / peft[peft_key]:.3f}" if peft_key in peft else "-"
+        phase_keys = ("resident_mib", "load_peak_mib", "step_peak_mib")
+        phases = " | ".join(f"{r[k]:,.0f}" if k in r else "-" for k in phase_keys)
         lines.append(f"| {r['base']} | {'yes' if r['checkpointing'] else 'no'} | {r['impl']} | {r['peak_mib']:,.0f} | "
-                     f"{vs_fp32} | {vs_peft} | {r['step_s']:.1f} |")
+                     f"{vs_fp32} | {vs_peft} | {phases} | {r['step_s']:.1f} |")
     return "\n".join(lines)
 
 
