@@ -90,17 +90,38 @@ def add_field_flags(parser: argparse.ArgumentParser, config_class: type, names: 
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The flags the user gave over TrainConfig's defaults (over BUILTIN_TRAIN_DEFAULTS for the built-in model)."""
+    """The flags the user gave over TrainConfig's defaults (over BUILTIN_TRAIN_DEFAULTS for the built-in model).
+
+    With --resume, flags not given keep the saved run's values (OUTPUT/train_config.json): `lora-rm train --output
+    DIR --resume` continues the run as it was started.
+    """
     given = {name: value for name, value in vars(args).items() if name not in ("command", "debug")}
     lora_given = {name: given.pop(name) for name in LORA_FIELDS if name in given}
     if isinstance(lora_given.get("target_modules"), str) and lora_given["target_modules"] != ALL_LINEAR:
         lora_given["target_modules"] = lora_given["target_modules"].split(",")
+    saved = saved_train_config(given) if given.get("resume") else None
+    if saved is not None:
+        lora = dataclasses.replace(saved.lora, **lora_given)
+        return dataclasses.replace(saved, **given, lora=lora)
     model = given.get("model", BUILTIN)
     if model == BUILTIN:
         given = {**BUILTIN_TRAIN_DEFAULTS, **given}
     base_name = None if model == BUILTIN else model
     lora = dataclasses.replace(TrainConfig().lora, **lora_given, base_model_name_or_path=base_name)
     return TrainConfig(**given, lora=lora)
+
+
+def saved_train_config(given: dict[str, Any]) -> TrainConfig | None:
+    """The TrainConfig a run in --output saved, or None when there is none to read."""
+    path = Path(given.get("output", TrainConfig().output)) / "train_config.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot resume: {path} is not valid JSON ({error})") from error
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{name: value for name, value in saved.items() if name in known})
 
 
 def given_or_default(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
@@ -146,6 +167,9 @@ def report_command(config: TrainConfig) -> str:
         words += ["--dataset", config.dataset, "--split", config.split]
         words += [f"--rows={config.rows}"] if config.rows else []
     words += ["--max-length", str(config.max_length), "--length-policy", config.length_policy]
+    words += ["--base-dtype", config.base_dtype] if config.base_dtype != "fp32" else []
+    if config.load_in_4bit:
+        words += ["--load-in-4bit", "--bnb-4bit-compute-dtype", config.bnb_4bit_compute_dtype]
     words += ["--trust-remote-code"] if config.trust_remote_code else []
     words += ["--allow-pickle-weights"] if config.allow_pickle_weights else []
     words += ["--report", str(output / "report"), "--log", str(output / "log.jsonl")]

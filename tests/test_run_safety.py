@@ -308,3 +308,16 @@ def test_every_file_the_run_writes_follows_the_umask(tmp_path):
     wrong = {name: oct(mode) for name, mode in modes.items()
              if mode != (0o755 if (tmp_path / name).is_dir() else 0o644)}
     assert wrong == {}
+
+
+def test_cli_resume_keeps_the_saved_settings_for_flags_not_given(tmp_path):
+    """`lora-rm train --output DIR --resume` continues the run as started; a flag given is compared as a change."""
+    output = tmp_path / "run"
+    main(["train", "--output", str(output), "--max-rows", "80", "--max-steps", "2", "--batch-size", "4", "--r", "4",
+          "--lr", "0.003", "--save-every", "1", "--no-progress"])
+    main(["train", "--output", str(output), "--resume", "--max-steps", "4"])  # no other flag repeated
+    written = json.loads((output / "train_config.json").read_text())
+    assert (written["lr"], written["lora"]["r"], written["max_steps"], written["max_rows"]) == (0.003, 4, 4, 80)
+    assert [r["step"] for r in read_log(output) if "loss" in r][-1] == 4
+    with pytest.raises(SystemExit, match=r"changed settings \(lr: 0.003 -> 0.5\)"):
+        main(["train", "--output", str(output), "--resume", "--lr", "0.5"])
