@@ -7,8 +7,9 @@ Each row runs in a fresh process: load the base (from a folder saved once, so nf
 does for a hub model), add LoRA r=16 to every linear layer, take two Bradley-Terry steps (the second holds the
 optimizer state). Peak memory is what loading and the steps add to the process: on CUDA max_memory_allocated; on
 CPU the peak of Linux's RssAnon (the process's own allocations, sampled every 2 ms) minus its value before
-loading. RssAnon leaves out the pages of the memory-mapped checkpoint file, which the kernel can drop and which
-are not the model's; VmHWM (all resident pages, file-backed included) is reported beside it. PEFT's rows are its
+loading. The loaded weights are copied into the process's own memory (as moving them to a GPU would): a bf16 load
+of a bf16 file otherwise leaves them as pages of the memory-mapped file, which RssAnon does not count. VmHWM (all
+resident pages, file-backed included, also while the file is read) is reported beside it. PEFT's rows are its
 documented recipe: get_peft_model, and prepare_model_for_kbit_training first for an nf4 base.
 """
 
@@ -110,6 +111,11 @@ def measure(folder: str, base: str, impl: str, checkpointing: bool, args: argpar
         anon = AnonPeak()
     started = time.perf_counter()
     model = build(folder, base, impl, checkpointing, args.device).train()
+    if not cuda:  # own the weights, as a copy to a GPU would: a bf16 load of a bf16 file maps it (file pages, not anon)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.is_floating_point():
+                    param.data = param.data.clone()
     loaded_s = time.perf_counter() - started
     if not cuda:
         load_peak, resident = anon.restart(), _proc_status_bytes("RssAnon")
