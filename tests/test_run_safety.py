@@ -10,11 +10,10 @@ import sys
 
 import pytest
 import torch
-from test_train import read_log, tiny_run, train_losses
+from test_train import assert_replays, read_log, tiny_run, train_losses
 
 import lora_rm.checkpoint as checkpoint_module
 import lora_rm.train as train_module
-from lora_rm import load_adapter
 from lora_rm.builtin import builtin_model, builtin_tokenizer
 from lora_rm.checkpoint import list_checkpoints, save_checkpoint
 from lora_rm.cli import main
@@ -31,16 +30,6 @@ def full_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("safety") / "full"
     train(tiny_run(output))
     return output
-
-
-def assert_replays(run, full_run):
-    """Same logged losses, same final adapter as the uninterrupted run."""
-    assert train_losses(run) == pytest.approx(train_losses(full_run), abs=1e-6)
-    tokenizer = builtin_tokenizer()
-    a = load_adapter(builtin_model(tokenizer), full_run).state_dict()
-    b = load_adapter(builtin_model(tokenizer), run).state_dict()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
 
 
 def crash_at_micro_batch(monkeypatch, n):

@@ -32,6 +32,16 @@ def train_losses(output):
     return [r["loss"] for r in read_log(output) if "loss" in r]
 
 
+def assert_replays(run, full_run):
+    """Same logged losses, same final adapter as the uninterrupted run."""
+    assert train_losses(run) == pytest.approx(train_losses(full_run), abs=1e-6)
+    tokenizer = builtin_tokenizer()
+    a = load_adapter(builtin_model(tokenizer), full_run).state_dict()
+    b = load_adapter(builtin_model(tokenizer), run).state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
 def test_learning_rate_schedule_matches_transformers():
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
@@ -68,13 +78,8 @@ def test_resume_replays_the_uninterrupted_run(tmp_path, monkeypatch):
         train(tiny_run(interrupted))
     train(tiny_run(interrupted, resume=True))
 
-    assert train_losses(interrupted) == pytest.approx(train_losses(full), abs=1e-6)
     assert len(train_losses(full)) == 6
-    tokenizer = builtin_tokenizer()
-    a = load_adapter(builtin_model(tokenizer), full).state_dict()
-    b = load_adapter(builtin_model(tokenizer), interrupted).state_dict()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    assert_replays(interrupted, full)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
