@@ -176,5 +176,10 @@ class TrainConfig:
         for name, (holds, rule) in rules.items():
             if not holds:
                 raise ValueError(f"TrainConfig.{name} must be {rule}, got {getattr(self, name)!r}")
+        if self.fsdp and self.load_in_4bit:
+            raise ValueError(
+                "TrainConfig: fsdp with load_in_4bit is not supported (FSDP2 does not shard bitsandbytes' packed "
+                "4-bit weights); a 4-bit base fits one GPU: drop --fsdp and torchrun trains it with DDP"
+            )
         if self.resume and self.overwrite:
             raise ValueError("TrainConfig: resume and overwrite exclude each other")

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -75,7 +76,9 @@ def load_model_and_tokenizer(
         if not load_in_4bit:
             return model, tokenizer
         with tempfile.TemporaryDirectory() as folder:  # quantization happens while loading: go through a folder
-            model.save_pretrained(folder)
+            # Not model.save_pretrained: under torch.distributed it writes on rank 0 only, and each rank needs one.
+            model.config.save_pretrained(folder)
+            safetensors.torch.save_model(model, f"{folder}/model.safetensors", metadata={"format": "pt"})
             return load_pretrained(folder, dtype, True, bnb_4bit_compute_dtype, device), tokenizer
     tokenizer = load_tokenizer(name, trust_remote_code)
     model = load_pretrained(name, dtype, load_in_4bit, bnb_4bit_compute_dtype, device, trust_remote_code,

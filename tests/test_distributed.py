@@ -22,6 +22,7 @@ from lora_rm import LoraConfig, add_lora, distributed, load_adapter, parameter_c
 from lora_rm.builtin import builtin_model, builtin_tokenizer
 from lora_rm.checkpoint import OPTIMIZER_NAME, RNG_NAME, list_checkpoints
 from lora_rm.cli import main as cli_main
+from lora_rm.config import TrainConfig
 from lora_rm.scoring import load_model_and_tokenizer
 
 TESTS = Path(__file__).parent
@@ -181,6 +182,18 @@ def test_fsdp_two_processes_equal_one_process_and_resume(tmp_path):
     model = load_adapter(builtin_model(builtin_tokenizer()), tmp_path / "fsdp")
     saved = load_file(tmp_path / "fsdp" / "adapter_model.safetensors")
     torch.testing.assert_close(model.score.weight, saved["base_model.model.score.weight"])
+
+
+@pytest.mark.slow
+def test_ddp_trains_a_4bit_base(tmp_path):
+    """QLoRA under torchrun: every rank quantizes its own copy of the base (transformers' save_pretrained writes on
+    rank 0 only, so the built-in model cannot go through it); FSDP with a 4-bit base is refused."""
+    pytest.importorskip("bitsandbytes")
+    out = torchrun("-m", "lora_rm", "train", "--output", str(tmp_path / "qlora"), "--load-in-4bit", *FLAGS, *TWO)
+    assert "DDP over 2 processes" in out
+    assert load_file(tmp_path / "qlora" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="fsdp with load_in_4bit is not supported"):
+        TrainConfig(fsdp=True, load_in_4bit=True)
 
 
 def test_ddp_sends_only_adapter_and_head(tmp_path):
