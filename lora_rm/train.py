@@ -57,6 +57,11 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, s
     return peak * max(0.0, 1.0 - progress)
 
 
+def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
+    """Warmup steps of a run, rounded up as transformers' TrainingArguments.get_warmup_steps (TRL's schedule)."""
+    return math.ceil(warmup_ratio * total_steps)  # int() dropped a partial step: 0.1 of 6 steps gave no warmup
+
+
 def load_pairs(config: TrainConfig, tokenizer) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Tokenized (train, eval) pairs; without an eval dataset, the last eval_fraction of the training rows."""
     train_data = data.load_preference_dataset(config.dataset, config.split, config.max_rows, config.rows, config.seed)
@@ -280,7 +285,7 @@ def train_locked(config: TrainConfig, rank: int, world_size: int, device: torch.
     n_batches = len(epoch_batches(0))
     steps_per_epoch = max(1, n_batches // config.grad_accum)
     total_steps = config.max_steps or max(1, int(config.epochs * steps_per_epoch))
-    warmup_steps = int(config.warmup_ratio * total_steps)
+    warmup_steps = warmup_steps_for(total_steps, config.warmup_ratio)
     global_batch = config.batch_size * world_size * config.grad_accum
     trainer_state = {"total_steps": total_steps, "world_size": world_size, "global_batch": global_batch}
 
