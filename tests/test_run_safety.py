@@ -125,7 +125,8 @@ def test_collapsed_model_stops_instead_of_exiting_zero(tmp_path):
     """lr 1e6: after one huge update every reward is 0 and the gradient norm 0; this used to finish 'successfully'."""
     with pytest.raises(TrainingDiverged, match=rf"collapsed: .* for {COLLAPSE_STEPS} consecutive steps \(3-7\).*"
                        r"update that led here was 1e\+06 \(peak --lr 1e\+06\)") as caught:
-        train(tiny_run(tmp_path, lr=1e6, max_steps=12, save_every=1, keep_checkpoints=20))
+        # warmup_ratio 0.1: 2 warmup steps (ceil(1.2)), so step 2 updates with the peak lr
+        train(tiny_run(tmp_path, lr=1e6, max_steps=12, warmup_ratio=0.1, save_every=1, keep_checkpoints=20))
     good = list_checkpoints(tmp_path / "checkpoints")
     assert [p.name for p in good] == ["step-000001", "step-000002"]
     assert f"The latest good checkpoint is {good[-1]}." in str(caught.value)
@@ -136,7 +137,7 @@ def test_collapsed_model_stops_instead_of_exiting_zero(tmp_path):
 def test_overflowing_update_stops_with_training_diverged(tmp_path):
     """lr 1e38: AdamW's step size overflows float32; this used to escape as a bare RuntimeError."""
     with pytest.raises(TrainingDiverged, match="update of step 1 overflowed.*1e\\+38.*There is no good checkpoint"):
-        train(tiny_run(tmp_path, lr=1e38))
+        train(tiny_run(tmp_path, lr=1e38, warmup_ratio=0.1))  # 1 warmup step (ceil(0.6)): step 1 uses 1e38
 
 
 def test_diverged_run_names_only_a_checkpoint_that_evaluates_finite(tmp_path, capsys):
