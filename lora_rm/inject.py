@@ -112,10 +112,12 @@ def keep_fp32(head: nn.Module) -> None:
     """Store a half-precision head in fp32: AdamW's updates to a bf16 head round away (unlike PEFT, which trains
     its head copy in bf16).
 
-    A pre-hook casts the hidden states coming from the half base to the head's dtype, whatever it is later.
+    A pre-hook casts the hidden states coming from the half base to the head's dtype, whatever it is later; it
+    stays after merge_lora/remove_lora, so the merged model keeps working with its fp32 head.
     """
-    if any(p.dtype in (torch.float16, torch.bfloat16) for p in head.parameters()):
-        head.float()
+    if not any(p.dtype in (torch.float16, torch.bfloat16) for p in head.parameters()):
+        return
+    head.float()
     if _cast_to_head_dtype not in head._forward_pre_hooks.values():
         head.register_forward_pre_hook(_cast_to_head_dtype)
 

@@ -51,3 +51,17 @@ def test_merge_into_4bit_is_refused_and_dequantized_merge_scores_like_the_adapte
     # fp32 compute: the dequantized weights are the ones the 4-bit layers computed with
     assert score_texts(merged, tokenizer, TEXTS) == pytest.approx(unmerged, abs=1e-5)
     assert max(unmerged) - min(unmerged) > 0.01  # the rewards differ: the comparison is not vacuous
+
+
+def test_merged_bf16_model_keeps_scoring_with_its_fp32_head():
+    model, tokenizer = load_model_and_tokenizer("builtin", base_dtype="bf16")
+    add_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        adapted = model(**batch).logits
+        merged = merge_lora(model)(**batch).logits
+    assert merged.dtype == torch.float32 and merged.shape == adapted.shape
+    torch.testing.assert_close(merged, adapted, atol=0.1, rtol=0.05)  # the delta rounded into bf16 W
+    fp32_model, _ = load_model_and_tokenizer("builtin")
+    add_lora(fp32_model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    assert not fp32_model.score._forward_pre_hooks  # an fp32 head needs no cast
