@@ -30,6 +30,7 @@ LOAD_FIELDS = ("model", "base_dtype", "load_in_4bit", "bnb_4bit_compute_dtype", 
 EVAL_FIELDS = (*LOAD_FIELDS, "dataset", "split", "rows", "max_rows", "max_length", "length_policy", "skip_bad_rows",
                "batch_size")
 SCORE_FIELDS = (*LOAD_FIELDS, "max_length", "batch_size")
+REPEATABLE_FIELDS = ("eval_dataset",)  # a flag given more than once makes a list (one given once: its value)
 NEGATIVE_VALUE = re.compile(r"-\.?\d")  # "-512:" (a slice), "-1e-4": argparse takes them for flags
 USAGE_EXIT, FAILURE_EXIT = 2, 1
 
@@ -83,6 +84,8 @@ def add_field_flags(parser: argparse.ArgumentParser, config_class: type, names: 
             flags.append("--lora-r")
         if kind is bool:
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=help_text + ")")
+        elif name in REPEATABLE_FIELDS:
+            parser.add_argument(*flags, dest=name, action="append", metavar="STR", help=help_text + ")")
         else:
             choices = fields[name].metadata.get("choices")
             parser.add_argument(*flags, dest=name, type=kind, choices=choices, metavar=None if choices else
@@ -97,6 +100,9 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """
     given = {name: value for name, value in vars(args).items() if name not in ("command", "debug")}
     lora_given = {name: given.pop(name) for name in LORA_FIELDS if name in given}
+    for name in REPEATABLE_FIELDS:  # one --eval-dataset stays a string, as train_config.json always held it
+        if isinstance(given.get(name), list) and len(given[name]) == 1:
+            given[name] = given[name][0]
     if isinstance(lora_given.get("target_modules"), str) and lora_given["target_modules"] != ALL_LINEAR:
         lora_given["target_modules"] = lora_given["target_modules"].split(",")
     saved = saved_train_config(given) if given.get("resume") else None
@@ -159,8 +165,9 @@ def report_command(config: TrainConfig) -> str:
     """The `lora-rm eval` command that writes the reward report of this run, on its eval data."""
     output = Path(config.output)
     words = ["lora-rm", "eval", "--model", config.model, "--adapter", str(output)]
-    if config.eval_dataset is not None:
-        words += ["--dataset", config.eval_dataset, "--split", config.eval_split]
+    if config.eval_dataset is not None:  # several: the first (each is logged in log.jsonl)
+        first = config.eval_dataset if isinstance(config.eval_dataset, str) else config.eval_dataset[0]
+        words += ["--dataset", first, "--split", config.eval_split]
         words += [f"--rows={config.eval_rows}"] if config.eval_rows else []
         words += ["--max-rows", str(config.max_eval_rows)] if config.max_eval_rows else []
     else:  # the built-in task draws unseen pairs with eval's default seed; other data: the training rows
@@ -213,15 +220,17 @@ def load_for_command(args: argparse.Namespace, settings: dict[str, Any]):
 
 def run_eval(args: argparse.Namespace) -> None:
     from .data import load_preference_dataset
+    from .eval_report import read_sections
     from .scoring import evaluate_dataset
 
     settings = given_or_default(args, EVAL_FIELDS)
+    sections = read_sections(args.sections) if args.sections else None  # a bad file fails before the model loads
     model, tokenizer = load_for_command(args, settings)
     dataset = load_preference_dataset(settings["dataset"], settings["split"], settings["max_rows"], settings["rows"],
                                       seed=args.seed)
     metrics, stats, written = evaluate_dataset(
         model, tokenizer, dataset, settings["max_length"], settings["length_policy"], settings["skip_bad_rows"],
-        settings["batch_size"], args.report, args.log,
+        settings["batch_size"], args.report, args.log, sections,
     )
     print(f"eval pairs: {stats}", file=sys.stderr)
     finite_metrics = finite_or_none(metrics)
@@ -316,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--seed", type=int, default=1, help="seed of the built-in task (default 1: unseen pairs)")
             sub.add_argument("--report", default=None, help="folder for the reward report (PNGs; needs lora-rm[plot])")
             sub.add_argument("--log", default=None, help="a training log.jsonl to plot loss and accuracy curves from")
+            sub.add_argument("--sections", default=None, help="JSON {section: [subsets]}: section scores weighted "
+                             "by pairs, as RewardBench (needs a 'subset' column)")
         if name == "score":
             sub.add_argument("--input", default=None, help="JSONL ('text' or 'messages') or plain lines; default stdin")
         if name == "merge":

@@ -13,6 +13,7 @@ ALL_LINEAR = "all-linear"
 BUILTIN = "builtin"  # --model/--dataset value for the offline demo task (lora_rm/builtin.py)
 LENGTH_POLICIES = ("drop", "truncate_left")  # what to do with a pair longer than max_length
 PRECISIONS = ("fp32", "bf16", "fp16")
+REPORT_TO = ("none", "tensorboard")  # where training logs go besides log.jsonl
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch.<name>, without importing torch here
 
 
@@ -100,7 +101,9 @@ class TrainConfig:
     model: str = option(BUILTIN, "hub id or local folder of the base model; 'builtin': a tiny offline Llama")
     dataset: str = option(BUILTIN, "hub id, local .json/.jsonl(.gz)/.parquet/.csv file or folder, or 'builtin'")
     output: str = option("runs/builtin", "folder for the adapter, log.jsonl and checkpoints/")
-    eval_dataset: str | None = option(None, "held-out preferences; default: the last eval_fraction of dataset")
+    eval_dataset: str | list[str] | None = option(
+        None, "held-out preferences (repeat the flag for several, each logged apart); default: the last eval_fraction "
+        "of dataset")
     split: str = option("train", "split of dataset: a hub split or a slice such as 'train[:1800]'")
     eval_split: str = option("test", "split of eval_dataset")
     eval_fraction: float = option(0.1, "held-out share of the training rows when no eval_dataset is named")
@@ -146,6 +149,8 @@ class TrainConfig:
     trust_remote_code: bool = option(False, "run model code from the hub (off unless asked)")
     allow_pickle_weights: bool = option(False, "load a base that has only pickle weights (pytorch_model.bin)")
     progress: bool = option(True, "show a tqdm progress bar")
+    report_to: str = option("none", "also log to TensorBoard event files beside log.jsonl "
+                            "(pip install 'lora-rm[tensorboard]')", REPORT_TO)
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):  # read back from train_config.json
@@ -172,6 +177,7 @@ class TrainConfig:
             "precision": (self.precision in PRECISIONS, f"one of {PRECISIONS}"),
             "base_dtype": (self.base_dtype in PRECISIONS, f"one of {PRECISIONS}"),
             "bnb_4bit_compute_dtype": (self.bnb_4bit_compute_dtype in PRECISIONS, f"one of {PRECISIONS}"),
+            "report_to": (self.report_to in REPORT_TO, f"one of {REPORT_TO}"),
         }
         for name, (holds, rule) in rules.items():
             if not holds:

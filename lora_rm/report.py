@@ -9,6 +9,10 @@
   the model pays for tokens, not for preference. metrics.json carries the same story as numbers:
   length_correlation, and accuracy_longer_chosen vs accuracy_shorter_chosen (a length-biased model is right when
   the chosen side is longer and wrong when it is shorter).
+- subset_accuracy.png (when the data has a `subset` column): per subset and their macro average, the model's
+  accuracy beside what "the longer response wins" and "the shorter response wins" score on the same pairs, with
+  95% bootstrap intervals (lora_rm/eval_report.py). A subset where a length rule matches or beats the model says
+  little about the model: length alone solves it.
 - training_curves.png (with a training log.jsonl): loss and train/eval accuracy against step. Train accuracy
   climbing while eval accuracy stalls or drops is overfitting.
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -163,6 +168,32 @@ def plot_reward_vs_length(path: Path, sides: dict[str, tuple[Tensor, Tensor]], c
     figure.savefig(path)
 
 
+SUBSET_BARS = (("accuracy", "model", "tab:green"), ("longer_wins_accuracy", "longer wins", "tab:purple"),
+               ("shorter_wins_accuracy", "shorter wins", "tab:gray"))
+
+
+def plot_subsets(path: Path, per_subset: dict[str, dict], macro: dict) -> None:
+    """Grouped bars per subset (and the macro average): the model, then the two length-only rules, with intervals."""
+    groups = {**per_subset, "macro average": macro}
+    figure, ax = new_figure()
+    figure.set_figwidth(max(FIGSIZE[0], 1.2 * len(groups) + 2))
+    width = 0.8 / len(SUBSET_BARS)
+    for offset, (key, label, color) in enumerate(SUBSET_BARS):
+        xs = [i + (offset - 1) * width for i in range(len(groups))]
+        values = [entry[key] for entry in groups.values()]
+        below = [value - entry[f"{key}_ci"][0] for value, entry in zip(values, groups.values(), strict=True)]
+        above = [entry[f"{key}_ci"][1] - value for value, entry in zip(values, groups.values(), strict=True)]
+        ax.bar(xs, values, width, yerr=[below, above], capsize=2, color=color, alpha=0.85, label=label)
+    names = [f"{name}\n(n={entry['n_pairs']})" if "n_pairs" in entry else name for name, entry in groups.items()]
+    ax.set_xticks(range(len(groups)), names, fontsize=8)
+    ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
+    ax.set_ylim(0, 1.2)  # head room for the legend above bars at 1.0
+    ax.set_title("Accuracy per subset: the model vs length alone")
+    ax.set_ylabel("accuracy (95% bootstrap interval)")
+    ax.legend(loc="upper center", ncols=len(SUBSET_BARS), fontsize=8)
+    figure.savefig(path)
+
+
 def curve(records: list[dict], key: str) -> list[tuple[float, float]]:
     """(step, value) of every record that has both as numbers; train and eval lines carry different keys."""
     pairs = [(record.get("step"), record.get(key)) for record in records]
@@ -172,10 +203,12 @@ def curve(records: list[dict], key: str) -> list[tuple[float, float]]:
 def plot_training_curves(path: Path, records: list[dict]) -> None:
     """Loss and train/eval accuracy against step, two panels side by side."""
     figure, (loss_ax, accuracy_ax) = new_figure(ncols=2)
+    # eval_accuracy, or eval_<name>_accuracy for each of several --eval-dataset
+    eval_keys = sorted({key for record in records for key in record if re.fullmatch(r"eval_(.+_)?accuracy", key)})
     for ax, key, label in (
         (loss_ax, "loss", "train loss"),
         (accuracy_ax, "accuracy", "train accuracy"),
-        (accuracy_ax, "eval_accuracy", "eval accuracy"),
+        *[(accuracy_ax, key, key.removesuffix("_accuracy").replace("_", " ", 1) + " accuracy") for key in eval_keys],
     ):
         points = curve(records, key)
         if points:
@@ -230,6 +263,9 @@ def write_report(
     paths.append(folder / "reward_vs_length.png")
     sides = {"chosen": (chosen, length_c), "rejected": (rejected, length_r)}
     plot_reward_vs_length(paths[-1], sides, extra)
+    if metrics.get("per_subset"):
+        paths.append(folder / "subset_accuracy.png")
+        plot_subsets(paths[-1], metrics["per_subset"], metrics["macro_average"])
     if log_path is not None:
         paths.append(folder / "training_curves.png")
         plot_training_curves(paths[-1], read_log(log_path))

@@ -37,6 +37,7 @@ RESUME_MAY_CHANGE = {
     "overwrite": "the same (a resume never overwrites)",
     "output": "the same run, reached by another path or copied to another folder",
     "progress": "display only",
+    "report_to": "where the log is copied to, not what is trained",
     "log_every": "how often the loss is logged, not what is trained",
     "eval_every": "when to evaluate, not what is trained",
     "save_every": "when to checkpoint, not what is trained",

@@ -24,6 +24,7 @@ from torch import nn
 from . import data
 from .adapter_io import load_adapter, read_adapter_config
 from .config import BUILTIN, DTYPES
+from .eval_report import pair_report
 from .loss import preference_metrics, reward_stats, split_rewards
 
 
@@ -228,19 +229,28 @@ def eval_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, Any]
 def evaluate_dataset(
     model, tokenizer, dataset, max_length: int | None, length_policy: str = "drop", skip_bad_rows: bool = False,
     batch_size: int = 8, report: str | Path | None = None, log: str | Path | None = None,
+    sections: dict[str, list[str]] | None = None,
 ) -> tuple[dict[str, Any], data.DataStats, list[Path]]:
-    """Tokenize preference rows, score them and optionally write the reward report: (metrics, stats, report files)."""
+    """Tokenize preference rows, score them and optionally write the reward report: (metrics, stats, report files).
+
+    The metrics carry eval_report.pair_report's length-only baselines and intervals; per subset, macro and per
+    section when the rows have a `subset` column (sections: {section: [subsets]}).
+    """
+    if sections and "subset" not in dataset.column_names:
+        raise ValueError(f"--sections needs a 'subset' column in the data; it has {dataset.column_names}")
     tokenized, stats = data.tokenize_pairs(dataset, tokenizer, max_length, length_policy, skip_bad_rows)
     pairs = tokenized.to_list()
     device = next(model.parameters()).device
     chosen, rejected = rewards_for_pairs(model, pairs, pair_collator(tokenizer), batch_size, device)
     metrics = eval_metrics(chosen, rejected)
+    lengths_chosen = [len(pair["chosen_ids"]) for pair in pairs]
+    lengths_rejected = [len(pair["rejected_ids"]) for pair in pairs]
+    subsets = [pair["subset"] for pair in pairs] if "subset" in tokenized.column_names else None
+    metrics.update(pair_report(chosen, rejected, lengths_chosen, lengths_rejected, subsets, sections))
     written = []
     if report:
         from .report import write_report  # matplotlib is optional
 
-        lengths_chosen = [len(pair["chosen_ids"]) for pair in pairs]
-        lengths_rejected = [len(pair["rejected_ids"]) for pair in pairs]
         written = write_report(report, chosen, rejected, lengths_chosen, lengths_rejected, metrics, log)
     return metrics, stats, written
 

@@ -34,7 +34,8 @@ from .config import TrainConfig
 from .health import Health
 from .inject import add_lora, enable_gradient_checkpointing, format_parameter_counts, lora_config_of
 from .loss import bradley_terry_loss, preference_metrics
-from .run_folder import log_line, output_lock, prepare_output, truncate_log, write_config
+from .run_folder import output_lock, prepare_output, truncate_log, write_config
+from .run_log import RunLog, summary_writer_class
 from .scoring import (
     autocast_context,
     batch_rewards,
@@ -65,9 +66,9 @@ def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
 def load_pairs(config: TrainConfig, tokenizer) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Tokenized (train, eval) pairs; without an eval dataset, the last eval_fraction of the training rows."""
     train_data = data.load_preference_dataset(config.dataset, config.split, config.max_rows, config.rows, config.seed)
-    if config.eval_dataset is not None:
+    if config.eval_dataset is not None:  # several: the first here, the others in named_eval_sets
         eval_data = data.load_preference_dataset(
-            config.eval_dataset, config.eval_split, config.max_eval_rows, config.eval_rows
+            eval_sources(config)[0], config.eval_split, config.max_eval_rows, config.eval_rows
         )
     else:
         n_eval = max(1, int(len(train_data) * config.eval_fraction))
@@ -82,6 +83,42 @@ def load_pairs(config: TrainConfig, tokenizer) -> tuple[list[dict[str, Any]], li
             "--eval-fraction or pass --eval-dataset"
         )
     return train_pairs, eval_pairs
+
+
+def eval_sources(config: TrainConfig) -> list[str]:
+    """The --eval-dataset values as a list (one or several; none: empty)."""
+    if config.eval_dataset is None:
+        return []
+    return [config.eval_dataset] if isinstance(config.eval_dataset, str) else list(config.eval_dataset)
+
+
+def eval_set_name(source: str) -> str:
+    """A short name of an eval dataset for log keys: the file name without its suffixes, or a hub id's last part."""
+    name = Path(source).name
+    for suffix in (".gz", ".jsonl", ".json", ".parquet", ".csv"):
+        name = name.removesuffix(suffix)
+    return name or source
+
+
+def named_eval_sets(config: TrainConfig, tokenizer, first: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Log-key prefix -> eval pairs: "eval" for one eval set (the keys as ever), "eval_<name>" for each of several.
+
+    "eval_<name>_accuracy" is the key transformers' Trainer logs for a dict of eval datasets. Every eval set takes
+    eval_split, eval_rows and max_eval_rows.
+    """
+    sources = eval_sources(config)
+    if len(sources) < 2:
+        return {"eval": first}
+    names = [eval_set_name(source) for source in sources]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--eval-dataset: several datasets are named {repeated} (file name or hub id's last part); "
+                         "rename the files so that each is logged under its own name")
+    sets = {f"eval_{names[0]}": first}
+    for source, name in zip(sources[1:], names[1:], strict=True):
+        rows = data.load_preference_dataset(source, config.eval_split, config.max_eval_rows, config.eval_rows)
+        sets[f"eval_{name}"] = tokenize(rows, tokenizer, config, f"eval {name}")
+    return sets
 
 
 def tokenize(dataset, tokenizer, config: TrainConfig, name: str) -> list[dict[str, Any]]:
@@ -254,6 +291,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Train a LoRA reward model as configured, holding OUTPUT/.lock throughout; returns the final eval metrics."""
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world_size, device = distributed.init_from_env(device)  # (0, 1, device) outside torchrun
+    if config.report_to == "tensorboard":
+        summary_writer_class()  # a missing extra fails before the output folder or the model is touched
     with output_lock(Path(config.output)):
         return train_locked(config, rank, world_size, device)
 
@@ -267,6 +306,7 @@ def train_locked(config: TrainConfig, rank: int, world_size: int, device: torch.
     torch.manual_seed(config.seed)  # the same on every rank: identical adapter init
     model, tokenizer = load_base(config, device)
     train_pairs, eval_pairs = load_pairs(config, tokenizer)
+    eval_sets = named_eval_sets(config, tokenizer, eval_pairs)
     collator = pair_collator(tokenizer)
     forward_model = prepare_model(model, config, device)
     if rank > 0:  # its own dropout stream; rank 0 goes on with the seed's
@@ -295,6 +335,7 @@ def train_locked(config: TrainConfig, rank: int, world_size: int, device: torch.
         write_config(config, output)
 
     # -- the loop
+    log = RunLog(log_path, config.report_to, tuple(eval_sets))
     window, started = LogWindow(start=start_step), time.perf_counter()
     health = Health(config.lr, checkpoints, previous_lr=learning_rate(
         max(0, start_step - 1), total_steps, warmup_steps, config.lr, config.lr_schedule))
@@ -327,12 +368,13 @@ def train_locked(config: TrainConfig, rank: int, world_size: int, device: torch.
         done = step + 1
         if done % config.log_every == 0 or done == total_steps:
             record = window.record(done, steps_per_epoch, grad_norm, lr, time.perf_counter() - started)
-            log_line(log_path, record)
+            log(record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
         if config.eval_every and done % config.eval_every == 0 and done < total_steps:  # the final one follows
-            interim = evaluate(model, eval_pairs, collator, config.batch_size, device, config.precision)
-            log_line(log_path, {"step": done, **{f"eval_{k}": v for k, v in interim.items()}})
-            progress.write(f"step {done}: eval accuracy {interim['accuracy']:.4f}")
+            for prefix, pairs in eval_sets.items():
+                interim = evaluate(model, pairs, collator, config.batch_size, device, config.precision)
+                log({"step": done, **{f"{prefix}_{k}": v for k, v in interim.items()}})
+                progress.write(f"step {done}: {prefix} accuracy {interim['accuracy']:.4f}")
         if (config.save_every and done % config.save_every == 0) or done == total_steps:
             save_checkpoint(checkpoints, done, model, optimizer, trainer_state, config.keep_checkpoints)
     progress.close()
@@ -342,8 +384,14 @@ def train_locked(config: TrainConfig, rank: int, world_size: int, device: torch.
     if distributed.is_main():
         save_adapter(model, output, state=adapter)
         save_tokenizer(tokenizer, output)  # plain tokenizer(text) appends the EOS training did
-    final = evaluate(model, eval_pairs, collator, config.batch_size, device, config.precision)
-    log_line(log_path, {"step": total_steps, **{f"eval_{k}": v for k, v in final.items()}})
+    finals = {}
+    for prefix, pairs in eval_sets.items():
+        finals[prefix] = evaluate(model, pairs, collator, config.batch_size, device, config.precision)
+        log({"step": total_steps, **{f"{prefix}_{k}": v for k, v in finals[prefix].items()}})
+    log.close()
+    final = dict(next(iter(finals.values())))  # the first eval set's at the top, as with one
+    if len(finals) > 1:
+        final["eval_datasets"] = {prefix.removeprefix("eval_"): metrics for prefix, metrics in finals.items()}
     if distributed.is_main():
         (output / "reward_stats.json").write_text(json.dumps(final["reward_stats"], indent=2))
         (output / "eval_metrics.json").write_text(json.dumps(final, indent=2))
