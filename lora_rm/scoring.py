@@ -246,7 +246,12 @@ def evaluate_dataset(
     lengths_chosen = [len(pair["chosen_ids"]) for pair in pairs]
     lengths_rejected = [len(pair["rejected_ids"]) for pair in pairs]
     subsets = [pair["subset"] for pair in pairs] if "subset" in tokenized.column_names else None
-    metrics.update(pair_report(chosen, rejected, lengths_chosen, lengths_rejected, subsets, sections))
+    full_chosen, full_rejected = lengths_chosen, lengths_rejected
+    if stats.n_truncated:  # the length-only rules compare whole sides: cut to max_length, both would often tie
+        full, _ = data.tokenize_pairs(dataset, tokenizer, None, length_policy, skip_bad_rows)  # the same rows kept
+        full_chosen = [len(ids) for ids in full["chosen_ids"]]
+        full_rejected = [len(ids) for ids in full["rejected_ids"]]
+    metrics.update(pair_report(chosen, rejected, full_chosen, full_rejected, subsets, sections))
     written = []
     if report:
         from .report import write_report  # matplotlib is optional

