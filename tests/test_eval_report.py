@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from lora_rm.cli import build_parser, main, train_config_from_args
+from lora_rm.cli import build_parser, main, report_command, train_config_from_args
 from lora_rm.config import LoraConfig, TrainConfig
 from lora_rm.eval_report import pair_report, read_sections
 from lora_rm.train import train
@@ -148,6 +148,7 @@ def test_eval_dataset_flag_repeats(tmp_path):
     twice = train_config_from_args(parser.parse_args(["train", "--eval-dataset", "a.jsonl", "--eval-dataset", "b"]))
     assert once.eval_dataset == "a.jsonl"  # train_config.json holds a string, as before
     assert twice.eval_dataset == ["a.jsonl", "b"]
+    assert "--dataset a.jsonl" in report_command(twice)  # the report is written for the first
 
 
 def test_eval_cli_reports_subsets_sections_and_chart(two_eval_run, tmp_path, capsys):
