@@ -7,9 +7,8 @@
 The held-out rows (the last --eval-pairs of the local harmless-base file) are split into subsets by the number of
 human turns in the conversation: "1 turn", "2 turns", "3+ turns". The derived file, OUTPUT/hh-subsets.jsonl
 (chosen, rejected, subset), and a sections file, OUTPUT/sections.json (single-turn vs multi-turn), are written to the
-output folder, never into the repository; `lora-rm eval --dataset OUTPUT/hh-subsets.jsonl --split train --sections
-OUTPUT/sections.json` computes the same numbers. Prints one line per subset, section and the macro average, and
-writes the reward report (with subset_accuracy.png) to OUTPUT/report.
+output folder, never into the repository. Prints one line per subset, section and the macro average, and the
+`lora-rm eval` command that gives the same JSON; writes the reward report (with subset_accuracy.png) to OUTPUT/report.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 from pathlib import Path
 
 import torch
@@ -120,6 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(format_entry(f"[{name}]", entry))
     print(format_entry("macro average", metrics["macro_average"]))
     print(format_entry("all pairs", metrics))
+    command = ["lora-rm", "eval", "--model", args.model, "--adapter", adapter, "--dataset", str(subset_file),
+               "--split", "train", "--max-length", str(args.max_length), "--length-policy", "truncate_left",
+               "--sections", str(output / "sections.json")]
+    print("the same with the CLI:", shlex.join(command))
     return metrics
 
 
