@@ -82,11 +82,12 @@ class LoraConfig:
         for key, value in self.alpha_pattern.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"LoraConfig.alpha_pattern[{key!r}] must be a positive number, got {value!r}")
-        for key in [*self.rank_pattern, *self.alpha_pattern]:
-            try:
-                re.compile(key)
-            except re.error as error:
-                raise ValueError(f"LoraConfig.rank_pattern/alpha_pattern: {key!r} is not a regex ({error})") from error
+        for name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, name):
+                try:
+                    re.compile(key)
+                except re.error as error:
+                    raise ValueError(f"LoraConfig.{name} key {key!r} is not a regex ({error})") from error
         if isinstance(self.layers_to_transform, tuple):
             self.layers_to_transform = list(self.layers_to_transform)
         layers = self.layers_to_transform

@@ -127,7 +127,8 @@ def test_peft_refusals_are_ours_with_the_combination_named(fields, words):
     (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\] must be a positive integer"),
     (dict(rank_pattern={"q_proj": 2.5}), r"rank_pattern\['q_proj'\] must be a positive integer"),
     (dict(alpha_pattern={"q_proj": -1}), r"alpha_pattern\['q_proj'\] must be a positive number"),
-    (dict(rank_pattern={"q_proj(": 2}), "'q_proj\\(' is not a regex"),
+    (dict(rank_pattern={"q_proj(": 2}), "rank_pattern key 'q_proj\\(' is not a regex"),
+    (dict(alpha_pattern={"[v": 2}), "alpha_pattern key '\\[v' is not a regex"),
     (dict(layers_to_transform=[0, "1"]), "layers_to_transform must be a layer index or a list"),
     (dict(layers_to_transform=-1), "layers_to_transform must be a layer index or a list"),
 ])
@@ -304,3 +305,19 @@ def test_rslora_scales_each_module_by_its_own_rank_like_peft():
     assert adapted_ranks(ours)["model.layers.1.self_attn.q_proj"] == (8, 16 / 8**0.5)
     with torch.no_grad():
         assert (rewards(ours, tiny_batch()) - rewards(theirs, tiny_batch())).abs().max() < FP32_TOL
+
+
+def test_a_pattern_run_resumes_from_its_checkpoint(tmp_path):
+    """checkpoint.py loads through the same coverage check: layer 0 left out on purpose must not stop a resume."""
+    from test_train import read_log, tiny_run
+
+    from lora_rm.train import train
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 2},
+                      layers_to_transform=1)
+    train(tiny_run(tmp_path, max_steps=3, lora=lora))
+    train(tiny_run(tmp_path, max_steps=6, lora=lora, resume=True))
+    assert [r["step"] for r in read_log(tmp_path) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    resumed = load_adapter(builtin_model(builtin_tokenizer()), tmp_path)
+    assert adapted_ranks(resumed) == {"model.layers.1.self_attn.q_proj": (4, 2.0), "model.layers.1.self_attn.v_proj":
+                                      (2, 4.0), "model.layers.1.mlp.down_proj": (4, 2.0)}
