@@ -14,7 +14,15 @@ from torch import nn
 
 from .config import LoraConfig
 from .files import atomic_path
-from .inject import LINEAR_TYPES, add_lora, head_modules, lora_config_of, lora_layers, remove_lora
+from .inject import (
+    LINEAR_TYPES,
+    add_lora,
+    head_modules,
+    in_selected_layer,
+    lora_config_of,
+    lora_layers,
+    remove_lora,
+)
 from .lora import LoRALinear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -93,26 +101,32 @@ def _some(names: list[str]) -> str:
 
 
 def check_adapter_covers_base(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Every saved module is in the base, and every base module of a saved kind has saved weights.
+    """Every saved module is in the base, and every base module of a saved kind, in a layer the adapter's
+    layers_to_transform selects, has saved weights.
 
     Targets are saved as full names, so an adapter trained on 2 layers would otherwise load onto a 4-layer
-    base of the same width and silently leave layers 2-3 unadapted.
+    base of the same width and silently leave layers 2-3 unadapted. A layer left out by layers_to_transform
+    was left out on purpose: its modules are not expected.
     """
     suffix = ".lora_A.weight"
     saved = {key[len(PEFT_PREFIX) : -len(suffix)] for key in weights if key.endswith(suffix)}
     modules = dict(model.named_modules())
     not_in_base = sorted(saved - set(modules))
     families = {_family(name) for name in saved}
+    config = lora_config_of(model)
     uncovered = sorted(
         name for name, module in modules.items()
         if name not in saved and _family(name) in families and isinstance(module, (*LINEAR_TYPES, LoRALinear))
+        and in_selected_layer(name, config)
     )
     problems = []
     if not_in_base:
         problems.append(f"{len(not_in_base)} of its {len(saved)} adapted modules are not in the base: "
                         f"{_some(not_in_base)}")
     if uncovered:
-        problems.append(f"{len(uncovered)} base modules of the kinds it adapts have no saved weights: "
+        selected = config.layers_to_transform
+        layers = "" if selected is None else f" (in its layers_to_transform={selected})"
+        problems.append(f"{len(uncovered)} base modules of the kinds it adapts{layers} have no saved weights: "
                         f"{_some(uncovered)}")
     if problems:
         raise ValueError(
@@ -135,9 +149,12 @@ def matched_adapter_tensors(model: nn.Module, weights: dict[str, torch.Tensor]) 
         )
     for key, target in targets.items():
         if weights[key].shape != target.shape:
+            rank_hint = ""
+            if key.endswith(("lora_A.weight", "lora_B.weight")):
+                rank_hint = " (the model's rank comes from adapter_config.json's r and rank_pattern)"
             raise ValueError(
                 f"adapter does not fit the base model: {key} has shape {tuple(weights[key].shape)} in the file "
-                f"but {tuple(target.shape)} in the model"
+                f"but {tuple(target.shape)} in the model{rank_hint}"
             )
     return targets
 

@@ -23,7 +23,9 @@ from typing import Any
 from .builtin import BUILTIN_TRAIN_DEFAULTS
 from .config import ALL_LINEAR, BUILTIN, LoraConfig, TrainConfig
 
-LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora")  # LoraConfig on the command line
+LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora",  # LoraConfig on the command line
+               "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")
+PATTERN_FIELDS = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")  # text, parse_pattern_flags
 # What eval/score/merge take from TrainConfig's flags (same names, same defaults).
 LOAD_FIELDS = ("model", "base_dtype", "load_in_4bit", "bnb_4bit_compute_dtype", "device", "trust_remote_code",
                "allow_pickle_weights")
@@ -74,7 +76,7 @@ def add_field_flags(parser: argparse.ArgumentParser, config_class: type, names: 
     for name in names:
         hint = hints[name]
         options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]  # X | None -> X
-        kind = str if str in options else options[0]  # target_modules: list[str] | str, given as text
+        kind = str if str in options or name in PATTERN_FIELDS else options[0]  # target_modules: given as text
         default = getattr(defaults, name)
         help_text = f"{fields[name].metadata['help']} (default: {'unset' if default is None else default}"
         if builtin_defaults and name in builtin_defaults:
@@ -105,6 +107,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
             given[name] = given[name][0]
     if isinstance(lora_given.get("target_modules"), str) and lora_given["target_modules"] != ALL_LINEAR:
         lora_given["target_modules"] = lora_given["target_modules"].split(",")
+    lora_given.update(parse_pattern_flags(lora_given))
     saved = saved_train_config(given) if given.get("resume") else None
     if saved is not None:
         lora = dataclasses.replace(saved.lora, **lora_given)
@@ -115,6 +118,32 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     base_name = None if model == BUILTIN else model
     lora = dataclasses.replace(TrainConfig().lora, **lora_given, base_model_name_or_path=base_name)
     return TrainConfig(**given, lora=lora)
+
+
+def parse_pattern_flags(lora_given: dict[str, Any]) -> dict[str, Any]:
+    """--rank-pattern/--alpha-pattern as JSON objects, --layers-to-transform '3' or '0,2', --layers-pattern 'h'."""
+    parsed = {}
+    for name in ("rank_pattern", "alpha_pattern"):
+        if name in lora_given:
+            flag = f"--{name.replace('_', '-')}"
+            try:
+                parsed[name] = json.loads(lora_given[name])
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{flag} must be a JSON object such as '{{\"v_proj\": 16}}' ({error})") from error
+            if not isinstance(parsed[name], dict):
+                raise ValueError(f"{flag} must be a JSON object such as '{{\"v_proj\": 16}}', got {lora_given[name]!r}")
+    if "layers_to_transform" in lora_given:
+        text = lora_given["layers_to_transform"]
+        try:
+            indices = [int(part) for part in text.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"--layers-to-transform must be a layer index or comma-separated indices, got {text!r}"
+            ) from None
+        parsed["layers_to_transform"] = indices if "," in text else indices[0]
+    if "layers_pattern" in lora_given and "," in lora_given["layers_pattern"]:
+        parsed["layers_pattern"] = lora_given["layers_pattern"].split(",")
+    return parsed
 
 
 def saved_train_config(given: dict[str, Any]) -> TrainConfig | None:

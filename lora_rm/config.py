@@ -4,6 +4,7 @@ flags, saved as train_config.json)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,19 @@ class LoraConfig:
     fan_in_fan_out: bool = False  # written for PEFT's loader (True for GPT-2's Conv1D); we read the layer type instead
     bias: str = "none"  # only "none" is supported: biases stay frozen
     base_model_name_or_path: str | None = None  # where the base came from, for PEFT's loader
+    # Per-module rank / alpha and layer selection: PEFT's rules, implemented in inject.py (see its comments).
+    rank_pattern: dict[str, int] = field(default_factory=dict, metadata={
+        "help": "rank per module, PEFT's rule: a key (regex) matching the end of a module's name after a dot, first "
+                "key wins; JSON on the command line, e.g. '{\"v_proj\": 16}'"})
+    alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "lora_alpha per module, matched as rank_pattern; JSON on the command line"})
+    layers_to_transform: list[int] | int | None = option(
+        None, "adapt only these layer indices (comma-separated); needs target_modules as names, not a regex"
+    )
+    layers_pattern: list[str] | str | None = option(
+        None, "name of the layer list whose index layers_to_transform reads (e.g. 'layers', 'h'); default: the "
+        "first number after two name parts"
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -57,6 +71,41 @@ class LoraConfig:
             raise ValueError("LoraConfig.target_modules is required: a list of names, a regex or 'all-linear'")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        self._check_patterns()
+
+    def _check_patterns(self) -> None:
+        """rank_pattern/alpha_pattern/layers_* as PEFT's LoraConfig accepts them, with PEFT's refusals."""
+        self.rank_pattern = dict(self.rank_pattern or {})  # PEFT writes {}; None would crash its loader
+        self.alpha_pattern = dict(self.alpha_pattern or {})
+        for key, value in self.rank_pattern.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        for key, value in self.alpha_pattern.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"LoraConfig.alpha_pattern[{key!r}] must be a positive number, got {value!r}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, name):
+                try:
+                    re.compile(key)
+                except re.error as error:
+                    raise ValueError(f"LoraConfig.{name} key {key!r} is not a regex ({error})") from error
+        if isinstance(self.layers_to_transform, tuple):
+            self.layers_to_transform = list(self.layers_to_transform)
+        layers = self.layers_to_transform
+        indices = [layers] if isinstance(layers, int) else layers if isinstance(layers, list) else [None]
+        if layers is not None and any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices):
+            raise ValueError(f"LoraConfig.layers_to_transform must be a layer index or a list of them, got {layers!r}")
+        if isinstance(self.layers_pattern, tuple):
+            self.layers_pattern = list(self.layers_pattern)
+        # PEFT's refusals: a regex string (all-linear too) is matched whole, so there is no layer part to select on.
+        for name in ("layers_to_transform", "layers_pattern"):
+            if isinstance(self.target_modules, str) and getattr(self, name) is not None:
+                raise ValueError(
+                    f"LoraConfig.{name} cannot be used with target_modules={self.target_modules!r}, a string (PEFT "
+                    "refuses it too): name the modules as a list, e.g. ['q_proj', 'v_proj']"
+                )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("LoraConfig.layers_pattern needs layers_to_transform (PEFT refuses it alone)")
 
     def to_peft_dict(self) -> dict[str, Any]:
         """The adapter_config.json that PEFT's LoraConfig.from_pretrained reads."""
@@ -85,9 +134,6 @@ class LoraConfig:
 _UNSUPPORTED_PEFT_FIELDS: dict[str, Any] = {
     "use_dora": False,
     "lora_bias": False,
-    "rank_pattern": {},
-    "alpha_pattern": {},
-    "layers_to_transform": None,
     "layer_replication": None,
     "trainable_token_indices": None,
     "target_parameters": None,

@@ -45,6 +45,56 @@ def _inside(name: str, module_names: list[str]) -> bool:
     return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in module_names)
 
 
+def _is_target(name: str, config: LoraConfig) -> bool:
+    """PEFT's check_target_module_exists: a regex string matches whole, a list entry matches the exact name (then
+    layers_to_transform is not consulted, as in PEFT) or a dotted suffix (then the module's layer must be selected)."""
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    if name in targets:
+        return True
+    return any(name.endswith(f".{target}") for target in targets) and in_selected_layer(name, config)
+
+
+# layers_to_transform / layers_pattern, PEFT's rule (tuners_utils.check_target_module_exists). A module's layer index
+# is the first number that stands as its own name part:
+#   - with layers_pattern (e.g. "layers", "h", "layer"): the number right after that part (the pattern is a regex);
+#   - without: the first number after at least two name parts, so "model.layers.3.mlp.up_proj" -> 3 and GPT-2's
+#     "transformer.h.3.attn.c_attn" -> 3. The first, not the last: a MoE's "layers.1.experts.0" is layer 1.
+# A module with no such number is not adapted at all when layers_to_transform is set; an empty list selects all.
+def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+    """The layer a module lies in, read from its name as PEFT reads it; None when the name has none."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = next(filter(None, (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name) for p in patterns)), None)
+    return int(match["idx"]) if match else None
+
+
+def in_selected_layer(name: str, config: LoraConfig) -> bool:
+    """True unless layers_to_transform is set and the module's layer (layer_index) is not one of them."""
+    layers = config.layers_to_transform
+    if layers is None or layers == []:
+        return True
+    index = layer_index(name, config.layers_pattern)
+    return index is not None and index in ([layers] if isinstance(layers, int) else layers)
+
+
+# rank_pattern / alpha_pattern, PEFT's rule (utils.other.get_pattern_key, PEFT >= 0.15): the first key, in the dict's
+# order, that is a regex matching the end of the full module name, from its start or right after a dot:
+# re.match(rf"(.*\.)?({key})$", name). So "v_proj" picks every v_proj, "layers.0.self_attn.v_proj" one of them and
+# "^model.layers.0.self_attn.v_proj" only the module of exactly that name. Unmatched modules keep r / lora_alpha.
+# (PEFT < 0.15 used rf".*\.{key}$": keys needed a dot before them, so "^..." keys matched nothing.) Order matters
+# when keys overlap, so add_lora keeps the resolved value of each module under its full name for saving.
+def pattern_value(patterns: dict[str, float], name: str, default: float) -> float:
+    """The rank (or alpha) rank_pattern (or alpha_pattern) gives the module `name`; default when no key matches."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return patterns.get(name, default)
+
+
 def find_target_names(model: nn.Module, config: LoraConfig, head_names: list[str]) -> list[str]:
     """Names of the modules to wrap; excludes and the head win over targets."""
     all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR
@@ -57,13 +107,19 @@ def find_target_names(model: nn.Module, config: LoraConfig, head_names: list[str
         if all_linear:
             if isinstance(module, LINEAR_TYPES):
                 targets.append(name)
-        elif _matches(name, config.target_modules):
+        elif _is_target(name, config):
             if not isinstance(module, LINEAR_TYPES):
                 raise TypeError(
                     f"target module {name!r} is a {type(module).__name__}; lora-rm adapts only nn.Linear and "
                     "Conv1D layers. Name the linear layers inside it instead"
                 )
             targets.append(name)
+    if not targets and any(_matches(name, config.target_modules) for name, _ in model.named_modules()):
+        raise ValueError(
+            f"target_modules={config.target_modules!r} with layers_to_transform={config.layers_to_transform!r} "
+            f"(layers_pattern={config.layers_pattern!r}) matched no module of {type(model).__name__}: no targeted "
+            "module lies in those layers. Check the indices, and layers_pattern against the model's module names"
+        )
     if not targets:
         raise ValueError(_no_match_message(model, config.target_modules))
     return targets
@@ -88,22 +144,29 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     target_names = find_target_names(model, config, head_names)
     model.requires_grad_(False)
     has_conv1d = False
+    ranks, alphas = {}, {}
     for name in target_names:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base_layer = getattr(parent, child_name)
         has_conv1d |= isinstance(base_layer, Conv1D)
+        ranks[name] = pattern_value(config.rank_pattern, name, config.r)
+        alphas[name] = pattern_value(config.alpha_pattern, name, config.lora_alpha)
         wrapped = LoRALinear(
-            base_layer, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights
+            base_layer, ranks[name], alphas[name], config.lora_dropout, config.use_rslora, config.init_lora_weights
         )
         setattr(parent, child_name, wrapped)
     for head in head_modules(model, head_names).values():
         keep_fp32(head)
         head.requires_grad_(True)
-    # Saved like PEFT: targets resolved to full names ("all-linear" too), the head named. Kept on the model itself
-    # because there is no wrapper to keep it on (PEFT keeps peft_config on its PeftModel); remove_lora deletes it.
+    # Saved like PEFT: targets resolved to full names ("all-linear" too), the head named; rank/alpha patterns
+    # resolved to full names too (each key then matches one module, so key order no longer matters). Kept on the
+    # model itself because there is no wrapper to keep it on (PEFT keeps peft_config on its PeftModel); remove_lora
+    # deletes it.
     model.lora_rm_config = dataclasses.replace(
-        config, target_modules=sorted(target_names), modules_to_save=list(head_names), fan_in_fan_out=has_conv1d
+        config, target_modules=sorted(target_names), modules_to_save=list(head_names), fan_in_fan_out=has_conv1d,
+        rank_pattern={name: r for name, r in sorted(ranks.items()) if r != config.r},
+        alpha_pattern={name: alpha for name, alpha in sorted(alphas.items()) if alpha != config.lora_alpha},
     )
     return model
 

@@ -158,7 +158,9 @@ def changed_settings(saved: dict[str, Any], now: dict[str, Any], prefix: str = "
     for name in now:
         if name not in saved:
             continue  # a setting this version added: the saved run had its default
-        if isinstance(now[name], dict) and isinstance(saved[name], dict):
+        # Only the lora section is read key by key: a dict setting inside it (rank_pattern) is one value, so a key
+        # added to it is a change, not "a setting this version added".
+        if not prefix and isinstance(now[name], dict) and isinstance(saved[name], dict):
             changes += changed_settings(saved[name], now[name], f"{prefix}{name}.")
         elif now[name] != saved[name]:
             changes.append((f"{prefix}{name}", saved[name], now[name]))

@@ -92,6 +92,8 @@ def peft_config(config: LoraConfig) -> peft.LoraConfig:
     return peft.LoraConfig(
         task_type="SEQ_CLS", r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=config.target_modules, use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
+        rank_pattern=config.rank_pattern, alpha_pattern=config.alpha_pattern,
+        layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
     )
 
 
@@ -375,6 +377,125 @@ NF4_CHECKS = {
 }
 
 
+# ---- rank_pattern / alpha_pattern and layers_to_transform / layers_pattern --------------------------------------
+# Each check first asserts that both sides adapted the same modules with the same rank and scaling, then compares
+# numbers; fp64 rows show the sums agree to ~1e-14, fp32 rows the contract's 1e-5.
+PATTERN_ARCHS = ["llama", "gpt2", "bert", "opt"]
+LAYER_LISTS = {"llama": "layers", "qwen2": "layers", "mistral": "layers", "gpt2": "h", "gpt_neox": "layers",
+               "opt": "layers", "bert": "layer"}  # the nn.ModuleList of blocks: layers_pattern's value
+
+
+def rank_pattern_config(arch: str) -> LoraConfig:
+    """Ranks 2 / 6 / 8 / 4 and two alphas, with keys that overlap (the first key wins) and a '^'-anchored key.
+
+    The keys are in sorted order: PEFT's save_pretrained sorts them (json sort_keys), so an adapter whose outcome
+    depends on another order does not survive PEFT's own save and load (tests/test_patterns.py shows it).
+    """
+    first, last, layers = TARGETS[arch][0], TARGETS[arch][-1], LAYER_LISTS[arch]
+    rank_pattern = dict(sorted({last: 2, rf"{layers}\.1\..*{last}": 6, rf"^.*{layers}\.1\..*\.{first}": 8}.items()))
+    return replace(report_config(arch), rank_pattern=rank_pattern, alpha_pattern={first: 16})
+
+
+def layers_config(arch: str) -> LoraConfig:
+    """Only layer 1 (of 2), its index read after the named layer list."""
+    return replace(report_config(arch), layers_to_transform=[1], layers_pattern=LAYER_LISTS[arch])
+
+
+def adapted_ranks(model: torch.nn.Module) -> dict[str, tuple[int, float]]:
+    """(rank, scaling) of every adapted module by its name in the HF model, ours or PEFT's."""
+    if isinstance(model, peft.PeftModel):
+        from peft.tuners.lora import LoraLayer
+
+        return {name.removeprefix("base_model.model."): (m.r["default"], m.scaling["default"])
+                for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    return {name: (layer.lora_A.out_features, layer.scaling) for name, layer in lora_layers(model)}
+
+
+def expect_same_adapted(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    """Same adapted modules, ranks and scalings on both sides, or an AssertionError naming the differences."""
+    ours_ranks, theirs_ranks = adapted_ranks(ours), adapted_ranks(theirs)
+    if ours_ranks != theirs_ranks:
+        differ = {k: (ours_ranks.get(k), theirs_ranks.get(k)) for k in ours_ranks.keys() | theirs_ranks.keys()
+                  if ours_ranks.get(k) != theirs_ranks.get(k)}
+        raise AssertionError(f"adapted modules differ (ours, PEFT's): {differ}")
+
+
+def checked_pair(arch: str, config: LoraConfig, dtype: torch.dtype):
+    """paired_models, after checking that both adapted the same modules alike."""
+    ours, theirs = paired_models(arch, config, dtype=dtype)
+    expect_same_adapted(ours, theirs)
+    return ours, theirs
+
+
+def check_pattern_we_load_peft(arch: str, config: LoraConfig, dtype: torch.dtype) -> float:
+    """PEFT's save_pretrained of a pattern adapter, loaded by load_adapter: same modules and ranks, same rewards."""
+    _, theirs = checked_pair(arch, config, dtype)
+    with tempfile.TemporaryDirectory() as folder:
+        theirs.save_pretrained(folder)
+        ours = load_adapter(tiny_model(arch, dtype=dtype), folder)
+    expect_same_adapted(ours, theirs)
+    batch = tiny_batch()
+    return max_diff(rewards(ours, batch), rewards(theirs, batch))
+
+
+def check_pattern_peft_loads_ours(arch: str, config: LoraConfig, dtype: torch.dtype) -> float:
+    """save_adapter of a pattern adapter, loaded by PeftModel.from_pretrained: same modules and ranks, same rewards."""
+    ours, _ = checked_pair(arch, config, dtype)
+    with tempfile.TemporaryDirectory() as folder:
+        save_adapter(ours, folder)
+        theirs = peft.PeftModel.from_pretrained(tiny_model(arch, dtype=dtype), folder).eval()
+    expect_same_adapted(ours, theirs)
+    batch = tiny_batch()
+    return max_diff(rewards(ours, batch), rewards(theirs, batch))
+
+
+def check_pattern_adamw_step(arch: str, config: LoraConfig, dtype: torch.dtype) -> float:
+    """One AdamW step from the same Bradley-Terry gradients: every trainable tensor afterwards, and the rewards."""
+    ours, theirs = checked_pair(arch, config, dtype)
+    batch = tiny_batch()
+    ours_grads = {k.replace("base_layer.", ""): g for k, g in _lora_and_head_grads(ours, batch, False).items()}
+    theirs_grads = _lora_and_head_grads(theirs, batch, peft_names=True)
+    if set(ours_grads) != set(theirs_grads) or any(g is None for g in ours_grads.values()):
+        raise AssertionError("trainable sets differ or a gradient is None")
+    for model in (ours, theirs):
+        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2).step()
+    ours_after = {k.replace("base_layer.", ""): p for k, p in ours.named_parameters() if p.requires_grad}
+    theirs_after = {
+        k.removeprefix("base_model.model.").replace(".default", "").replace(".modules_to_save", ""): p
+        for k, p in theirs.named_parameters() if p.requires_grad
+    }
+    with torch.no_grad():
+        reward_diff = max_diff(rewards(ours, batch), rewards(theirs, batch))
+    return max(reward_diff, *(max_diff(ours_after[k], theirs_after[k]) for k in ours_after))
+
+
+def check_pattern_merge(arch: str, config: LoraConfig, dtype: torch.dtype) -> float:
+    """merge_lora vs merge_and_unload: every tensor of the plain models, and their rewards."""
+    ours, theirs = checked_pair(arch, config, dtype)
+    ours, theirs = merge_lora(ours), theirs.merge_and_unload()
+    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    if set(ours_state) != set(theirs_state):
+        raise AssertionError(f"merged keys differ: {set(ours_state) ^ set(theirs_state)}")
+    batch = tiny_batch()
+    return max(max_diff(rewards(ours, batch), rewards(theirs, batch)),
+               *(max_diff(ours_state[k], theirs_state[k]) for k in ours_state))
+
+
+PATTERN_CHECKS = {
+    f"{variant}: {what}{', fp64' if dtype == torch.float64 else ''}": (
+        lambda a, c, check=check, make=make, dtype=dtype: check(a, make(a), dtype)
+    )
+    for variant, make in (("rank_pattern", rank_pattern_config), ("layers_to_transform", layers_config))
+    for dtype in (torch.float32, torch.float64)
+    for what, check in (
+        ("we load PEFT's", check_pattern_we_load_peft),
+        ("PEFT loads ours", check_pattern_peft_loads_ours),
+        ("after one AdamW step", check_pattern_adamw_step),
+        ("merged", check_pattern_merge),
+    )
+}
+
+
 def report_config(arch: str) -> LoraConfig:
     return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], init_lora_weights=False)
 
@@ -384,8 +505,9 @@ def main() -> None:
     print(f"lora-rm vs PEFT {peft.__version__}, torch {torch.__version__}; fp32 unless named; max abs diff\n")
     print("| check | " + " | ".join(archs) + " |")
     print("|---|" + "---|" * len(archs))
-    for check_name, check in {**CHECKS, **NF4_CHECKS}.items():
-        runs = archs if check_name not in NF4_CHECKS else [a for a in archs if a in QUANT_ARCHS]
+    for check_name, check in {**CHECKS, **NF4_CHECKS, **PATTERN_CHECKS}.items():
+        runs = archs if check_name in CHECKS else [a for a in archs if a in QUANT_ARCHS]
+        runs = [a for a in archs if a in PATTERN_ARCHS] if check_name in PATTERN_CHECKS else runs
         cells = [f"{check(arch, report_config(arch)):.2e}" if arch in runs else "-" for arch in archs]
         print(f"| {check_name} | " + " | ".join(cells) + " |")
 
