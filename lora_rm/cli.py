@@ -23,7 +23,8 @@ from typing import Any
 from .builtin import BUILTIN_TRAIN_DEFAULTS
 from .config import ALL_LINEAR, BUILTIN, LoraConfig, TrainConfig
 
-LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora")  # LoraConfig on the command line
+# LoraConfig on the command line
+LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "init_lora_weights")
 # What eval/score/merge take from TrainConfig's flags (same names, same defaults).
 LOAD_FIELDS = ("model", "base_dtype", "load_in_4bit", "bnb_4bit_compute_dtype", "device", "trust_remote_code",
                "allow_pickle_weights")
@@ -99,6 +100,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     lora_given = {name: given.pop(name) for name in LORA_FIELDS if name in given}
     if isinstance(lora_given.get("target_modules"), str) and lora_given["target_modules"] != ALL_LINEAR:
         lora_given["target_modules"] = lora_given["target_modules"].split(",")
+    if str(lora_given.get("init_lora_weights")).lower() in ("true", "false"):  # text on the command line
+        lora_given["init_lora_weights"] = str(lora_given["init_lora_weights"]).lower() == "true"
     saved = saved_train_config(given) if given.get("resume") else None
     if saved is not None:
         lora = dataclasses.replace(saved.lora, **lora_given)
