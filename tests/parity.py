@@ -444,6 +444,16 @@ def check_init_rewards(arch: str, config: LoraConfig) -> float:
     return max(max_diff(ours_rewards, rewards(theirs, batch)), max_diff(ours_rewards, rewards(base, batch)))
 
 
+def check_init_bf16(arch: str, config: LoraConfig) -> float:
+    """bf16 base: W_res bit-equal; PEFT's fp32 A, B are ours rounded to bf16 (it casts the new adapter to the base
+    dtype before autocast_adapter_dtype casts it back), ours stay as decomposed."""
+    ours, theirs, _ = init_pair(arch, config, dtype=torch.bfloat16)
+    ours_p, theirs_p = _trainable(ours), _trainable(theirs)
+    residual = max(max_diff(ours_p[k], theirs_p[k]) for k in ours_p if k.endswith("base_layer.weight"))
+    rounded = max(max_diff(ours_p[k].bfloat16(), theirs_p[k]) for k in ours_p if "lora_" in k)
+    return max(residual, rounded)
+
+
 def check_init_identity_fp64(arch: str, config: LoraConfig) -> float:
     """fp64 base (PEFT refuses it): rewards at init vs the base's, and remove_lora gives W back; ~1e-15."""
     from lora_rm.inject import remove_lora
@@ -586,11 +596,13 @@ INIT_CHECKS = {
     "converted tensors vs PEFT's conversion": check_init_conversion_tensors,
     "merged weights after a step": check_init_merge,
     "fp64 (PEFT refuses): = base at init, W restored": check_init_identity_fp64,
+    "bf16 base: W_res, and A, B rounded to bf16": check_init_bf16,
 }
 # Rows that need PEFT's own init (not run where PEFT_FAILS).
 INIT_CHECKS_WITH_PEFT_INIT = (
     "A, B, W_res at init", "rewards at init (and = base)", "after one AdamW step",
     "converted tensors vs PEFT's conversion", "merged weights after a step",
+    "bf16 base: W_res, and A, B rounded to bf16",
 )
 LORAPLUS_CHECKS = {
     "LoRA+: lr and weight decay per parameter": check_loraplus_groups,
