@@ -63,6 +63,8 @@ class LoRALinear(nn.Module):
 
     def reset_parameters(self, init_lora_weights: bool | str = True) -> None:
         """Draw A and B again with PEFT's init (draw_lora_weights): B = 0 makes the adapter an exact no-op."""
+        if inits.is_weight_init(init_lora_weights):
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} is taken from the base weight once, in __init__")
         draw_lora_weights(self.lora_A.weight, self.lora_B.weight, init_lora_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -232,3 +232,10 @@ def test_loading_an_unconverted_randomized_init_warns(tmp_path):
     save_adapter(model, tmp_path, convert_to_plain=False)
     with pytest.warns(UserWarning, match="unconverted pissa_niter_2 adapter"):
         load_adapter(tiny_model("llama"), tmp_path)
+
+
+def test_reset_parameters_refuses_a_weight_init():
+    """Redrawing would need the original W, which the layer no longer holds (it holds W_res): an error, not a no-op."""
+    layer = LoRALinear(torch.nn.Linear(8, 8), r=2, lora_alpha=2, init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="taken from the base weight once"):
+        layer.reset_parameters("pissa")
