@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .files import atomic_path
+from .inits import plain_lora_config, plain_lora_tensors
 from .inject import (
     LINEAR_TYPES,
     add_lora,
@@ -47,20 +49,28 @@ def save_adapter(
     model: nn.Module,
     path: str | os.PathLike,
     state: dict[str, torch.Tensor] | None = None,
+    convert_to_plain: bool = True,
 ) -> None:
     """Write the adapter in PEFT's format; each file goes to a temporary name first, so a crash keeps the old one.
 
     state: the tensors to write under adapter_state_dict's keys (e.g. gathered from shards); default the model's.
+    convert_to_plain: a PiSSA/OLoRA adapter is written as a plain rank-2r LoRA on the original base (inits.py), so
+    it loads anywhere; False writes it as trained, on W_res (checkpoints: a resume redoes the init on the base).
     """
     if any(layer.merged for _, layer in lora_layers(model)):
         raise ValueError("save_adapter: the adapter is merged into the base; unmerge before saving")
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model) if state is None else state
+    config = lora_config_of(model)
+    initial = {f"{PEFT_PREFIX}{name}": layer.initial_lora for name, layer in lora_layers(model)
+               if getattr(layer, "initial_lora", None) is not None}
+    if convert_to_plain and initial:
+        state, config = plain_lora_tensors(initial, state), plain_lora_config(config)
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in state.items()}
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
-    config_text = json.dumps(lora_config_of(model).to_peft_dict(), indent=2, sort_keys=True)
+    config_text = json.dumps(config.to_peft_dict(), indent=2, sort_keys=True)
     with atomic_path(directory / CONFIG_NAME) as tmp:
         Path(tmp).write_text(config_text + "\n")
 
@@ -170,6 +180,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Add the LoRA described in path's adapter_config.json to a plain HF model and load its weights."""
     config = read_adapter_config(path)
     weights = read_adapter_weights(path)
+    if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith("pissa_niter"):
+        warnings.warn(
+            f"{path} holds an unconverted {config.init_lora_weights} adapter: its residual base W_res is rebuilt "
+            "with a randomized SVD drawing other random numbers than training did, so it differs by the SVD's "
+            "approximation error (save_adapter converts by default; a checkpoint's adapter is not converted)",
+            stacklevel=2,
+        )
     add_lora(model, config)
     try:
         load_adapter_weights(model, weights)

@@ -134,7 +134,7 @@ def write_checkpoint(
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp, state=adapter)
+    save_adapter(model, tmp, state=adapter, convert_to_plain=False)  # as trained: resume loads it onto W_res
     tensors, groups = optimizer_tensors(optimizer_state)
     for name, part in ((OPTIMIZER_NAME, tensors), (RNG_NAME, rng)):
         with atomic_path(tmp / name) as path:  # for the umask's mode (safetensors writes 0600)

@@ -24,7 +24,7 @@ from .builtin import BUILTIN_TRAIN_DEFAULTS
 from .config import ALL_LINEAR, BUILTIN, LoraConfig, TrainConfig
 
 LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora",  # LoraConfig on the command line
-               "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")
+               "init_lora_weights", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")
 PATTERN_FIELDS = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")  # text, parse_pattern_flags
 # What eval/score/merge take from TrainConfig's flags (same names, same defaults).
 LOAD_FIELDS = ("model", "base_dtype", "load_in_4bit", "bnb_4bit_compute_dtype", "device", "trust_remote_code",
@@ -108,6 +108,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     if isinstance(lora_given.get("target_modules"), str) and lora_given["target_modules"] != ALL_LINEAR:
         lora_given["target_modules"] = lora_given["target_modules"].split(",")
     lora_given.update(parse_pattern_flags(lora_given))
+    if str(lora_given.get("init_lora_weights")).lower() in ("true", "false"):  # text on the command line
+        lora_given["init_lora_weights"] = str(lora_given["init_lora_weights"]).lower() == "true"
     saved = saved_train_config(given) if given.get("resume") else None
     if saved is not None:
         lora = dataclasses.replace(saved.lora, **lora_given)

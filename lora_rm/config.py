@@ -18,6 +18,11 @@ REPORT_TO = ("none", "tensorboard")  # where training logs go besides log.jsonl
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch.<name>, without importing torch here
 
 
+def is_weight_init(init: bool | str) -> bool:
+    """True for PiSSA/OLoRA: inits that read A and B off the base weight and replace it with W - s B A (inits.py)."""
+    return isinstance(init, str) and re.fullmatch(r"pissa|pissa_niter_\d+|olora", init) is not None
+
+
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     """A config field whose help text (and choices) the CLI turns into a flag: one source for every default."""
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -35,7 +40,10 @@ class LoraConfig:
     )
     exclude_modules: list[str] | str | None = None  # same matching rule; excludes win over targets
     use_rslora: bool = option(False, "rank-stabilised scaling lora_alpha / sqrt(r)")
-    init_lora_weights: bool | str = True  # True: kaiming A, zero B; "gaussian": A ~ normal(std 1/r); False: random
+    init_lora_weights: bool | str = option(
+        True, "True: kaiming A, zero B; 'gaussian': A ~ normal(std 1/r); False: random (tests); 'pissa', "
+        "'pissa_niter_K', 'olora': A, B from the base weight's SVD/QR, W replaced by W - s B A (lora_rm/inits.py)"
+    )
     modules_to_save: list[str] | None = None  # the fully trainable head; None means detect it (score, classifier, ...)
     fan_in_fan_out: bool = False  # written for PEFT's loader (True for GPT-2's Conv1D); we read the layer type instead
     bias: str = "none"  # only "none" is supported: biases stay frozen
@@ -61,9 +69,10 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.lora_alpha must be positive, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        if self.init_lora_weights not in (True, False, "gaussian") and not is_weight_init(self.init_lora_weights):
             raise ValueError(
-                f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+                "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_K' (K an "
+                f"integer) or 'olora', got {self.init_lora_weights!r}"
             )
         if self.bias != "none":
             raise ValueError(f"LoraConfig.bias={self.bias!r} is not supported; only 'none'")
@@ -172,6 +181,8 @@ class TrainConfig:
     lr: float = option(1e-4, "peak learning rate of the adapter and the head")
     head_lr: float | None = option(None, "peak learning rate of the head; default: lr")
     weight_decay: float = option(0.0, "AdamW's decoupled weight decay")
+    loraplus_lr_ratio: float | None = option(None, "LoRA+: lora_B's learning rate is this times lr (lora_A's); "
+                                             "the paper suggests 16; unset: plain LoRA")
     lr_schedule: str = option("linear", "decay after warmup, as transformers' schedulers", ("linear", "cosine"))
     warmup_ratio: float = option(0.0, "share of the steps spent warming up linearly from 0")
     epochs: float = option(1.0, "passes over the training pairs (fractions allowed)")
@@ -233,5 +244,15 @@ class TrainConfig:
                 "TrainConfig: fsdp with load_in_4bit is not supported (FSDP2 does not shard bitsandbytes' packed "
                 "4-bit weights); a 4-bit base fits one GPU: drop --fsdp and torchrun trains it with DDP"
             )
+        weight_init = is_weight_init(self.lora.init_lora_weights)
+        if weight_init and (self.load_in_4bit or self.fsdp):
+            raise ValueError(
+                f"TrainConfig: init_lora_weights={self.lora.init_lora_weights!r} with "
+                f"{'load_in_4bit' if self.load_in_4bit else 'fsdp'} is not supported: PiSSA/OLoRA decompose the full "
+                "base weight and rewrite it (a 4-bit weight would be re-quantized, an FSDP shard is not the whole "
+                "weight); train on a full-precision base under one process or DDP"
+            )
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
+            raise ValueError(f"TrainConfig.loraplus_lr_ratio must be positive, got {self.loraplus_lr_ratio!r}")
         if self.resume and self.overwrite:
             raise ValueError("TrainConfig: resume and overwrite exclude each other")

@@ -13,6 +13,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers.pytorch_utils import Conv1D
 
 from .config import ALL_LINEAR, LoraConfig
+from .inits import restore_base_weight
 from .lora import LoRALinear
 
 # Names HF gives the head of *ForSequenceClassification models (PEFT's SEQ_CLS_HEAD_NAMES plus BART's).
@@ -223,8 +224,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
-    """Put each wrapped base layer back in place of its LoRALinear (dropping unmerged updates); returns model."""
+    """Put each wrapped base layer back in place of its LoRALinear (dropping unmerged updates); returns model.
+
+    An unmerged PiSSA/OLoRA layer gets its original W back first (W_res + s B0 A0, inits.py).
+    """
     for name, layer in list(lora_layers(model)):
+        if not layer.merged and getattr(layer, "initial_lora", None) is not None:
+            restore_base_weight(layer)
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, layer.base_layer)
     model.__dict__.pop("lora_rm_config", None)

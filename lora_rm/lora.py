@@ -6,6 +6,7 @@
 
 Init (PEFT's and the LoRA paper's): A kaiming-uniform with a=sqrt(5) (nn.Linear's default), B zero,
 so a fresh adapter leaves the model unchanged. scaling = alpha / r, or alpha / sqrt(r) with rsLoRA.
+(PiSSA/OLoRA start A, B from W's SVD/QR and subtract them from W instead: inits.py.)
 GPT-2's Conv1D stores W as (d_in, d_out); the delta is transposed once for it (PEFT's fan_in_fan_out).
 
 forward() reads as the equation; by default it hands the same sum to fast_path.py, which computes it in fewer
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import fast_path
+from . import fast_path, inits
 
 
 class LoRALinear(nn.Module):
@@ -55,11 +56,15 @@ class LoRALinear(nn.Module):
         self.lora_A, self.lora_B = new_lora_pair(d_in, r, d_out, init_lora_weights, dtype, weight.device)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        if inits.is_weight_init(init_lora_weights):  # PiSSA/OLoRA: A, B from W's SVD/QR; W becomes W - s B A
+            inits.init_from_base_weight(self, init_lora_weights)
         self.merged = False
         self.fast_path = True  # False: PEFT's order of operations exactly (the same sum, slower)
 
     def reset_parameters(self, init_lora_weights: bool | str = True) -> None:
         """Draw A and B again with PEFT's init (draw_lora_weights): B = 0 makes the adapter an exact no-op."""
+        if inits.is_weight_init(init_lora_weights):
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} is taken from the base weight once, in __init__")
         draw_lora_weights(self.lora_A.weight, self.lora_B.weight, init_lora_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +128,7 @@ def draw_lora_weights(lora_A: torch.Tensor, lora_B: torch.Tensor, init: bool | s
 
     True: A kaiming-uniform (a=sqrt(5)); "gaussian": A normal with std 1/r. lora_A is (r, d_in), lora_B (d_out, r).
     """
-    if init is False:
+    if init is False or inits.is_weight_init(init):  # PiSSA/OLoRA set both from the base weight (inits.py)
         return
     if init == "gaussian":
         nn.init.normal_(lora_A, std=1 / lora_A.shape[0])

@@ -32,7 +32,7 @@ from .adapter_io import adapter_state_dict, save_adapter
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .health import Health
-from .inject import add_lora, enable_gradient_checkpointing, format_parameter_counts, lora_config_of
+from .inject import add_lora, enable_gradient_checkpointing, format_parameter_counts, lora_config_of, lora_layers
 from .loss import bradley_terry_loss, preference_metrics
 from .run_folder import output_lock, prepare_output, truncate_log, write_config
 from .run_log import RunLog, summary_writer_class
@@ -169,13 +169,25 @@ def load_base(config: TrainConfig, device: torch.device):
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over adapter and head only; the head may have its own learning rate."""
+    """AdamW over adapter and head only; the head may have its own learning rate.
+
+    LoRA+ (Hayou et al. 2024; PEFT's create_loraplus_optimizer): lr_B = loraplus_lr_ratio x lr_A. With B = 0 at
+    init and B's fan-in r far below A's fan-in d_in, one learning rate is either too small for B or too large for A;
+    a larger step on B lets the update B A grow as fast as the features need (the paper suggests a ratio of 16).
+    The head keeps its own group at head_lr (PEFT puts a 2-D head weight in A's group at lr, the same as ours by
+    default, but every 1-D parameter, e.g. a head bias, in B's group: a rule for lora_B's bias, not for a head).
+    """
     head_names = tuple(f"{name}." for name in lora_config_of(model).modules_to_save)
     head, adapter = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (head if name.startswith(head_names) else adapter).append(param)
     groups = [{"params": adapter, "lr": config.lr, "peak_lr": config.lr}]
+    if config.loraplus_lr_ratio is not None:  # group 0 stays A's, at lr: the lr logged and checked
+        ids_B = {id(layer.lora_B.weight) for _, layer in lora_layers(model)}
+        lr_B = config.lr * config.loraplus_lr_ratio
+        groups = [{"params": [p for p in adapter if id(p) not in ids_B], "lr": config.lr, "peak_lr": config.lr},
+                  {"params": [p for p in adapter if id(p) in ids_B], "lr": lr_B, "peak_lr": lr_B}]
     head_lr = config.head_lr or config.lr
     groups.append({"params": head, "lr": head_lr, "peak_lr": head_lr})
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay)

@@ -510,6 +510,245 @@ def main() -> None:
         runs = [a for a in archs if a in PATTERN_ARCHS] if check_name in PATTERN_CHECKS else runs
         cells = [f"{check(arch, report_config(arch)):.2e}" if arch in runs else "-" for arch in archs]
         print(f"| {check_name} | " + " | ".join(cells) + " |")
+    main_loraplus_inits(archs)
+
+
+
+# ---- LoRA+ and the PiSSA/OLoRA inits ---------------------------------------------------------------------------
+# Separate from CHECKS: each row has its own config. Seeds align: PEFT's get_peft_model and our add_lora draw the same
+# numbers in the same order (A's and B's nn.Linear init, then svd_lowrank's for pissa_niter_K), so even the
+# randomized SVD gives bit-equal A, B and W_res.
+INIT_ARCHS = ["llama", "gpt2", "bert", "opt"]
+WEIGHT_INITS = ("pissa", "pissa_niter_4", "olora")
+# PEFT 0.21's olora_init does not transpose a Conv1D weight (pissa_init does): its A, B get the wrong shapes and the
+# forward fails. lora-rm transposes it; those rows compare us to the math (the function at init, the saved adapter).
+PEFT_FAILS = {("gpt2", "olora")}
+LORAPLUS = dict(lr=1e-3, loraplus_lr_ratio=16.0, weight_decay=0.01)
+
+
+def init_config(arch: str, init: str) -> LoraConfig:
+    return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], init_lora_weights=init)
+
+
+def init_pair(arch: str, config: LoraConfig, dtype: torch.dtype = torch.float32, seed: int = 5):
+    """(ours, PEFT's, the untouched base) with the same init from the same base and the same RNG state."""
+    base = tiny_model(arch, dtype=dtype)
+    torch.manual_seed(seed)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft_config(config)).eval()
+    torch.manual_seed(seed)
+    ours = add_lora(copy.deepcopy(base), config).eval()
+    return ours, theirs, base
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters (and, for LoRA layers, the base weight) under one naming for both libraries."""
+    named = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad or name.endswith("base_layer.weight"):
+            key = name.removeprefix("base_model.model.").replace(".default", "").replace(".modules_to_save", "")
+            named[key.replace(".original_module", "")] = param
+    return named
+
+
+def check_init_weights(arch: str, config: LoraConfig) -> float:
+    """A, B and W_res of every adapted layer, ours vs PEFT's init from the same base."""
+    ours, theirs, _ = init_pair(arch, config)
+    ours_p, theirs_p = _trainable(ours), _trainable(theirs)
+    keys = [k for k in ours_p if "lora_" in k or k.endswith("base_layer.weight")]
+    return max(max_diff(ours_p[k], theirs_p[k]) for k in keys)
+
+
+def check_init_rewards(arch: str, config: LoraConfig) -> float:
+    """Rewards at init: ours vs PEFT's, and ours vs the untouched base (W_res + s B A = W)."""
+    ours, theirs, base = init_pair(arch, config)
+    batch = tiny_batch()
+    ours_rewards = rewards(ours, batch)
+    return max(max_diff(ours_rewards, rewards(theirs, batch)), max_diff(ours_rewards, rewards(base, batch)))
+
+
+def check_init_bf16(arch: str, config: LoraConfig) -> float:
+    """bf16 base: W_res bit-equal; PEFT's fp32 A, B are ours rounded to bf16 (it casts the new adapter to the base
+    dtype before autocast_adapter_dtype casts it back), ours stay as decomposed."""
+    ours, theirs, _ = init_pair(arch, config, dtype=torch.bfloat16)
+    ours_p, theirs_p = _trainable(ours), _trainable(theirs)
+    residual = max(max_diff(ours_p[k], theirs_p[k]) for k in ours_p if k.endswith("base_layer.weight"))
+    rounded = max(max_diff(ours_p[k].bfloat16(), theirs_p[k]) for k in ours_p if "lora_" in k)
+    return max(residual, rounded)
+
+
+def check_init_identity_fp64(arch: str, config: LoraConfig) -> float:
+    """fp64 base (PEFT refuses it): rewards at init vs the base's, and remove_lora gives W back; ~1e-15."""
+    from lora_rm.inject import remove_lora
+
+    base = tiny_model(arch, dtype=torch.float64)
+    ours = add_lora(copy.deepcopy(base), config)
+    batch = tiny_batch()
+    at_init = max_diff(rewards(ours, batch), rewards(base, batch))
+    restored = remove_lora(ours).state_dict()
+    return max(at_init, max(max_diff(restored[k], v) for k, v in base.state_dict().items()))
+
+
+def _adamw_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer=None) -> None:
+    """One Bradley-Terry step (chosen rows first) with the given optimizer, or AdamW(lr 1e-2) over the trainables."""
+    optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    _lora_and_head_grads(model, batch, peft_names=False)
+    optimizer.step()
+
+
+def stepped_init_pair(arch: str, config: LoraConfig, folder: str):
+    """init_pair after one AdamW step on each; PEFT's initial adapter saved in folder/init for its conversion."""
+    ours, theirs, base = init_pair(arch, config)
+    theirs.save_pretrained(os.path.join(folder, "init"))
+    batch = tiny_batch()
+    _adamw_step(ours, batch)
+    _adamw_step(theirs, batch)
+    return ours, theirs, base
+
+
+def check_init_step(arch: str, config: LoraConfig) -> float:
+    """One AdamW step from the init moves both alike: every trainable tensor, and W_res, after it."""
+    with tempfile.TemporaryDirectory() as folder:
+        ours, theirs, _ = stepped_init_pair(arch, config, folder)
+    ours_p, theirs_p = _trainable(ours), _trainable(theirs)
+    if set(ours_p) != set(theirs_p):
+        raise AssertionError(f"trainable sets differ: {set(ours_p) ^ set(theirs_p)}")
+    return max(max_diff(ours_p[k], theirs_p[k]) for k in ours_p)
+
+
+def check_init_saved_loads_in_peft(arch: str, config: LoraConfig) -> float:
+    """After a step, our saved (converted, rank 2r) adapter on the ORIGINAL base in PEFT: rewards vs ours live."""
+    base = tiny_model(arch)
+    torch.manual_seed(5)
+    ours = add_lora(copy.deepcopy(base), config).eval()  # without PEFT's init: it fails on gpt2's Conv1D with olora
+    _adamw_step(ours, tiny_batch())
+    with tempfile.TemporaryDirectory() as folder:
+        save_adapter(ours, os.path.join(folder, "ours"))
+        loaded = peft.PeftModel.from_pretrained(tiny_model(arch), os.path.join(folder, "ours")).eval()
+        batch = tiny_batch()
+        return max_diff(rewards(loaded, batch), rewards(ours, batch))
+
+
+def check_init_conversion_tensors(arch: str, config: LoraConfig) -> float:
+    """Our converted A' = [A; A0], B' = [B, -B0] vs PEFT's save_pretrained(path_initial_model_for_weight_conversion).
+
+    PEFT's converted file has no head (its subtract_mutated_init keeps only lora_A/lora_B keys), so PeftModel cannot
+    load it for SEQ_CLS; ours keeps the head. Compared here: the LoRA tensors, and r/lora_alpha of the config.
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as folder:
+        ours, theirs, _ = stepped_init_pair(arch, config, folder)
+        save_adapter(ours, os.path.join(folder, "ours"))
+        theirs.save_pretrained(os.path.join(folder, "theirs"),
+                               path_initial_model_for_weight_conversion=os.path.join(folder, "init"))
+        ours_t, theirs_t = (load_file(os.path.join(folder, f, "adapter_model.safetensors")) for f in ("ours", "theirs"))
+        ours_c, theirs_c = (json.load(open(os.path.join(folder, f, "adapter_config.json"))) for f in ("ours", "theirs"))
+    if set(theirs_t) != {k for k in ours_t if "lora_" in k}:
+        raise AssertionError("converted LoRA keys differ")
+    if (ours_c["r"], ours_c["lora_alpha"], ours_c["init_lora_weights"]) != (
+        theirs_c["r"], theirs_c["lora_alpha"], theirs_c["init_lora_weights"]
+    ):
+        raise AssertionError(f"converted configs differ: {ours_c} vs {theirs_c}")
+    return max(max_diff(ours_t[k], theirs_t[k]) for k in theirs_t)
+
+
+def check_init_merge(arch: str, config: LoraConfig) -> float:
+    """After a step: merge_lora vs merge_and_unload, every tensor of the merged models (W_res + s B A)."""
+    with tempfile.TemporaryDirectory() as folder:
+        ours, theirs, _ = stepped_init_pair(arch, config, folder)
+    ours_state, theirs_state = merge_lora(ours).state_dict(), theirs.merge_and_unload().state_dict()
+    return max(max_diff(ours_state[k], theirs_state[k]) for k in ours_state)
+
+
+def loraplus_optimizers(arch: str, config: LoraConfig):
+    """(ours, PEFT's) paired models with build_optimizer's LoRA+ AdamW and create_loraplus_optimizer's."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    from lora_rm.config import TrainConfig
+    from lora_rm.train import build_optimizer
+
+    ours, theirs = paired_models(arch, config)
+    ours_opt = build_optimizer(ours, TrainConfig(lora=config, **LORAPLUS))
+    theirs_opt = create_loraplus_optimizer(
+        theirs, torch.optim.AdamW, lr=LORAPLUS["lr"], loraplus_lr_ratio=LORAPLUS["loraplus_lr_ratio"],
+        loraplus_weight_decay=LORAPLUS["weight_decay"],
+    )
+    return ours, theirs, ours_opt, theirs_opt
+
+
+def lr_and_decay_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, tuple[float, float]]:
+    """Each parameter's (lr, weight_decay), under the shared naming of _trainable."""
+    names = {id(p): k for k, p in _trainable(model).items()}
+    return {names[id(p)]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+
+
+def head_bias_names(model: torch.nn.Module) -> set[str]:
+    """The head's 1-D parameters: PEFT's LoRA+ gives them B's lr and no decay, we the head's (build_optimizer)."""
+    heads = tuple(f"{h}." for h in model.lora_rm_config.modules_to_save)
+    return {k for k, p in _trainable(model).items() if k.startswith(heads) and p.ndim == 1}
+
+
+def check_loraplus_groups(arch: str, config: LoraConfig) -> float:
+    """Every trainable parameter's lr and weight decay, ours vs create_loraplus_optimizer (head biases aside)."""
+    ours, theirs, ours_opt, theirs_opt = loraplus_optimizers(arch, config)
+    ours_lr, theirs_lr = lr_and_decay_by_name(ours, ours_opt), lr_and_decay_by_name(theirs, theirs_opt)
+    if set(ours_lr) != set(theirs_lr):
+        raise AssertionError(f"optimized sets differ: {set(ours_lr) ^ set(theirs_lr)}")
+    compared = set(ours_lr) - head_bias_names(ours)
+    return max(abs(a - b) for k in compared for a, b in zip(ours_lr[k], theirs_lr[k], strict=True))
+
+
+def check_loraplus_step(arch: str, config: LoraConfig) -> float:
+    """One LoRA+ AdamW step on the same gradients moves both alike (head biases aside, see head_bias_names)."""
+    ours, theirs, ours_opt, theirs_opt = loraplus_optimizers(arch, config)
+    batch = tiny_batch()
+    _adamw_step(ours, batch, ours_opt)
+    _adamw_step(theirs, batch, theirs_opt)
+    ours_p, theirs_p = _trainable(ours), _trainable(theirs)
+    return max(max_diff(ours_p[k], theirs_p[k]) for k in set(ours_p) - head_bias_names(ours))
+
+
+INIT_CHECKS = {
+    "A, B, W_res at init": check_init_weights,
+    "rewards at init (and = base)": check_init_rewards,
+    "after one AdamW step": check_init_step,
+    "converted, PEFT loads on the original base: rewards": check_init_saved_loads_in_peft,
+    "converted tensors vs PEFT's conversion": check_init_conversion_tensors,
+    "merged weights after a step": check_init_merge,
+    "fp64 (PEFT refuses): = base at init, W restored": check_init_identity_fp64,
+    "bf16 base: W_res, and A, B rounded to bf16": check_init_bf16,
+}
+# Rows that need PEFT's own init (not run where PEFT_FAILS).
+INIT_CHECKS_WITH_PEFT_INIT = (
+    "A, B, W_res at init", "rewards at init (and = base)", "after one AdamW step",
+    "converted tensors vs PEFT's conversion", "merged weights after a step",
+    "bf16 base: W_res, and A, B rounded to bf16",
+)
+LORAPLUS_CHECKS = {
+    "LoRA+: lr and weight decay per parameter": check_loraplus_groups,
+    "LoRA+: after one AdamW step": check_loraplus_step,
+}
+
+
+def init_cell(arch: str, init: str, check_name: str) -> str:
+    if (arch, init) in PEFT_FAILS and check_name in INIT_CHECKS_WITH_PEFT_INIT:
+        return "PEFT fails"
+    return f"{INIT_CHECKS[check_name](arch, init_config(arch, init)):.2e}"
+
+
+def main_loraplus_inits(archs: list[str]) -> None:
+    """The separate table: LoRA+ rows, then one row per (init, check)."""
+    archs = [a for a in archs if a in INIT_ARCHS] or INIT_ARCHS
+    print("\nLoRA+ and PiSSA/OLoRA inits; fp32 unless named; max abs diff\n")
+    print("| check | " + " | ".join(archs) + " |")
+    print("|---|" + "---|" * len(archs))
+    for check_name, check in LORAPLUS_CHECKS.items():
+        print(f"| {check_name} | " + " | ".join(f"{check(a, report_config(a)):.2e}" for a in archs) + " |")
+    for init in WEIGHT_INITS:
+        for check_name in INIT_CHECKS:
+            print(f"| {init}: {check_name} | " + " | ".join(init_cell(a, init, check_name) for a in archs) + " |")
 
 
 if __name__ == "__main__":

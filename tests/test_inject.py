@@ -103,6 +103,6 @@ def test_config_checks_name_the_field():
     with pytest.raises(ValueError, match="LoraConfig.r"):
         LoraConfig(r=0, target_modules=["q_proj"])
     with pytest.raises(ValueError, match="LoraConfig.init_lora_weights"):
-        LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa")
+        LoraConfig(target_modules=["q_proj"], init_lora_weights="loftq")
     with pytest.raises(ValueError, match="target_modules"):
         LoraConfig()
