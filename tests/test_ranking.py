@@ -1,5 +1,6 @@
 """Rankings of K answers: row shapes, bad rows, the two losses (exactly Bradley-Terry at K = 2), metrics, training."""
 
+import functools
 import itertools
 import json
 import math
@@ -263,6 +264,7 @@ def test_k_way_resume_replays_the_uninterrupted_run(tmp_path, monkeypatch):
     assert final["eval_n_rows"] == 24 and final["eval_n_responses"] == 12 * 4 + 12 * 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_name", ["all_pairs", "plackett_luce"])
 def test_the_k4_arithmetic_task_learns_far_above_chance(tmp_path, loss_name):
     """One right sum and three wrong ones scored by their distance from it: top-1 by chance is 0.25."""
@@ -298,3 +300,47 @@ def test_both_shapes_train_and_evaluate_from_the_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "--ranking-loss", "listnet"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.slow
+def test_k_way_rows_under_two_processes_equal_one_process_and_resume(tmp_path):
+    """DDP: 2 processes of 2 K-way rows train what 1 process of 4 trains; 9 eval rows shard as 4 + 5 (padded);
+    a run preempted under 2 processes resumes exactly."""
+    from test_distributed import FLAGS, TESTS, assert_same_run, losses, one_process, torchrun
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", mixed_k_rows(96))
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", mixed_k_rows(9, seed=1))
+    flags = ["--dataset", rows, "--eval-dataset", held_out, "--eval-every", "2", "--ranking-loss", "plackett_luce"]
+    one_process(tmp_path / "one", "--batch-size", "4", *flags)
+    two = [*FLAGS, "--batch-size", "2", *flags]
+    out = {name: str(tmp_path / name) for name in ("two", "two_resumed")}
+    steps = [["--output", out["two"], *two], {"preempt": [out["two"], out["two_resumed"]]},
+             ["--output", out["two_resumed"], *two, "--resume"]]
+    torchrun(str(TESTS / "ddp_worker.py"), json.dumps(steps))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert_same_run(tmp_path / "two", tmp_path / "two_resumed", atol=1e-6, rtol=0)
+    evals = [[r for r in map(json.loads, (tmp_path / run / "log.jsonl").read_text().splitlines()) if "eval_n_rows" in r]
+             for run in ("one", "two")]  # fmt: skip
+    assert [r["eval_n_rows"] for r in evals[1]] == [9, 9] and len(losses(tmp_path / "two")) == 4
+    for ours, theirs in zip(*evals, strict=True):
+        assert ours["eval_top1_accuracy"] == theirs["eval_top1_accuracy"]
+        assert ours["eval_kendall_tau"] == pytest.approx(theirs["eval_kendall_tau"], abs=1e-6)
+
+
+def test_evaluate_dataset_scores_k_way_rows_and_reports_their_pairs(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lora_rm.scoring import evaluate_dataset
+
+    tokenizer = builtin_tokenizer()
+    model = builtin_model(tokenizer).eval()
+    rows = Dataset.from_list(mixed_k_rows(10))
+    metrics, stats, written = evaluate_dataset(model, tokenizer, rows, 32, batch_size=3, report=tmp_path / "report")
+    assert stats.n_kept == 10 and metrics["n_rows"] == 10 and metrics["n_responses"] == 5 * 4 + 5 * 3
+    # rows batched 3 at a time, position-major, come back row after row: each response's reward as scored alone
+    tokenized = data.tokenize_pairs(rows, tokenizer)[0].to_list()
+    collator = functools.partial(collate_groups, pad_token_id=tokenizer.pad_token_id)
+    batched = ranking_module.rewards_for_rows(model, tokenized, collator, 3, torch.device("cpu"))
+    alone = [model(input_ids=torch.tensor([ids])).logits.item() for row in tokenized for ids in row["responses_ids"]]
+    torch.testing.assert_close(batched, torch.tensor(alone), atol=1e-5, rtol=0)
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert report["n_pairs"] == metrics["n_pairs"] and any(path.suffix == ".png" for path in written)
