@@ -197,13 +197,23 @@ def ordered_pairs(group: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
     return better, worse
 
 
+def _in_row(rows: Tensor, n_rows: int) -> Tensor:
+    """(n_rows, n) mask: element k belongs to row b. Dense sums over it are deterministic on every device, where
+    CUDA's index_add and bincount are not (torch.use_deterministic_algorithms refuses bincount)."""
+    return rows[None, :] == torch.arange(n_rows, device=rows.device)[:, None]
+
+
 def _per_row_sum(values: Tensor, rows: Tensor, n_rows: int) -> Tensor:
-    return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
+    return torch.where(_in_row(rows, n_rows), values[None, :], 0.0).sum(dim=1)  # adding zeros is exact
+
+
+def _per_row_count(rows: Tensor, n_rows: int) -> Tensor:
+    return _in_row(rows, n_rows).sum(dim=1).float()
 
 
 def _centering(rewards: Tensor, group: Tensor, n_rows: int) -> Tensor:
     """TRL's centering term mean((r_c + r_r)^2) generalised to mean over rows of (2 * row mean reward)^2."""
-    sizes = torch.bincount(group, minlength=n_rows).to(rewards.dtype)
+    sizes = _per_row_count(group, n_rows)
     return torch.mean((_per_row_sum(rewards, group, n_rows) * (2 / sizes)) ** 2)  # 2/2 = 1: exact at K = 2
 
 
@@ -223,8 +233,7 @@ def all_pairs_loss(
     if margin is not None:
         difference = difference - margin.to(difference.device, torch.float32)[group[better]]
     rows = group[better]
-    pair_counts = torch.bincount(rows, minlength=n_rows).to(difference.dtype)
-    loss = (_per_row_sum(-F.logsigmoid(difference), rows, n_rows) / pair_counts).mean()
+    loss = (_per_row_sum(-F.logsigmoid(difference), rows, n_rows) / _per_row_count(rows, n_rows)).mean()
     if center_rewards_coefficient is not None:
         loss = loss + center_rewards_coefficient * _centering(rewards, group, n_rows)
     return loss

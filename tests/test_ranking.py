@@ -344,3 +344,12 @@ def test_evaluate_dataset_scores_k_way_rows_and_reports_their_pairs(tmp_path):
     torch.testing.assert_close(batched, torch.tensor(alone), atol=1e-5, rtol=0)
     report = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert report["n_pairs"] == metrics["n_pairs"] and any(path.suffix == ".png" for path in written)
+
+
+def test_pairs_and_k_way_rows_mix_between_training_and_evaluation(tmp_path):
+    k_way = write_jsonl(tmp_path / "k_way.jsonl", mixed_k_rows(20, seed=1))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", list(builtin_preference_dataset(20, seed=1)))
+    on_pairs = train(tiny_run(tmp_path / "pairs_run", "builtin", eval_dataset=k_way, max_steps=2))
+    assert on_pairs["n_rows"] == 20 and "top1_accuracy" in on_pairs
+    on_k_way = train(tiny_run(tmp_path / "k_way_run", k_way, eval_dataset=pairs, max_steps=2))
+    assert on_k_way["n_pairs"] == 20 and "top1_accuracy" not in on_k_way
