@@ -82,3 +82,24 @@ def builtin_preference_dataset(n_pairs: int, seed: int = 0) -> Dataset:
         rows["chosen"].append(f" {a + b}")
         rows["rejected"].append(f" {wrong}")
     return Dataset.from_dict(rows)
+
+
+def builtin_ranking_dataset(n_rows: int, k: int = 4, seed: int = 0) -> Dataset:
+    """K-way rows (prompt, responses, scores): the right sum and k - 1 distinct wrong ones, in random order, each
+    scored by minus its distance from the right sum (so the right one is best)."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows: dict[str, list] = {"prompt": [], "responses": [], "scores": []}
+    for _ in range(n_rows):
+        a, b = rng.randrange(10), rng.randrange(10)
+        answers = [a + b]
+        while len(answers) < k:
+            wrong = rng.randrange(10) + rng.randrange(10)  # as the pairs' rejected: the distribution of a sum
+            if wrong not in answers:
+                answers.append(wrong)
+        rng.shuffle(answers)
+        rows["prompt"].append(f"What is {a} + {b} ?")
+        rows["responses"].append([f" {answer}" for answer in answers])
+        rows["scores"].append([-abs(answer - (a + b)) for answer in answers])
+    return Dataset.from_dict(rows)

@@ -13,6 +13,7 @@ TASK_TYPE = "SEQ_CLS"
 ALL_LINEAR = "all-linear"
 BUILTIN = "builtin"  # --model/--dataset value for the offline demo task (lora_rm/builtin.py)
 LENGTH_POLICIES = ("drop", "truncate_left")  # what to do with a pair longer than max_length
+RANKING_LOSSES = ("all_pairs", "plackett_luce")  # losses of K-way rows (lora_rm/ranking.py)
 PRECISIONS = ("fp32", "bf16", "fp16")
 REPORT_TO = ("none", "tensorboard")  # where training logs go besides log.jsonl
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch.<name>, without importing torch here
@@ -189,6 +190,9 @@ class TrainConfig:
     max_steps: int | None = option(None, "optimizer steps; overrides epochs when set")
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this; inf: no clipping")
     center_rewards_coefficient: float | None = option(None, "TRL's reward centering: + coef * mean((rc + rr)^2)")
+    ranking_loss: str = option("all_pairs", "loss of K-way rows (responses + scores, or chosen/rejected lists): "
+                               "Bradley-Terry over every pair with different scores, or listwise Plackett-Luce; "
+                               "both equal the pair loss at K = 2", RANKING_LOSSES)
     group_by_length: bool = option(False, "batch pairs of similar length to cut padding")
     disable_dropout: bool = option(True, "the base's dropout off, as TRL (lora_dropout is kept)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
@@ -230,6 +234,7 @@ class TrainConfig:
             "max_rows": (self.max_rows is None or self.max_rows >= 1, "at least 1"),
             "max_eval_rows": (self.max_eval_rows is None or self.max_eval_rows >= 1, "at least 1"),
             "length_policy": (self.length_policy in LENGTH_POLICIES, f"one of {LENGTH_POLICIES}"),
+            "ranking_loss": (self.ranking_loss in RANKING_LOSSES, f"one of {RANKING_LOSSES}"),
             "lr_schedule": (self.lr_schedule in ("linear", "cosine"), "'linear' or 'cosine'"),
             "precision": (self.precision in PRECISIONS, f"one of {PRECISIONS}"),
             "base_dtype": (self.base_dtype in PRECISIONS, f"one of {PRECISIONS}"),

@@ -6,7 +6,8 @@ Formats, named as TRL names them:
   conversational  the same columns holding lists of {"role", "content"} messages, rendered by the chat
                   template
   tokenized       chosen_ids, rejected_ids (TRL 1.x) or input_ids_chosen, input_ids_rejected (TRL 0.x)
-An optional numeric `margin` column is carried into the batch.
+An optional numeric `margin` column is carried into the batch. Rankings of K answers (`responses` + `scores`, or
+`chosen`/`rejected` as lists) are tokenized by ranking.py, which tokenize_pairs hands them to.
 
 Local files are read by data_files.py, each cell as written. Every row keeps where it came from (file and
 1-based line, or hub split and row index) in the column ROW_SOURCE, through any row selection, for errors.
@@ -235,6 +236,10 @@ def tokenize_pairs(
         raise ValueError(f"max_length must be positive, got {max_length}")
     if len(dataset) == 0:
         raise ValueError("the preference dataset has no rows")
+    from . import ranking  # K-way rows (responses + scores, or chosen/rejected lists) have a module of their own
+
+    if ranking.ranking_shape(dataset) is not None:
+        return ranking.tokenize_rankings(dataset, tokenizer, max_length, length_policy, skip_bad_rows)
     data_format = detect_format(dataset)
     if data_format != "tokenized":  # first, so that all-unknown sides are not reported as identical pairs
         _check_known_tokens(dataset.select(range(min(UNK_CHECK_PAIRS, len(dataset)))), tokenizer, data_format)
@@ -276,11 +281,16 @@ def _check_known_tokens(rows: Dataset, tokenizer: PreTrainedTokenizerBase, data_
         for side in ("chosen", "rejected")
         for token in encode_text(tokenizer, row.get("prompt"), row[side])
     ]
+    check_unknown_share(ids, len(rows), tokenizer)
+
+
+def check_unknown_share(ids: list[int], n_rows: int, tokenizer: PreTrainedTokenizerBase, what: str = "pairs") -> None:
+    """The check of _check_known_tokens on the token ids of the first n_rows pairs (or K-way rows)."""
     n_unknown = ids.count(tokenizer.unk_token_id) if tokenizer.unk_token_id is not None else 0
     if 2 * n_unknown > len(ids):
         name = tokenizer.name_or_path or "the built-in model"
         raise ValueError(
-            f"{n_unknown} of the {len(ids)} tokens of the first {len(rows)} pairs are the unknown token "
+            f"{n_unknown} of the {len(ids)} tokens of the first {n_rows} {what} are the unknown token "
             f"{tokenizer.unk_token!r}: the tokenizer of {name} does not know the words of this data. Pass a --model "
             "whose tokenizer does (--model builtin is a 30-token arithmetic demo: 'What is', '+', '?', 0 to 18)"
         )

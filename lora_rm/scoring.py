@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from . import data
+from . import data, ranking
 from .adapter_io import load_adapter, read_adapter_config
 from .config import BUILTIN, DTYPES
 from .eval_report import pair_report
@@ -241,6 +241,9 @@ def evaluate_dataset(
     tokenized, stats = data.tokenize_pairs(dataset, tokenizer, max_length, length_policy, skip_bad_rows)
     pairs = tokenized.to_list()
     device = next(model.parameters()).device
+    if ranking.is_ranking_rows(pairs):  # K-way rows: top-1, pairwise accuracy, Kendall's tau
+        metrics, written = ranking.evaluate_ranking_rows(model, tokenizer, pairs, batch_size, device, report, log)
+        return metrics, stats, written
     chosen, rejected = rewards_for_pairs(model, pairs, pair_collator(tokenizer), batch_size, device)
     metrics = eval_metrics(chosen, rejected)
     lengths_chosen = [len(pair["chosen_ids"]) for pair in pairs]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import data, distributed, sharded_load
+from . import data, distributed, ranking, sharded_load
 from .adapter_io import adapter_state_dict, save_adapter
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -41,7 +41,6 @@ from .scoring import (
     batch_rewards,
     eval_metrics,
     load_model_and_tokenizer,
-    pair_collator,
     rewards_for_pairs,
     save_tokenizer,
 )
@@ -229,6 +228,8 @@ def micro_batch_loss(forward_model: nn.Module, batch: dict[str, torch.Tensor], c
 
     sync=False on every micro-batch but an accumulation's last: DDP all-reduces the gradients once per step.
     """
+    if "group" in batch:  # K-way rows: --ranking-loss; the pairs returned are every pair with different scores
+        return ranking.micro_batch_loss(forward_model, batch, config, device, sync)
     batch = {key: tensor.to(device) for key, tensor in batch.items()}
     with distributed.no_sync(forward_model, sync), autocast_context(config.precision, device):
         rewards_chosen, rewards_rejected = batch_rewards(forward_model, batch)
@@ -294,6 +295,8 @@ def evaluate(model, pairs, collator, batch_size: int, device, precision: str = "
     Under torchrun each rank scores its contiguous shard and the rewards are gathered in order before the means.
     Shards are padded to equal length and the padding's rewards dropped: under FSDP every forward is a collective.
     """
+    if ranking.is_ranking_rows(pairs):  # K-way rows: top-1, pairwise accuracy, Kendall's tau
+        return ranking.evaluate_rows(model, pairs, collator, batch_size, device, precision)
     mine, n_real = distributed.equal_shard(pairs)
     chosen, rejected = rewards_for_pairs(model, mine, collator, batch_size, device, precision)
     return eval_metrics(distributed.gather_cat(chosen[:n_real]), distributed.gather_cat(rejected[:n_real]))
@@ -319,7 +322,7 @@ def train_locked(config: TrainConfig, rank: int, world_size: int, device: torch.
     model, tokenizer = load_base(config, device)
     train_pairs, eval_pairs = load_pairs(config, tokenizer)
     eval_sets = named_eval_sets(config, tokenizer, eval_pairs)
-    collator = pair_collator(tokenizer)
+    collator = functools.partial(ranking.collate_rows, pad_token_id=tokenizer.pad_token_id)  # pairs or K-way rows
     forward_model = prepare_model(model, config, device)
     if rank > 0:  # its own dropout stream; rank 0 goes on with the seed's
         torch.manual_seed(distributed.rank_seed(config.seed, rank, 0))
