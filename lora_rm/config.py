@@ -33,6 +33,7 @@ class LoraConfig:
     )
     exclude_modules: list[str] | str | None = None  # same matching rule; excludes win over targets
     use_rslora: bool = option(False, "rank-stabilised scaling lora_alpha / sqrt(r)")
+    use_dora: bool = option(False, "DoRA: each output row of W + s B A rescaled to a trained length (see dora.py)")
     init_lora_weights: bool | str = True  # True: kaiming A, zero B; "gaussian": A ~ normal(std 1/r); False: random
     modules_to_save: list[str] | None = None  # the fully trainable head; None means detect it (score, classifier, ...)
     fan_in_fan_out: bool = False  # written for PEFT's loader (True for GPT-2's Conv1D); we read the layer type instead
@@ -82,7 +83,6 @@ class LoraConfig:
 
 # PEFT options that change the math; an adapter using them would load but compute something else.
 _UNSUPPORTED_PEFT_FIELDS: dict[str, Any] = {
-    "use_dora": False,
     "lora_bias": False,
     "rank_pattern": {},
     "alpha_pattern": {},
@@ -180,6 +180,14 @@ class TrainConfig:
             raise ValueError(
                 "TrainConfig: fsdp with load_in_4bit is not supported (FSDP2 does not shard bitsandbytes' packed "
                 "4-bit weights); a 4-bit base fits one GPU: drop --fsdp and torchrun trains it with DDP"
+            )
+        if self.load_in_4bit and self.lora.use_dora:
+            raise ValueError("TrainConfig: load_in_4bit with use_dora is not supported (DoRA's row norms need the "
+                             "base weight dequantized); drop one of them")
+        if self.fsdp and self.lora.use_dora:
+            raise ValueError(
+                "TrainConfig: fsdp with use_dora is not supported (DoRA's magnitude is computed from the full base "
+                "weight, which FSDP shards); drop --fsdp (torchrun then trains with DDP) or drop --use-dora"
             )
         if self.resume and self.overwrite:
             raise ValueError("TrainConfig: resume and overwrite exclude each other")

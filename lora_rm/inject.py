@@ -94,7 +94,8 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         base_layer = getattr(parent, child_name)
         has_conv1d |= isinstance(base_layer, Conv1D)
         wrapped = LoRALinear(
-            base_layer, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights
+            base_layer, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights,
+            config.use_dora,
         )
         setattr(parent, child_name, wrapped)
     for head in head_modules(model, head_names).values():
