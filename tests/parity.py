@@ -450,6 +450,9 @@ DORA_CHECKS = {
     "DoRA, bf16 base: rewards (2^-8 units)": lambda a, c: check_bf16_rewards(a, dora(c)),
     "DoRA, bf16 base: saved both ways (2^-8 units)": lambda a, c: check_bf16_save_both_ways(a, dora(c)),
     "DoRA, bf16 base: merged rewards (2^-8 units)": lambda a, c: check_bf16_merge(a, dora(c)),
+    "DoRA, bf16 base: A/B/m + head grads (2^-8 units)": lambda a, c: check_bf16_gradients(a, dora(c)),
+    "DoRA, checkpointing reentrant: grads": lambda a, c: check_checkpointing(a, dora(c), True),
+    "DoRA, checkpointing non-reentrant: grads": lambda a, c: check_checkpointing(a, dora(c), False),
 }
 
 
@@ -462,9 +465,9 @@ def main() -> None:
     print(f"lora-rm vs PEFT {peft.__version__}, torch {torch.__version__}; fp32 unless named; max abs diff\n")
     print("| check | " + " | ".join(archs) + " |")
     print("|---|" + "---|" * len(archs))
+    families = {**dict.fromkeys(NF4_CHECKS, QUANT_ARCHS), **dict.fromkeys(DORA_CHECKS, DORA_ARCHS)}
     for check_name, check in {**CHECKS, **NF4_CHECKS, **DORA_CHECKS}.items():
-        runs = archs if check_name in CHECKS else [a for a in archs if a in (QUANT_ARCHS if check_name in NF4_CHECKS
-                                                                               else DORA_ARCHS)]
+        runs = families.get(check_name, archs)
         cells = [f"{check(arch, report_config(arch)):.2e}" if arch in runs else "-" for arch in archs]
         print(f"| {check_name} | " + " | ".join(cells) + " |")
 
