@@ -179,7 +179,7 @@ def test_magnitude_is_saved_under_peft_key_and_round_trips(tmp_path):
     torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=0, rtol=0)
 
 
-def test_plain_lora_adapter_has_no_magnitude_and_loads_as_plain():
+def test_plain_lora_layers_have_no_magnitude():
     model = add_lora(tiny_model("llama"), report_config("llama"))
     assert not any(layer.use_dora or hasattr(layer, "lora_magnitude_vector") for _, layer in lora_layers(model))
 
