@@ -24,6 +24,10 @@ matrix through A and B to get B A) only to take its row norms. Expanding the squ
 (d_in x r) product that reads W once and writes d_out x r; A A^T is r x r. Nothing W-sized is written.
 Every term is a sum of products of the same numbers PEFT adds, so the two agree to float rounding
 (tests/test_dora.py checks it against the direct norm in fp64 and fp32).
+
+For a long batch (fast_path.folding_pays: more than 2 d_in d_out / (d_in + d_out) tokens, fp32, no dropout) plain
+LoRA computes (W + s B A) x; DoRA then folds too (FoldedDoRA), and takes n straight from the W + s B A it has just
+built, the direct norm at the price of one read.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import fast_path
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
@@ -84,8 +90,11 @@ def magnitude_scale(layer: nn.Module) -> torch.Tensor:
 
 def dora_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """y = scale ⊙ (W x + s B A x) + b, or PEFT's dropout form; PEFT's order of operations with fast_path off."""
-    scale = magnitude_scale(layer)
     base = layer.base_layer
+    if layer.fast_path and fast_path.folding_pays(layer, x):
+        return FoldedDoRA.apply(x, dense_weight(layer), base.bias, layer.lora_A.weight, layer.lora_B.weight,
+                                layer.scaling, layer.lora_magnitude_vector, torch.is_grad_enabled())
+    scale = magnitude_scale(layer)
     dropout_active = layer.training and not isinstance(layer.lora_dropout, nn.Identity)
     if not layer.fast_path or dropout_active or base._forward_hooks or base._forward_pre_hooks:
         return _peft_order(layer, x, scale, dropout_active)
@@ -97,6 +106,47 @@ def dora_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     summed = torch.addmm(flat_wx, h, layer.lora_B.weight.T, alpha=layer.scaling)  # W x + s B A x, one pass
     out = summed * scale if base.bias is None else torch.addcmul(base.bias.to(h.dtype), summed, scale)
     return out.view(wx.shape).to(wx.dtype)
+
+
+class FoldedDoRA(torch.autograd.Function):
+    """y = (m/n) ⊙ (x (W + s B A)^T) + b for a frozen W, n the row norms of that W + s B A (detached).
+
+    As fast_path.FoldedLoRA, A's and B's gradients go through h = x A^T, never a W-sized weight gradient. With
+    g = dL/dy and g' = g ⊙ m/n (the gradient of the unscaled sum):
+        dL/dm = sum_tokens g ⊙ (x (W + s B A)^T) / n,   dL/dB = s g'^T h,   dL/dA = s (g' B)^T x,
+        dL/dx = g' (W + s B A).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, magnitude, grad_enabled):  # noqa: ANN001, ANN205
+        x_2d = x.reshape(-1, x.shape[-1])
+        folded = torch.addmm(weight, lora_B, lora_A, alpha=scaling)  # W + s B A, (d_out, d_in)
+        norm = torch.linalg.vector_norm(folded, dim=1)
+        scale = magnitude / norm
+        summed = F.linear(x_2d, folded)  # (W + s B A) x, (tokens, d_out)
+        out = summed * scale if bias is None else torch.addcmul(bias, summed, scale)
+        if grad_enabled:  # under no_grad (inference, reentrant checkpointing's first pass) no backward will come
+            h = (lora_A @ x_2d.T).T  # (tokens, r), column-major as in FoldedLoRA
+            ctx.save_for_backward(x_2d, h, weight, lora_A, lora_B, summed, norm, scale)
+            ctx.scaling = scaling
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        x_2d, h, weight, lora_A, lora_B, summed, norm, scale = ctx.saved_tensors
+        scaling = ctx.scaling
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, d_out)
+        grad_magnitude = (grad_2d * summed).sum(dim=0) / norm if ctx.needs_input_grad[6] else None
+        grad_summed = grad_2d * scale
+        grad_x = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            folded = torch.addmm(weight, lora_B, lora_A, alpha=scaling)  # rebuilt, not kept: it is W-sized
+            grad_x = (grad_summed @ folded).view(*grad_out.shape[:-1], -1)
+        if ctx.needs_input_grad[3]:
+            grad_A = ((lora_B.T @ grad_summed.T).T * scaling).T @ x_2d
+        if ctx.needs_input_grad[4]:
+            grad_B = (h.T @ grad_summed).T * scaling
+        return grad_x, None, None, grad_A, grad_B, None, grad_magnitude, None
 
 
 def _peft_order(layer: nn.Module, x: torch.Tensor, scale: torch.Tensor, dropout_active: bool) -> torch.Tensor:
