@@ -2,6 +2,7 @@
 
     python -m benchmarks.overhead --quick
     python -m benchmarks.overhead --model small --seq-len 256 --pairs 4 --ranks 8 64
+    python -m benchmarks.overhead --variant dora   # the same rows for an adapter variant, ours vs PEFT's
 
 A train step is the same code for every configuration, only the model differs: chosen and rejected stacked
 as one batch of 2 * pairs sequences, the Bradley-Terry loss -logsigmoid(r_c - r_r).mean(), backward, an AdamW
@@ -49,6 +50,11 @@ PRESETS = {
 CONFIG_FIELDS = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# --variant NAME: (lora-rm LoraConfig kwargs, PEFT LoraConfig kwargs) for the lora-rm and peft rows.
+ADAPTER_VARIANTS: dict[str, tuple[dict, dict]] = {
+    "lora": ({}, {}),
+    "dora": ({"use_dora": True}, {"use_dora": True}),
+}
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,8 @@ def build_base(args: argparse.Namespace) -> torch.nn.Module:
 
 def lora_config(args: argparse.Namespace, rank: int) -> LoraConfig:
     targets = args.targets or (LLAMA_TARGETS if args.model in PRESETS else "all-linear")
-    return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets)
+    ours_kwargs, _ = ADAPTER_VARIANTS[args.variant]
+    return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, **ours_kwargs)
 
 
 def build(variant: Variant, base: torch.nn.Module, args: argparse.Namespace):
@@ -125,7 +132,8 @@ def build(variant: Variant, base: torch.nn.Module, args: argparse.Namespace):
 
         config = lora_config(args, variant.rank)
         peft_config = peft.LoraConfig(
-            task_type="SEQ_CLS", r=config.r, lora_alpha=config.lora_alpha, target_modules=config.target_modules
+            task_type="SEQ_CLS", r=config.r, lora_alpha=config.lora_alpha, target_modules=config.target_modules,
+            **ADAPTER_VARIANTS[args.variant][1],
         )
         model = peft.get_peft_model(model, peft_config)
     if variant.method == "floor":
@@ -298,6 +306,7 @@ def setup(args: argparse.Namespace, base: torch.nn.Module) -> dict:
         "model": args.model, "config": {k: getattr(base.config, k, None) for k in CONFIG_FIELDS},
         "seq_len": args.seq_len, "pairs": args.pairs, "tokens_per_step": 2 * args.pairs * args.seq_len,
         "ranks": args.ranks, "targets": lora_config(args, args.ranks[0]).target_modules, "dtype": args.dtype,
+        "variant": args.variant,
         "device": args.device, "hardware": hardware, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "load_average": os.getloadavg(), "repeats": args.repeats, "warmup": args.warmup,
         "torch": torch.__version__, "python": platform.python_version(), "peft": _peft_version(),
@@ -322,6 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--pairs", type=int, default=4, help="preference pairs per step (2x sequences)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--variant", choices=list(ADAPTER_VARIANTS), default="lora",
+                        help="adapter variant of the lora-rm and peft rows (ADAPTER_VARIANTS)")
     parser.add_argument("--targets", nargs="+", default=None, help="LoRA targets; default all seven Llama projections")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)

@@ -53,7 +53,8 @@ def markdown(results: dict) -> str:
     memory = "CUDA max_memory_allocated" if s["device"].startswith("cuda") else "peak RSS of a process per row"
     lines = [
         f"model {s['model']} ({_config(s['config'])}), {s['pairs']} pairs x 2 x {s['seq_len']} tokens "
-        f"= {s['tokens_per_step']} tokens/step, {s['dtype']}, LoRA on {_targets(s['targets'])}",
+        f"= {s['tokens_per_step']} tokens/step, {s['dtype']}, LoRA on {_targets(s['targets'])}"
+        + ("" if s.get("variant", "lora") == "lora" else f", variant {s['variant']} (lora-rm and PEFT rows)"),
         f"{s['hardware']} ({s['device']}), {s['threads']} threads of {s['cpu_count']} cores, load average "
         f"{s['load_average'][0]:.1f} at start; torch {s['torch']}, PEFT {s['peft']}; {s['repeats']} interleaved "
         f"repeats after {s['warmup']} warm-up; memory: {memory}",

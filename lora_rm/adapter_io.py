@@ -33,11 +33,13 @@ PEFT_PREFIX = "base_model.model."  # PeftModel wraps the HF model twice; its sav
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors PEFT saves for a SEQ_CLS LoRA: every lora_A/lora_B and the whole head, under PEFT's keys."""
+    """The tensors PEFT saves for a SEQ_CLS LoRA: every lora_A/lora_B (DoRA's magnitude) and the head, PEFT's keys."""
     state = {}
     for name, layer in lora_layers(model):
         state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+        if layer.use_dora:  # PEFT saves it without ".weight", though its live parameter has one
+            state[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
     # PEFT raises a KeyError at load when the head is missing: always save it.
     for head_name, head in head_modules(model, lora_config_of(model).modules_to_save).items():
         for param_name, tensor in head.state_dict().items():

@@ -23,7 +23,7 @@ from typing import Any
 from .builtin import BUILTIN_TRAIN_DEFAULTS
 from .config import ALL_LINEAR, BUILTIN, LoraConfig, TrainConfig
 
-LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora",  # LoraConfig on the command line
+LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora",  # LoraConfig flags
                "init_lora_weights", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")
 PATTERN_FIELDS = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")  # text, parse_pattern_flags
 # What eval/score/merge take from TrainConfig's flags (same names, same defaults).

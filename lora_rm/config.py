@@ -41,6 +41,7 @@ class LoraConfig:
     )
     exclude_modules: list[str] | str | None = None  # same matching rule; excludes win over targets
     use_rslora: bool = option(False, "rank-stabilised scaling lora_alpha / sqrt(r)")
+    use_dora: bool = option(False, "DoRA: each output row of W + s B A rescaled to a trained length (see dora.py)")
     init_lora_weights: bool | str = option(
         True, "True: kaiming A, zero B; 'gaussian': A ~ normal(std 1/r); False: random (tests); 'pissa', "
         "'pissa_niter_K', 'olora': A, B from the base weight's SVD/QR, W replaced by W - s B A (lora_rm/inits.py)"
@@ -142,7 +143,6 @@ class LoraConfig:
 
 # PEFT options that change the math; an adapter using them would load but compute something else.
 _UNSUPPORTED_PEFT_FIELDS: dict[str, Any] = {
-    "use_dora": False,
     "lora_bias": False,
     "layer_replication": None,
     "trainable_token_indices": None,
@@ -259,5 +259,13 @@ class TrainConfig:
             )
         if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
             raise ValueError(f"TrainConfig.loraplus_lr_ratio must be positive, got {self.loraplus_lr_ratio!r}")
+        if self.load_in_4bit and self.lora.use_dora:
+            raise ValueError("TrainConfig: load_in_4bit with use_dora is not supported (DoRA's row norms need the "
+                             "base weight dequantized); drop one of them")
+        if self.fsdp and self.lora.use_dora:
+            raise ValueError(
+                "TrainConfig: fsdp with use_dora is not supported (DoRA's magnitude is computed from the full base "
+                "weight, which FSDP shards); drop --fsdp (torchrun then trains with DDP) or drop --use-dora"
+            )
         if self.resume and self.overwrite:
             raise ValueError("TrainConfig: resume and overwrite exclude each other")

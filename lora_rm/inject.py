@@ -154,7 +154,8 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         ranks[name] = pattern_value(config.rank_pattern, name, config.r)
         alphas[name] = pattern_value(config.alpha_pattern, name, config.lora_alpha)
         wrapped = LoRALinear(
-            base_layer, ranks[name], alphas[name], config.lora_dropout, config.use_rslora, config.init_lora_weights
+            base_layer, ranks[name], alphas[name], config.lora_dropout, config.use_rslora, config.init_lora_weights,
+            config.use_dora,
         )
         setattr(parent, child_name, wrapped)
     for head in head_modules(model, head_names).values():

@@ -12,6 +12,8 @@ GPT-2's Conv1D stores W as (d_in, d_out); the delta is transposed once for it (P
 forward() reads as the equation; by default it hands the same sum to fast_path.py, which computes it in fewer
 passes over memory (and, for long batches, as (W + s B A) x). Setting the attribute `layer.fast_path = False`
 keeps PEFT's exact order of operations, for comparisons bit for bit.
+
+use_dora=True makes it DoRA: the same sum, each output row rescaled to a trained length m (dora.py has the math).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import fast_path, inits
+from . import dora, fast_path, inits
 
 
 class LoRALinear(nn.Module):
@@ -40,6 +42,7 @@ class LoRALinear(nn.Module):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, (nn.Linear, Conv1D)):
@@ -60,16 +63,31 @@ class LoRALinear(nn.Module):
             inits.init_from_base_weight(self, init_lora_weights)
         self.merged = False
         self.fast_path = True  # False: PEFT's order of operations exactly (the same sum, slower)
+        self.use_dora = use_dora
+        if use_dora:
+            if not weight.is_floating_point():
+                raise ValueError("LoRALinear: use_dora with a 4-bit base is not supported (its row norms need W "
+                                 "dequantized); train DoRA on a bf16/fp32 base or drop use_dora")
+            self.lora_magnitude_vector = nn.Parameter(self.initial_magnitude())
+
+    def initial_magnitude(self) -> torch.Tensor:
+        """DoRA's m at init: ||W + s B A||_row, so the adapter starts as plain LoRA (a no-op when B = 0)."""
+        return dora.full_weight_norm(dora.dense_weight(self), self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def reset_parameters(self, init_lora_weights: bool | str = True) -> None:
         """Draw A and B again with PEFT's init (draw_lora_weights): B = 0 makes the adapter an exact no-op."""
         if inits.is_weight_init(init_lora_weights):
             raise ValueError(f"init_lora_weights={init_lora_weights!r} is taken from the base weight once, in __init__")
         draw_lora_weights(self.lora_A.weight, self.lora_B.weight, init_lora_weights)
+        if self.use_dora:
+            with torch.no_grad():
+                self.lora_magnitude_vector.copy_(self.initial_magnitude())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:  # W already holds W + scaling * B A
             return self.base_layer(x)
+        if self.use_dora:
+            return dora.dora_forward(self, x)
         if self.fast_path:
             return fast_path.lora_forward(self, x)
         result = self.base_layer(x)
@@ -88,8 +106,11 @@ class LoRALinear(nn.Module):
                 "LoRALinear.merge: the base weight is 4-bit; merging into it would re-quantize W + s B A and round "
                 "the update away. Dequantize first (lora_rm.qlora.dequantize_4bit_layers; `lora-rm merge` does it)"
             )
-        delta = delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
-        merged = weight + delta.to(weight.dtype)
+        if self.use_dora:
+            merged, self._dora_merge_norm = dora.merged_weight(self)
+        else:
+            delta = delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
+            merged = weight + delta.to(weight.dtype)
         if not torch.isfinite(merged).all():
             raise ValueError("LoRALinear.merge: the merged weight has NaN/inf; the adapter is broken")
         weight.copy_(merged)
@@ -101,12 +122,16 @@ class LoRALinear(nn.Module):
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: not merged")
         weight = self.base_layer.weight
-        delta = delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
-        weight.sub_(delta.to(weight.dtype))
+        if self.use_dora:
+            weight.copy_(dora.unmerged_weight(self, self._dora_merge_norm))
+        else:
+            delta = delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
+            weight.sub_(delta.to(weight.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"r={self.lora_A.out_features}, scaling={self.scaling:g}, merged={self.merged}"
+        dora_text = ", use_dora=True" if self.use_dora else ""
+        return f"r={self.lora_A.out_features}, scaling={self.scaling:g}{dora_text}, merged={self.merged}"
 
 
 def new_lora_pair(

@@ -94,6 +94,7 @@ def peft_config(config: LoraConfig) -> peft.LoraConfig:
         target_modules=config.target_modules, use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
         rank_pattern=config.rank_pattern, alpha_pattern=config.alpha_pattern,
         layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
+        use_dora=config.use_dora,
     )
 
 
@@ -113,6 +114,10 @@ def copy_ours_into_peft(ours: torch.nn.Module, theirs: peft.PeftModel) -> None:
         for name, layer in lora_layers(ours):
             peft_params[f"base_model.model.{name}.lora_A.default.weight"].copy_(layer.lora_A.weight)
             peft_params[f"base_model.model.{name}.lora_B.default.weight"].copy_(layer.lora_B.weight)
+            if layer.use_dora:
+                peft_params[f"base_model.model.{name}.lora_magnitude_vector.default.weight"].copy_(
+                    layer.lora_magnitude_vector
+                )
         for head_name in ours.lora_rm_config.modules_to_save:
             for pname, param in ours.get_submodule(head_name).named_parameters():
                 peft_params[f"base_model.model.{head_name}.modules_to_save.default.{pname}"].copy_(param)
@@ -126,6 +131,7 @@ def paired_models(arch: str, config: LoraConfig, dtype: torch.dtype = torch.floa
     torch.manual_seed(3)
     for _, layer in lora_layers(ours):
         torch.nn.init.normal_(layer.lora_B.weight, std=0.2)  # B != 0: else every parity check passes vacuously
+    perturb_magnitudes(ours)
     perturb_head(ours)
     copy_ours_into_peft(ours, theirs)
     return ours, theirs
@@ -192,6 +198,7 @@ def _lora_and_head_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor],
         if param.requires_grad:
             if peft_names:
                 name = name.removeprefix("base_model.model.").replace(".default", "").replace(".modules_to_save", "")
+                name = name.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")  # DoRA's m
             grads[name] = param.grad
     return grads
 
@@ -496,6 +503,80 @@ PATTERN_CHECKS = {
 }
 
 
+# ---- DoRA (use_dora) ---------------------------------------------------------------------------------------------
+# Every DoRA row also runs with B != 0 and a magnitude m moved off its init ||W + s B A||_row, so a forward that
+# ignored m (or normalised wrongly) would show; the bf16 row is in units of 2^-8 as above.
+DORA_ARCHS = ["llama", "gpt2", "bert", "opt"]
+
+
+def dora(config: LoraConfig) -> LoraConfig:
+    return replace(config, use_dora=True)
+
+
+def perturb_magnitudes(model: torch.nn.Module, seed: int = 4) -> None:
+    """Move each DoRA magnitude off its init (then W' != W + s B A), so a dropped or misloaded m shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            if layer.use_dora:
+                noise = torch.randn(layer.lora_magnitude_vector.shape, generator=generator)
+                layer.lora_magnitude_vector.mul_(1 + 0.3 * noise.to(layer.lora_magnitude_vector.dtype))
+
+
+def check_after_adamw_step(arch: str, config: LoraConfig, dtype: torch.dtype = torch.float32) -> float:
+    """One AdamW step (lr 1e-2) on each model's own gradients; every trainable tensor afterwards."""
+    ours, theirs = paired_models(arch, config, dtype=dtype)
+    batch = tiny_batch()
+    for model, peft_names in ((ours, False), (theirs, True)):
+        _lora_and_head_grads(model, batch, peft_names)
+        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2).step()
+    ours_after = {k.replace("base_layer.", ""): p for k, p in ours.named_parameters() if p.requires_grad}
+    theirs_after = {
+        k.removeprefix("base_model.model.").replace(".default", "").replace(".modules_to_save", "")
+        .replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): p
+        for k, p in theirs.named_parameters() if p.requires_grad
+    }
+    if set(ours_after) != set(theirs_after):
+        raise AssertionError(f"trainable sets differ: {set(ours_after) ^ set(theirs_after)}")
+    return max(max_diff(ours_after[k], theirs_after[k]) for k in ours_after)
+
+
+def check_dropout_gradients(arch: str, config: LoraConfig) -> float:
+    """lora_dropout 0.3 in training mode, the same RNG state for both: PEFT recomputes the base on the dropped x."""
+    ours, theirs = paired_models(arch, replace(config, lora_dropout=0.3))
+    ours.train()
+    theirs.train()
+    batch = tiny_batch()
+    torch.manual_seed(5)
+    ours_grads = {k.replace("base_layer.", ""): v for k, v in _lora_and_head_grads(ours, batch, False).items()}
+    torch.manual_seed(5)
+    theirs_grads = _lora_and_head_grads(theirs, batch, peft_names=True)
+    return max(max_diff(ours_grads[k], theirs_grads[k]) for k in theirs_grads)
+
+
+DORA_CHECKS = {
+    "DoRA: adapted != base (must be large)": lambda a, c: check_rewards_differ_from_base(a, dora(c)),
+    "DoRA: PEFT loads ours: rewards": lambda a, c: check_peft_loads_ours(a, dora(c)),
+    "DoRA: we load PEFT's: rewards": lambda a, c: check_we_load_peft(a, dora(c)),
+    "DoRA: gradients (A, B, m, head)": lambda a, c: check_gradients(a, dora(c)),
+    "DoRA: after one AdamW step": lambda a, c: check_after_adamw_step(a, dora(c)),
+    "DoRA: merged weights": lambda a, c: check_merged_weights(a, dora(c)),
+    "DoRA: merged rewards": lambda a, c: check_merged_rewards(a, dora(c)),
+    "DoRA, fp64: rewards": lambda a, c: check_folded_rewards(a, dora(c)),
+    "DoRA, fp64: gradients": lambda a, c: check_gradients(a, dora(c), FOLDED_BATCH, torch.float64),
+    "DoRA, fp64: after one AdamW step": lambda a, c: check_after_adamw_step(a, dora(c), torch.float64),
+    "DoRA + rsLoRA: rewards": lambda a, c: check_peft_loads_ours(a, dora(replace(c, use_rslora=True))),
+    "DoRA + rsLoRA: gradients": lambda a, c: check_gradients(a, dora(replace(c, use_rslora=True))),
+    "DoRA + lora_dropout, training: gradients": lambda a, c: check_dropout_gradients(a, dora(c)),
+    "DoRA, bf16 base: rewards (2^-8 units)": lambda a, c: check_bf16_rewards(a, dora(c)),
+    "DoRA, bf16 base: saved both ways (2^-8 units)": lambda a, c: check_bf16_save_both_ways(a, dora(c)),
+    "DoRA, bf16 base: merged rewards (2^-8 units)": lambda a, c: check_bf16_merge(a, dora(c)),
+    "DoRA, bf16 base: A/B/m + head grads (2^-8 units)": lambda a, c: check_bf16_gradients(a, dora(c)),
+    "DoRA, checkpointing reentrant: grads": lambda a, c: check_checkpointing(a, dora(c), True),
+    "DoRA, checkpointing non-reentrant: grads": lambda a, c: check_checkpointing(a, dora(c), False),
+}
+
+
 def report_config(arch: str) -> LoraConfig:
     return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], init_lora_weights=False)
 
@@ -505,9 +586,10 @@ def main() -> None:
     print(f"lora-rm vs PEFT {peft.__version__}, torch {torch.__version__}; fp32 unless named; max abs diff\n")
     print("| check | " + " | ".join(archs) + " |")
     print("|---|" + "---|" * len(archs))
-    for check_name, check in {**CHECKS, **NF4_CHECKS, **PATTERN_CHECKS}.items():
-        runs = archs if check_name in CHECKS else [a for a in archs if a in QUANT_ARCHS]
-        runs = [a for a in archs if a in PATTERN_ARCHS] if check_name in PATTERN_CHECKS else runs
+    families = {**dict.fromkeys(NF4_CHECKS, QUANT_ARCHS), **dict.fromkeys(DORA_CHECKS, DORA_ARCHS),
+                **dict.fromkeys(PATTERN_CHECKS, PATTERN_ARCHS)}
+    for check_name, check in {**CHECKS, **NF4_CHECKS, **DORA_CHECKS, **PATTERN_CHECKS}.items():
+        runs = [a for a in archs if a in families[check_name]] if check_name in families else archs
         cells = [f"{check(arch, report_config(arch)):.2e}" if arch in runs else "-" for arch in archs]
         print(f"| {check_name} | " + " | ".join(cells) + " |")
     main_loraplus_inits(archs)

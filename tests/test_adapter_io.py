@@ -92,8 +92,17 @@ def test_other_task_type_is_refused(saved):
 def test_unimplemented_peft_option_is_refused(saved):
     _, folder = saved
     config = json.loads((folder / CONFIG_NAME).read_text())
+    (folder / CONFIG_NAME).write_text(json.dumps({**config, "lora_bias": True}))
+    with pytest.raises(ValueError, match="lora_bias"):
+        load_adapter(tiny_model("llama"), folder)
+
+
+def test_dora_config_without_magnitudes_names_the_missing_key(saved):
+    """use_dora loads now (tests/test_dora.py); a file without DoRA's magnitudes must still be refused."""
+    _, folder = saved
+    config = json.loads((folder / CONFIG_NAME).read_text())
     (folder / CONFIG_NAME).write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(ValueError, match="use_dora"):
+    with pytest.raises(ValueError, match="missing keys .*lora_magnitude_vector"):
         load_adapter(tiny_model("llama"), folder)
 
 

@@ -89,3 +89,27 @@ def test_seeds_benchmark_smoke(tmp_path):
     assert summary["pairs_per_s_ratio"]["mean"] > 0
     table = out.with_suffix(".md").read_text()
     assert "| 0 |" in table and "| 1 |" in table and "paired difference" in table
+
+
+def test_overhead_variant_dora_builds_dora_rows_for_both_libraries(tmp_path):
+    """--variant dora: the lora-rm and peft rows are DoRA adapters (one magnitude per adapted output row more)."""
+    out = tmp_path / "overhead"
+    command = [sys.executable, "-m", "benchmarks.overhead", "--model", "tiny", "--seq-len", "8", "--pairs", "1",
+               "--ranks", "2", "--repeats", "1", "--warmup", "0", "--threads", "1", "--variant", "dora",
+               "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "variant dora" in done.stdout
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert results["setup"]["variant"] == "dora"
+    rows = {row["name"]: row for row in results["rows"]}
+    # tiny preset: hidden 64, intermediate 176, 2 layers; q,k,v,o,gate,up give 64 or 176 outputs, down 64
+    magnitudes = 2 * (4 * 64 + 2 * 176 + 64)
+    plain_lora = 2 * 2 * (4 * (64 + 64) + 2 * (64 + 176) + (176 + 64))
+    head = 64
+    assert rows["lora-rm r=2"]["trainable_params"] == rows["peft r=2"]["trainable_params"]
+    assert rows["lora-rm r=2"]["trainable_params"] == plain_lora + magnitudes + head
+    for row in results["rows"]:
+        for key in ["median_s", "peak_mib"]:
+            assert math.isfinite(row[key]) and row[key] >= 0, (row["name"], key)
