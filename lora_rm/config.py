@@ -13,6 +13,7 @@ ALL_LINEAR = "all-linear"
 BUILTIN = "builtin"  # --model/--dataset value for the offline demo task (lora_rm/builtin.py)
 LENGTH_POLICIES = ("drop", "truncate_left")  # what to do with a pair longer than max_length
 PRECISIONS = ("fp32", "bf16", "fp16")
+PACKING_MODES = ("none", "padding_free", "shared_prompt", "auto")  # lora_rm/packing.py
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch.<name>, without importing torch here
 
 
@@ -130,6 +131,13 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this; inf: no clipping")
     center_rewards_coefficient: float | None = option(None, "TRL's reward centering: + coef * mean((rc + rr)^2)")
     group_by_length: bool = option(False, "batch pairs of similar length to cut padding")
+    packing: str = option("none", "none: padded rows; padding_free: a micro-batch's sequences end to end, attention "
+                          "kept within each; shared_prompt: also a pair's common prompt computed once (decoders; "
+                          "encoders fall back to padding_free); auto: shared_prompt for decoders, padding_free for "
+                          "encoders. Every mode gives the padded path's rewards", PACKING_MODES)
+    max_tokens_per_batch: int | None = option(None, "packed modes: most tokens in one packed forward (a micro-batch "
+                                              "runs as several when over it); pairs over it follow length_policy; "
+                                              "default: no limit beyond batch_size")
     disable_dropout: bool = option(True, "the base's dropout off, as TRL (lora_dropout is kept)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     reentrant_checkpointing: bool = option(False, "torch.utils.checkpoint's use_reentrant=True")
@@ -172,6 +180,9 @@ class TrainConfig:
             "precision": (self.precision in PRECISIONS, f"one of {PRECISIONS}"),
             "base_dtype": (self.base_dtype in PRECISIONS, f"one of {PRECISIONS}"),
             "bnb_4bit_compute_dtype": (self.bnb_4bit_compute_dtype in PRECISIONS, f"one of {PRECISIONS}"),
+            "packing": (self.packing in PACKING_MODES, f"one of {PACKING_MODES}"),
+            "max_tokens_per_batch": (self.max_tokens_per_batch is None or self.max_tokens_per_batch >= 2,
+                                     "at least 2 (unset: no limit)"),
         }
         for name, (holds, rule) in rules.items():
             if not holds:
