@@ -10,7 +10,8 @@ random init, MiniLM's tokenizer; LoRA on every linear layer) and "minilm", MiniL
 Runs per backbone: TRL, lora-rm padded (ungrouped and --group-by-length) and each packed mode (grouped; for MiniLM,
 an encoder, shared_prompt falls back to padding_free and is not run). Each run is its own child process, so peak
 memory (CUDA: max allocated; CPU: peak RSS) is that run's. Tokens computed per pair are counted from the epoch's
-batches as each mode lays them out (padded: 2 x batch x longest side per batch). Pairs/s: training loop only.
+batches as each mode lays them out, row padding included (padded: 2 x batch x longest side per batch; packed:
+rows x width, lora_rm.packing.layout_tokens). Pairs/s: training loop only.
 Writes OUT.json and OUT.md (default benchmarks/results/throughput) and prints the markdown.
 """
 
@@ -83,7 +84,7 @@ def tokens_per_pair(pairs: list[dict], config) -> float:
         if config.packing == "none":
             total += 2 * len(batch) * max(len(side) for group in groups for side in group)
         else:
-            total += sum(packing.group_tokens(group, config.packing == "shared_prompt") for group in groups)
+            total += packing.layout_tokens(groups, config.packing == "shared_prompt")
     return total / sum(len(batch) for batch in batches)
 
 

@@ -192,5 +192,11 @@ class TrainConfig:
                 "TrainConfig: fsdp with load_in_4bit is not supported (FSDP2 does not shard bitsandbytes' packed "
                 "4-bit weights); a 4-bit base fits one GPU: drop --fsdp and torchrun trains it with DDP"
             )
+        if self.fsdp and self.packing != "none" and self.max_tokens_per_batch is not None:
+            raise ValueError(
+                "TrainConfig: fsdp with max_tokens_per_batch is not supported (every FSDP forward is a collective, "
+                "and ranks would split their micro-batches into different numbers of packed runs); unset "
+                "--max-tokens-per-batch (one packed run per micro-batch) or use DDP"
+            )
         if self.resume and self.overwrite:
             raise ValueError("TrainConfig: resume and overwrite exclude each other")

@@ -1,7 +1,8 @@
 """Packed forwards: no padding, and a pair's shared prompt computed once; rewards equal the padded path's.
 
-A padded batch of 2B rows computes every row up to the longest one. Packing puts the micro-batch's
-sequences end to end in one row of input_ids (1, T) and confines attention with a 4D mask:
+A padded batch of 2B rows computes every row up to the longest one. Packing puts sequences end to end in
+rows as wide as the longest item (first-fit, longest first) and confines attention with a 4D mask (R, 1, L, L),
+so attention stays as cheap as in padded rows while the padding and the repeated prompts go:
 
   padding_free   each sequence attends only to itself (causal for decoders, bidirectional for encoders);
                  its position ids restart at 0.
@@ -66,16 +67,18 @@ def check_packable(model: nn.Module) -> None:
 
 @dataclass
 class Packed:
-    """One packed row: input_ids, position_ids (1, T), mask (1, 1, T, T) and each sequence's reading index."""
+    """Packed rows: input_ids and position_ids (R, L), which key each query may attend to (R, L, L), and where
+    each sequence's reward is read (row, column)."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    allowed: torch.Tensor  # (T, T) bool: query i may attend to key j
-    read_index: torch.Tensor  # (N,) position in the row where sequence k's reward is read
+    allowed: torch.Tensor
+    read_row: torch.Tensor  # (N,)
+    read_column: torch.Tensor  # (N,)
 
     @property
     def n_tokens(self) -> int:
-        return self.input_ids.shape[1]
+        return self.input_ids.numel()
 
 
 def shared_prefix_length(sequences: list[list[int]]) -> int:
@@ -106,66 +109,134 @@ def group_tokens(group: list[list[int]], share_prompt: bool) -> int:
     return sum(len(sequence) for sequence in group) - (len(group) - 1) * shared
 
 
+@dataclass
+class Item:
+    """Tokens that must share a row: one sequence, or a shared prompt and its branches (segment -1: no parent)."""
+
+    ids: list[int]
+    positions: list[int]
+    segments: list[int]  # local segment number of each token
+    parents: list[int]  # parent segment of each local segment, -1 when none
+
+
+def group_items(group: list[list[int]], pad_token_id: int | None, share_prompt: bool,
+                encoder: bool) -> tuple[list[Item], list[tuple[int, int]]]:
+    """A group's items and, per sequence, (item number within the group, column within the item) of its reward."""
+    shared = shared_prefix_length(group) if share_prompt and not encoder and len(group) > 1 else 0
+    if not shared:
+        items = [Item(list(seq), list(range(len(seq))), [0] * len(seq), [-1]) for seq in group]
+        return items, [(k, read_position(seq, pad_token_id, encoder)) for k, seq in enumerate(group)]
+    item = Item(list(group[0][:shared]), list(range(shared)), [0] * shared, [-1])
+    reads = []
+    for k, sequence in enumerate(group, start=1):
+        branch_start = len(item.ids)
+        item.ids += sequence[shared:]
+        item.positions += range(shared, len(sequence))
+        item.segments += [k] * (len(sequence) - shared)
+        item.parents.append(0)
+        where = read_position(sequence, pad_token_id, encoder)
+        reads.append((0, where if where < shared else branch_start + where - shared))
+    return [item], reads
+
+
+def first_fit(lengths: list[int]) -> tuple[list[list[int]], int]:
+    """Items (by length) placed first-fit, longest first, into rows as wide as the longest: (rows of item numbers,
+    width)."""
+    width = max(lengths)
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for number in sorted(range(len(lengths)), key=lambda n: -lengths[n]):
+        row = next((r for r in range(len(rows)) if used[r] + lengths[number] <= width), None)
+        if row is None:
+            rows.append([])
+            used.append(0)
+            row = len(rows) - 1
+        rows[row].append(number)
+        used[row] += lengths[number]
+    return rows, width
+
+
+def item_lengths(group: list[list[int]], share_prompt: bool) -> list[int]:
+    """Lengths of the items group_items makes of a group (one shared tree, or one item per sequence)."""
+    if share_prompt and len(group) > 1 and shared_prefix_length(group):
+        return [group_tokens(group, True)]
+    return [len(sequence) for sequence in group]
+
+
+def layout_tokens(groups: list[list[list[int]]], share_prompt: bool) -> int:
+    """Tokens one packed forward of these groups computes, row padding included (rows x width)."""
+    rows, width = first_fit([n for group in groups for n in item_lengths(group, share_prompt)])
+    return len(rows) * width
+
+
 def pack_groups(groups: list[list[list[int]]], pad_token_id: int | None, share_prompt: bool,
                 encoder: bool) -> Packed:
-    """Lay groups of sequences end to end; rewards come back in group order, then sequence order within a group.
+    """Pack groups of sequences into rows; rewards come back in group order, then sequence order within a group.
 
-    share_prompt: each group's longest common prefix is laid out once (decoders only); otherwise every
-    sequence is its own segment (padding-free).
+    share_prompt: each group's longest common prefix is laid out once, its sequences as branches after it (decoders
+    only); otherwise every sequence is its own item. Items are placed first-fit, longest first, into rows as long
+    as the longest item, so a packed micro-batch never computes more tokens than the padded one; the rows' ends
+    are padded with tokens that attend only to themselves (finite, never read, never attended to).
     """
-    ids, positions, segment, parent, read = [], [], [], [], []
-    n_segments = 0
-
-    def add_segment(tokens: list[int], first_position: int, parent_segment: int) -> int:
-        nonlocal n_segments
-        start = len(ids)
-        ids.extend(tokens)
-        positions.extend(range(first_position, first_position + len(tokens)))
-        segment.extend([n_segments] * len(tokens))
-        parent.append(parent_segment)
-        n_segments += 1
-        return start
-
+    items, reads = [], []
     for group in groups:
-        shared = shared_prefix_length(group) if share_prompt and not encoder and len(group) > 1 else 0
-        prompt_segment = n_segments if shared else -1
-        prompt_start = add_segment(group[0][:shared], 0, -1) if shared else 0
-        for sequence in group:
-            branch_start = add_segment(sequence[shared:], shared, prompt_segment)
-            where = read_position(sequence, pad_token_id, encoder)
-            read.append(prompt_start + where if where < shared else branch_start + where - shared)
-    segment_ids = torch.tensor(segment)
-    parent_of = torch.tensor(parent)[segment_ids]  # each token's prompt segment, -1 when none
-    same = segment_ids[:, None] == segment_ids[None, :]
-    allowed = same | (parent_of[:, None] == segment_ids[None, :])
+        group_items_, group_reads = group_items(group, pad_token_id, share_prompt, encoder)
+        reads += [(len(items) + k, column) for k, column in group_reads]
+        items += group_items_
+    rows, width = first_fit([len(item.ids) for item in items])
+    n_rows = len(rows)
+    input_ids = torch.full((n_rows, width), pad_token_id if pad_token_id is not None else 0, dtype=torch.long)
+    position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+    segment = torch.full((n_rows, width), -1, dtype=torch.long)
+    parent = torch.full((n_rows, width), -2, dtype=torch.long)  # -2 matches no segment, pad included
+    where: dict[int, tuple[int, int]] = {}  # item number -> (row, first column)
+    n_segments = 0
+    for row, numbers in enumerate(rows):
+        column = 0
+        for number in numbers:
+            item = items[number]
+            end = column + len(item.ids)
+            local = torch.tensor(item.segments)
+            parents = torch.tensor(item.parents)[local]
+            input_ids[row, column:end] = torch.tensor(item.ids)
+            position_ids[row, column:end] = torch.tensor(item.positions)
+            segment[row, column:end] = local + n_segments
+            parent[row, column:end] = torch.where(parents >= 0, parents + n_segments, -2)
+            where[number] = (row, column)
+            n_segments += len(item.parents)
+            column = end
+    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)
+    allowed = same | (parent[:, :, None] == segment[:, None, :]) | torch.eye(width, dtype=torch.bool)
     if not encoder:
-        allowed = allowed & torch.ones_like(allowed).tril()
-    return Packed(torch.tensor([ids]), torch.tensor([positions]), allowed, torch.tensor(read))
+        allowed &= torch.ones(width, width, dtype=torch.bool).tril()
+    read_row = torch.tensor([where[number][0] for number, _ in reads])
+    read_column = torch.tensor([where[number][1] + column for number, column in reads])
+    return Packed(input_ids, position_ids, allowed, read_row, read_column)
 
 
 def attention_mask_4d(allowed: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """The (1, 1, T, T) mask the model's attention takes as is: bool for sdpa, additive for eager."""
+    """The (R, 1, L, L) mask the model's attention takes as is: bool for sdpa, additive for eager."""
     if model.config._attn_implementation == "sdpa":
-        return allowed[None, None]
+        return allowed[:, None]
     dtype = model.get_input_embeddings().weight.dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
     zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return zeros.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+    return zeros.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 @contextlib.contextmanager
-def reading_at(model: nn.Module, read_index: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
-    """Hooks that make the model's head read at read_index; the rewards land in the yielded dict's "rewards"."""
+def reading_at(model: nn.Module, rows: torch.Tensor, columns: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
+    """Hooks that make the model's head read at (rows, columns); decoder rewards land in the yielded dict."""
     found: dict[str, torch.Tensor] = {}
     if is_encoder(model):  # the pooler reads hidden[:, 0]: give it each sequence's first token as its own row
         def pick_first_tokens(module, args, kwargs):
             hidden = args[0] if args else kwargs.pop("hidden_states")
-            return (hidden[0, read_index].unsqueeze(1), *args[1:]), kwargs
+            return (hidden[rows, columns].unsqueeze(1), *args[1:]), kwargs
 
         handle = model.base_model.pooler.register_forward_pre_hook(pick_first_tokens, with_kwargs=True)
-    else:  # the head runs on every position (1, T, 1): keep the positions the padded path would read
+    else:  # the head runs on every position (R, L, 1): keep the positions the padded path would read
         def keep_read_positions(module, args, output):
-            found["rewards"] = output[0, read_index].squeeze(-1)
+            found["rewards"] = output[rows, columns].squeeze(-1)
 
         handle = model.score.register_forward_hook(keep_read_positions)
     try:
@@ -175,17 +246,16 @@ def reading_at(model: nn.Module, read_index: torch.Tensor) -> Iterator[dict[str,
 
 
 def packed_rewards(forward_model: nn.Module, model: nn.Module, packed: Packed, device) -> torch.Tensor:
-    """One forward of a packed row through forward_model (maybe DDP/FSDP-wrapped `model`): (N,) rewards."""
+    """One forward of packed rows through forward_model (maybe DDP/FSDP-wrapped `model`): (N,) rewards."""
     encoder = is_encoder(model)
     input_ids = packed.input_ids.to(device)
-    read_index = packed.read_index.to(device)
     kwargs = dict(input_ids=input_ids, position_ids=packed.position_ids.to(device),
                   attention_mask=attention_mask_4d(packed.allowed.to(device), model))
-    if encoder:  # BERT's buffered token type ids stop at max_position_embeddings; a packed row is longer
+    if encoder:  # BERT's buffered token type ids stop at max_position_embeddings; a packed row may be longer
         kwargs["token_type_ids"] = torch.zeros_like(input_ids)
     else:
         kwargs["use_cache"] = False
-    with reading_at(model, read_index) as found:
+    with reading_at(model, packed.read_row.to(device), packed.read_column.to(device)) as found:
         logits = forward_model(**kwargs).logits
     rewards = logits.squeeze(-1) if encoder else found["rewards"]
     return rewards if rewards.dtype == torch.float64 else rewards.float()  # fp32 as batch_rewards; fp64 kept
@@ -197,19 +267,19 @@ def pair_groups(pairs: list[dict[str, Any]]) -> list[list[list[int]]]:
 
 
 def chunks_within_budget(groups: list[list[list[int]]], budget: int | None, share_prompt: bool) -> list[list[int]]:
-    """Consecutive groups split into runs of at most `budget` packed tokens (None: one run); a group over the
-    budget on its own is an error (load_pairs drops or truncates such pairs first)."""
+    """Consecutive groups split into runs whose packed rows hold at most `budget` tokens, padding included (None:
+    one run); a group over the budget on its own is an error (fit_pairs_to_budget drops or cuts such pairs first)."""
+    if budget is None:
+        return [list(range(len(groups)))]
     runs: list[list[int]] = []
-    used = 0
     for index, group in enumerate(groups):
-        cost = group_tokens(group, share_prompt)
-        if budget is not None and cost > budget:
-            raise ValueError(f"a pair packs to {cost} tokens, over --max-tokens-per-batch {budget}")
-        if not runs or (budget is not None and used + cost > budget):
-            runs.append([])
-            used = 0
-        runs[-1].append(index)
-        used += cost
+        if layout_tokens([group], share_prompt) > budget:
+            raise ValueError(f"a pair packs to {layout_tokens([group], share_prompt)} tokens, over "
+                             f"--max-tokens-per-batch {budget}")
+        if runs and layout_tokens([groups[i] for i in runs[-1]] + [group], share_prompt) <= budget:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
     return runs
 
 
@@ -271,7 +341,7 @@ def fit_pairs_to_budget(pairs: list[dict[str, Any]], mode: str, budget: int | No
     kept, changed = [], 0
     for pair in pairs:
         group = [pair["chosen_ids"], pair["rejected_ids"]]
-        if group_tokens(group, share) <= budget:
+        if layout_tokens([group], share) <= budget:
             kept.append(pair)
             continue
         changed += 1

@@ -120,8 +120,8 @@ def test_shared_prompt_tree_mask_positions_and_reading_points():
                                  encoder=False)
     assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 10]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 3]]  # the rejected branch restarts after the prompt
-    assert packed.read_index.tolist() == [4, 5]
-    assert packed.allowed.int().tolist() == [
+    assert packed.read_row.tolist() == [0, 0] and packed.read_column.tolist() == [4, 5]
+    assert packed.allowed[0].int().tolist() == [
         [1, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0],
         [1, 1, 1, 0, 0, 0],
@@ -131,6 +131,19 @@ def test_shared_prompt_tree_mask_positions_and_reading_points():
     ]
     assert packing.group_tokens([prompt + chosen, prompt + rejected], share_prompt=True) == 6
     assert packing.group_tokens([prompt + chosen, prompt + rejected], share_prompt=False) == 9
+
+
+def test_padding_free_rows_are_no_wider_than_the_longest_sequence():
+    """First-fit rows: short sequences share a row, each attending only to itself; row ends are padded."""
+    packed = packing.pack_groups([[[1, 2, 3, 4], [5, 6]], [[7], [8, 9, 10]]], pad_token_id=0, share_prompt=False,
+                                 encoder=False)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4], [8, 9, 10, 7], [5, 6, 0, 0]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 0, 0]]
+    assert list(zip(packed.read_row.tolist(), packed.read_column.tolist(), strict=True)) == [
+        (0, 3), (2, 1), (1, 3), (1, 2)]
+    assert packed.allowed[1].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 1]]
+    assert packed.allowed[2].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+    assert packed.n_tokens == 12 < 2 * 2 * 4  # padded: 4 rows of 4
 
 
 def test_k_responses_share_one_prompt():
@@ -148,8 +161,8 @@ def test_k_responses_share_one_prompt():
 def test_token_budget_splits_runs_and_drops_or_cuts_long_pairs():
     pairs = [{"chosen_ids": [1] * 5 + [2], "rejected_ids": [1] * 5 + [3], "length": 6} for _ in range(3)]
     groups = packing.pair_groups(pairs)
-    assert packing.chunks_within_budget(groups, 14, share_prompt=True) == [[0, 1], [2]]  # 7 tokens a pair
-    assert packing.chunks_within_budget(groups, 14, share_prompt=False) == [[0], [1], [2]]  # 12 tokens a pair
+    assert packing.chunks_within_budget(groups, 14, share_prompt=True) == [[0, 1], [2]]  # 2 rows of 7 a pair
+    assert packing.chunks_within_budget(groups, 14, share_prompt=False) == [[0], [1], [2]]  # 2 rows of 6 a pair
     long = {"chosen_ids": list(range(1, 11)), "rejected_ids": list(range(2, 12)), "length": 10}
     kept, changed = packing.fit_pairs_to_budget(pairs + [long], "padding_free", 12, "drop")
     assert (kept, changed) == (pairs, 1)
@@ -172,7 +185,8 @@ def exact_run(output, **overrides):
 
 
 def test_training_in_each_packing_mode_gives_the_padded_adapter(tmp_path):
-    runs = {"none": {}, "padding_free": {}, "shared_prompt": {"max_tokens_per_batch": 40}}  # 40: runs of ~3 pairs
+    runs = {"none": {}, "padding_free": {"gradient_checkpointing": True},
+            "shared_prompt": {"max_tokens_per_batch": 40}}  # 40 tokens: runs of 3 pairs and 1 (11 tokens a pair)
     metrics = {mode: train(exact_run(tmp_path / mode, packing=mode, **extra)) for mode, extra in runs.items()}
     tokenizer = builtin_tokenizer()
     padded = load_adapter(builtin_model(tokenizer), tmp_path / "none").state_dict()
