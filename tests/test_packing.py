@@ -103,7 +103,7 @@ def test_packed_rewards_and_gradients_equal_the_padded_path_fp64(arch):
         assert_same(rewards_and_grads(model, lambda m: padded(m, pairs, "left")), oracle, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_packed_equals_padded_in_fp32_and_eager_attention(arch):
     model = adapted_model(arch, torch.float32).train()
     model.config._attn_implementation = "eager"  # the additive-mask form of the 4D mask
@@ -224,10 +224,10 @@ def test_cli_eval_and_score_give_the_same_numbers_in_every_mode(tmp_path, capsys
           "--lora-r", "4", "--no-progress"])
     capsys.readouterr()
     results = {}
-    for mode in ("none", "padding_free", "shared_prompt"):
+    for mode in ("none", "padding_free", "shared_prompt", "auto"):
         main(["eval", "--adapter", str(output), "--max-rows", "40", "--packing", mode, "--max-tokens-per-batch", "60"])
         results[mode] = json.loads(capsys.readouterr().out)
-    for mode in ("padding_free", "shared_prompt"):
+    for mode in ("padding_free", "shared_prompt", "auto"):
         assert results[mode]["accuracy"] == results["none"]["accuracy"]
         assert results[mode]["mean_margin"] == pytest.approx(results["none"]["mean_margin"], abs=1e-5)
     texts = tmp_path / "texts.txt"
