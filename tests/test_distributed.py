@@ -144,6 +144,24 @@ def assert_same_tensors(
 
 
 @pytest.mark.slow
+def test_packed_training_under_ddp_and_fsdp_equals_one_padded_process(tmp_path):
+    """--packing under torchrun: DDP with a token budget (several runs, one all-reduce a micro-batch) and FSDP
+    train what one padded process trains."""
+    one = tmp_path / "one"
+    one_process(one)
+    out = {name: str(tmp_path / name) for name in ("ddp", "fsdp")}
+    steps = [
+        ["--output", out["ddp"], *FLAGS, *TWO, "--packing", "shared_prompt", "--max-tokens-per-batch", "25"],
+        ["--output", out["fsdp"], *FLAGS, *TWO, "--packing", "padding_free", "--fsdp"],
+    ]
+    torchrun(str(TESTS / "ddp_worker.py"), json.dumps(steps))
+    assert_same_run(one, tmp_path / "ddp")
+    assert_same_run(one, tmp_path / "fsdp")
+    with pytest.raises(ValueError, match="fsdp with max_tokens_per_batch"):
+        TrainConfig(fsdp=True, packing="shared_prompt", max_tokens_per_batch=100)
+
+
+@pytest.mark.slow
 def test_fsdp_two_processes_equal_one_process_and_resume(tmp_path):
     """--fsdp: each decoder layer and the root sharded over 2 processes; the gathered adapter, the checkpoints
     (adapter and optimizer), the padded eval shards, a resumed run and both checkpointing modes all equal one
