@@ -25,6 +25,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,11 +51,24 @@ PRESETS = {
 CONFIG_FIELDS = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# --variant NAME: (lora-rm LoraConfig kwargs, PEFT LoraConfig kwargs) for the lora-rm and peft rows.
-ADAPTER_VARIANTS: dict[str, tuple[dict, dict]] = {
-    "lora": ({}, {}),
-    "dora": ({"use_dora": True}, {"use_dora": True}),
+# --variant NAME: LoraConfig kwargs for the lora-rm and peft rows (PEFT's field names, so the same for both), from
+# the row's rank and the model's layer count. "loraplus" changes the optimizer instead (LORAPLUS_RATIO).
+ADAPTER_VARIANTS: dict[str, Callable[[int, int], dict]] = {
+    "lora": lambda rank, layers: {},
+    "dora": lambda rank, layers: {"use_dora": True},
+    "rank_pattern": lambda rank, layers: {  # attention at 2r (alpha 4r), the MLP at r/2
+        "rank_pattern": {"q_proj": 2 * rank, "v_proj": 2 * rank, "gate_proj": max(rank // 2, 1),
+                         "up_proj": max(rank // 2, 1), "down_proj": max(rank // 2, 1)},
+        "alpha_pattern": {"q_proj": 4 * rank, "v_proj": 4 * rank},
+    },
+    "layers_to_transform": lambda rank, layers: {  # the top half of the layers only
+        "layers_to_transform": list(range(layers // 2, layers)), "layers_pattern": "layers",
+    },
+    "pissa": lambda rank, layers: {"init_lora_weights": "pissa_niter_4"},
+    "loraplus": lambda rank, layers: {},
 }
+LORAPLUS_RATIO = 16.0
+LR = 1e-5
 
 
 @dataclass(frozen=True)
@@ -112,10 +126,10 @@ def build_base(args: argparse.Namespace) -> torch.nn.Module:
     return model.to(device=args.device, dtype=dtype).train()
 
 
-def lora_config(args: argparse.Namespace, rank: int) -> LoraConfig:
+def lora_config(args: argparse.Namespace, rank: int, layers: int) -> LoraConfig:
     targets = args.targets or (LLAMA_TARGETS if args.model in PRESETS else "all-linear")
-    ours_kwargs, _ = ADAPTER_VARIANTS[args.variant]
-    return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, **ours_kwargs)
+    kwargs = ADAPTER_VARIANTS[args.variant](rank, layers)
+    return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, **kwargs)
 
 
 def build(variant: Variant, base: torch.nn.Module, args: argparse.Namespace):
@@ -124,16 +138,16 @@ def build(variant: Variant, base: torch.nn.Module, args: argparse.Namespace):
     if variant.method in ("forward", "floor"):
         model.requires_grad_(False)
     elif variant.method in ("lora-rm", "unmerged", "merged"):
-        model = add_lora(model, lora_config(args, variant.rank))
+        model = add_lora(model, lora_config(args, variant.rank, base.config.num_hidden_layers))
         if variant.method == "merged":
             model = merge_lora(model)
     elif variant.method == "peft":
         import peft
 
-        config = lora_config(args, variant.rank)
+        config = lora_config(args, variant.rank, base.config.num_hidden_layers)
         peft_config = peft.LoraConfig(
             task_type="SEQ_CLS", r=config.r, lora_alpha=config.lora_alpha, target_modules=config.target_modules,
-            **ADAPTER_VARIANTS[args.variant][1],
+            **ADAPTER_VARIANTS[args.variant](variant.rank, base.config.num_hidden_layers),
         )
         model = peft.get_peft_model(model, peft_config)
     if variant.method == "floor":
@@ -143,8 +157,22 @@ def build(variant: Variant, base: torch.nn.Module, args: argparse.Namespace):
         enable_gradient_checkpointing(hf_model)
     model.train(variant.trains)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5) if variant.trains and trainable else None
+    optimizer = torch.optim.AdamW(trainable, lr=LR) if variant.trains and trainable else None
+    if args.variant == "loraplus" and variant.method in ("lora-rm", "peft"):
+        optimizer = loraplus_optimizer(model, variant.method)
     return model, optimizer
+
+
+def loraplus_optimizer(model: torch.nn.Module, method: str) -> torch.optim.Optimizer:
+    """LoRA+ groups (B at LORAPLUS_RATIO x lr): lora-rm's build_optimizer, or PEFT's create_loraplus_optimizer."""
+    if method == "peft":
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=LR, loraplus_lr_ratio=LORAPLUS_RATIO)
+    from lora_rm.config import TrainConfig
+    from lora_rm.train import build_optimizer
+
+    return build_optimizer(model, TrainConfig(lr=LR, loraplus_lr_ratio=LORAPLUS_RATIO, weight_decay=0.0))
 
 
 def make_batch(args: argparse.Namespace, vocab_size: int) -> dict[str, torch.Tensor]:
@@ -305,7 +333,8 @@ def setup(args: argparse.Namespace, base: torch.nn.Module) -> dict:
     return {
         "model": args.model, "config": {k: getattr(base.config, k, None) for k in CONFIG_FIELDS},
         "seq_len": args.seq_len, "pairs": args.pairs, "tokens_per_step": 2 * args.pairs * args.seq_len,
-        "ranks": args.ranks, "targets": lora_config(args, args.ranks[0]).target_modules, "dtype": args.dtype,
+        "ranks": args.ranks, "dtype": args.dtype,
+        "targets": lora_config(args, args.ranks[0], base.config.num_hidden_layers).target_modules,
         "variant": args.variant,
         "device": args.device, "hardware": hardware, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "load_average": os.getloadavg(), "repeats": args.repeats, "warmup": args.warmup,

@@ -185,6 +185,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     groups = [{"params": adapter, "lr": config.lr, "peak_lr": config.lr}]
     if config.loraplus_lr_ratio is not None:  # group 0 stays A's, at lr: the lr logged and checked
         ids_B = {id(layer.lora_B.weight) for _, layer in lora_layers(model)}
+        # PEFT's rule puts every 1-D adapter tensor in B's group: DoRA's magnitude m too
+        ids_B |= {id(layer.lora_magnitude_vector) for _, layer in lora_layers(model) if layer.use_dora}
         lr_B = config.lr * config.loraplus_lr_ratio
         groups = [{"params": [p for p in adapter if id(p) not in ids_B], "lr": config.lr, "peak_lr": config.lr},
                   {"params": [p for p in adapter if id(p) in ids_B], "lr": lr_B, "peak_lr": lr_B}]

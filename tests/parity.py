@@ -628,6 +628,7 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, param in model.named_parameters():
         if param.requires_grad or name.endswith("base_layer.weight"):
             key = name.removeprefix("base_model.model.").replace(".default", "").replace(".modules_to_save", "")
+            key = key.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")  # PEFT's DoRA layer
             named[key.replace(".original_module", "")] = param
     return named
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,3 +136,26 @@ def test_throughput_table_smoke(tmp_path):
     assert shared < free <= padded  # the shared prompt is computed once
     assert result["goals"]["decoder shared_prompt / TRL (goal >= 2.5)"] > 0
     assert "| decoder | lora-rm --group-by-length --packing shared_prompt |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("variant", ["rank_pattern", "layers_to_transform", "pissa", "loraplus"])
+def test_overhead_variant_rows_train_the_same_parameters_as_peft(variant):
+    """Each --variant builds a lora-rm and a PEFT model with the same trainable tensors, and one step runs on both."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks import overhead
+
+    args = overhead.parse_args(["--model", "tiny", "--seq-len", "8", "--pairs", "1", "--variant", variant])
+    base = overhead.build_base(args)
+    batch = overhead.make_batch(args, base.config.vocab_size)
+    shapes = {}
+    for method in ("lora-rm", "peft"):
+        model, optimizer = overhead.build(overhead.Variant(method, method, rank=4), base, args)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        overhead.train_step(model, batch, optimizer)
+        moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+        assert moved, (method, "no parameter moved")
+        shapes[method] = sorted(tuple(p.shape) for p in model.parameters() if p.requires_grad)
+        if variant == "loraplus":  # B's group at 16 x lr in both libraries (PEFT adds an empty embedding group)
+            lrs = {g["lr"] for g in optimizer.param_groups if g["params"]}
+            assert lrs == {overhead.LR, overhead.LR * overhead.LORAPLUS_RATIO}
+    assert shapes["lora-rm"] == shapes["peft"]

@@ -2,6 +2,7 @@
 converted on save to a plain adapter on the original base, resumed exactly, refused where unsupported."""
 
 import json
+from dataclasses import replace
 
 import peft
 import pytest
@@ -14,6 +15,7 @@ from parity import (
     LORAPLUS_CHECKS,
     PEFT_FAILS,
     WEIGHT_INITS,
+    check_loraplus_groups,
     head_bias_names,
     init_config,
     init_pair,
@@ -239,3 +241,13 @@ def test_reset_parameters_refuses_a_weight_init():
     layer = LoRALinear(torch.nn.Linear(8, 8), r=2, lora_alpha=2, init_lora_weights="pissa")
     with pytest.raises(ValueError, match="taken from the base weight once"):
         layer.reset_parameters("pissa")
+
+
+def test_loraplus_puts_the_dora_magnitude_in_b_group_as_peft():
+    """PEFT's create_loraplus_optimizer groups every 1-D adapter tensor with B: DoRA's magnitude gets ratio x lr."""
+    config = replace(report_config("llama"), use_dora=True)
+    assert check_loraplus_groups("llama", config) == 0.0
+    ours, _, ours_opt, _ = loraplus_optimizers("llama", config)
+    lrs = lr_and_decay_by_name(ours, ours_opt)
+    magnitudes = [name for name in lrs if name.endswith("lora_magnitude_vector")]
+    assert magnitudes and all(lrs[name][0] == LORAPLUS["lr"] * LORAPLUS["loraplus_lr_ratio"] for name in magnitudes)
