@@ -195,10 +195,11 @@ class TrainConfig:
                                "Bradley-Terry over every pair with different scores, or listwise Plackett-Luce; "
                                "both equal the pair loss at K = 2", RANKING_LOSSES)
     group_by_length: bool = option(False, "batch pairs of similar length to cut padding")
-    packing: str = option("none", "none: padded rows; padding_free: a micro-batch's sequences end to end, attention "
+    packing: str = option("auto", "none: padded rows; padding_free: a micro-batch's sequences end to end, attention "
                           "kept within each; shared_prompt: also a pair's common prompt computed once (decoders; "
                           "encoders fall back to padding_free); auto: shared_prompt for decoders, padding_free for "
-                          "encoders. Every mode gives the padded path's rewards", PACKING_MODES)
+                          "encoders, none for untested architectures and K-way rows. Every mode gives the padded "
+                          "path's rewards", PACKING_MODES)
     max_tokens_per_batch: int | None = option(None, "packed modes: most tokens in one packed forward (a micro-batch "
                                               "runs as several when over it); pairs over it follow length_policy; "
                                               "default: no limit beyond batch_size")

@@ -37,32 +37,45 @@ def is_encoder(model: nn.Module) -> bool:
     return getattr(model.base_model, "pooler", None) is not None
 
 
+# Architectures whose packed rewards and gradients tests/test_packing.py checks against the padded path.
+PACKING_TESTED = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "opt", "bert")
+
+
 def resolve_packing(mode: str, model: nn.Module, log: Callable[[str], Any] = print) -> str:
-    """The mode to run: auto picks shared_prompt for decoders and padding_free for encoders; an encoder asked
-    for shared_prompt falls back to padding_free (its attention is bidirectional: a prompt cannot be shared)."""
+    """The mode to run. auto (the default) is the fastest exact mode: shared_prompt for a tested decoder,
+    padding_free for a tested encoder, none for anything else (said in the log). An encoder asked for
+    shared_prompt falls back to padding_free (its attention is bidirectional: a prompt cannot be shared)."""
     if mode not in PACKING_MODES:
         raise ValueError(f"packing must be one of {PACKING_MODES}, got {mode!r}")
     if mode == "none":
         return mode
-    check_packable(model)
+    problem = unpackable_reason(model)
+    if mode == "auto":
+        model_type = getattr(model.config, "model_type", None)
+        if problem is None and model_type not in PACKING_TESTED:
+            problem = f"packing is tested on {', '.join(PACKING_TESTED)}, not on {model_type!r}"
+        if problem:
+            log(f"packing auto: {problem}; using --packing none (padded rows)")
+            return "none"
+        return "padding_free" if is_encoder(model) else "shared_prompt"
+    if problem:
+        raise ValueError(f"{problem}: pass --packing none")
     if is_encoder(model) and mode == "shared_prompt":
         log(f"packing: {type(model).__name__} is an encoder (bidirectional attention): the prompt cannot be shared "
             "between chosen and rejected; using padding_free")
         return "padding_free"
-    if mode == "auto":
-        return "padding_free" if is_encoder(model) else "shared_prompt"
     return mode
 
 
-def check_packable(model: nn.Module) -> None:
-    """Fail with what to do when the model's head or attention cannot take a packed row."""
+def unpackable_reason(model: nn.Module) -> str | None:
+    """Why the model's head or attention cannot take a packed row, or None when it can."""
     implementation = getattr(model.config, "_attn_implementation", "eager")
     if implementation not in ("sdpa", "eager"):
-        raise ValueError(f"packing needs sdpa or eager attention (a 4D mask); the model uses {implementation!r}: "
-                         "pass --packing none")
+        return f"packing needs sdpa or eager attention (a 4D mask); the model uses {implementation!r}"
     if not is_encoder(model) and not isinstance(getattr(model, "score", None), nn.Module):
-        raise ValueError(f"packing supports decoders with a `score` head and BERT-style encoders with a pooler; "
-                         f"{type(model).__name__} is neither: pass --packing none")
+        return (f"packing supports decoders with a `score` head and BERT-style encoders with a pooler; "
+                f"{type(model).__name__} is neither")
+    return None
 
 
 @dataclass
@@ -306,7 +319,7 @@ def _pair_reward_runs(forward_model, model, pairs, mode, budget, pad_token_id, d
 def packed_micro_batch(forward_model: nn.Module, model: nn.Module, pairs: list[dict[str, Any]], mode: str,
                        budget: int | None, pad_token_id: int | None, device, backward: Callable[[torch.Tensor], Any],
                        forward_context: Callable[[bool], Any], sync: bool = True,
-                       center_rewards_coefficient: float | None = None,
+                       center_rewards_coefficient: float | None = None, loss_fn: Callable = bradley_terry_loss,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss of a micro-batch of pairs with a backward per packed run: (loss, rewards_chosen, rewards_rejected).
 
@@ -323,7 +336,7 @@ def packed_micro_batch(forward_model: nn.Module, model: nn.Module, pairs: list[d
         with forward_context(sync and number == len(runs) - 1):
             rewards = next(rewards_by_run)
         margin = torch.tensor([margins[i] for i in run], device=rewards.device) if margins else None
-        loss = bradley_terry_loss(rewards[:, 0], rewards[:, 1], margin, center_rewards_coefficient)
+        loss = loss_fn(rewards[:, 0], rewards[:, 1], margin, center_rewards_coefficient)
         backward(loss * (len(run) / len(pairs)))
         total += loss.item() * len(run) / len(pairs)
         chosen.append(rewards[:, 0].detach())

@@ -240,7 +240,7 @@ def eval_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, Any]
 def evaluate_dataset(
     model, tokenizer, dataset, max_length: int | None, length_policy: str = "drop", skip_bad_rows: bool = False,
     batch_size: int = 8, report: str | Path | None = None, log: str | Path | None = None,
-    sections: dict[str, list[str]] | None = None, packing: str = "none", max_tokens_per_batch: int | None = None,
+    sections: dict[str, list[str]] | None = None, packing: str = "auto", max_tokens_per_batch: int | None = None,
 ) -> tuple[dict[str, Any], data.DataStats, list[Path]]:
     """Tokenize preference rows, score them and optionally write the reward report: (metrics, stats, report files).
 
@@ -286,7 +286,7 @@ def evaluate_dataset(
 
 @torch.no_grad()
 def score_texts(model, tokenizer, items: list, max_length: int | None = None, batch_size: int = 8,
-                packing: str = "none") -> list[float]:
+                packing: str = "auto") -> list[float]:
     """One reward per text (or chat), encoded exactly as training encoded each side (EOS included).
 
     Any packing mode but none scores the texts padding-free (texts share no prompt).
