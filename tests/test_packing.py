@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lora_rm.packing as packing
+import lora_rm.train as train_module
 from lora_rm import LoraConfig, add_lora, load_adapter
 from lora_rm.builtin import builtin_model, builtin_tokenizer
 from lora_rm.cli import main
@@ -202,7 +203,7 @@ def test_resume_in_a_packed_mode_replays_the_uninterrupted_run(tmp_path, monkeyp
     full = tmp_path / "full"
     train(tiny_run(full, packing="shared_prompt"))
     interrupted = tmp_path / "interrupted"
-    real_loss, calls = packing.bradley_terry_loss, {"n": 0}
+    real_loss, calls = train_module.bradley_terry_loss, {"n": 0}
 
     def crash_on_ninth_micro_batch(*args, **kwargs):  # one packed run per micro-batch: step 5 of 6
         calls["n"] += 1
@@ -210,10 +211,10 @@ def test_resume_in_a_packed_mode_replays_the_uninterrupted_run(tmp_path, monkeyp
             raise KeyboardInterrupt
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(packing, "bradley_terry_loss", crash_on_ninth_micro_batch)
+    monkeypatch.setattr(train_module, "bradley_terry_loss", crash_on_ninth_micro_batch)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_run(interrupted, packing="shared_prompt"))
-    monkeypatch.setattr(packing, "bradley_terry_loss", real_loss)
+    monkeypatch.setattr(train_module, "bradley_terry_loss", real_loss)
     train(tiny_run(interrupted, packing="shared_prompt", resume=True))
     assert_replays(interrupted, full)
 
