@@ -26,9 +26,8 @@ from parity import (
     tiny_batch,
     tiny_model,
 )
-from test_train import assert_replays, tiny_run
+from test_train import assert_replays, crash_at_micro_batch, tiny_run
 
-import lora_rm.train as train_module
 from lora_rm import LoraConfig, add_lora, load_adapter, save_adapter
 from lora_rm.checkpoint import list_checkpoints
 from lora_rm.cli import build_parser, train_config_from_args
@@ -208,19 +207,10 @@ def test_resume_replays_the_uninterrupted_run(tmp_path, monkeypatch, settings):
     full = tmp_path / "full"
     train(tiny_run(full, **settings))
     interrupted = tmp_path / "interrupted"
-    real_loss = train_module.bradley_terry_loss
-    calls = {"n": 0}
-
-    def crash_on_ninth_micro_batch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 9:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "bradley_terry_loss", crash_on_ninth_micro_batch)
+    undo = crash_at_micro_batch(monkeypatch, 9)  # step 5 of 6
     with pytest.raises(KeyboardInterrupt):
         train(tiny_run(interrupted, **settings))
-    monkeypatch.setattr(train_module, "bradley_terry_loss", real_loss)
+    undo()
     checkpoint = list_checkpoints(interrupted / "checkpoints")[-1]
     groups = json.loads((checkpoint / "trainer_state.json").read_text())["optimizer"]["param_groups"]
     if "loraplus_lr_ratio" in settings:

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import lora_rm.packing as packing
-import lora_rm.train as train_module
 from lora_rm import LoraConfig, add_lora, load_adapter
 from lora_rm.builtin import builtin_model, builtin_tokenizer
 from lora_rm.cli import main
@@ -16,7 +15,7 @@ from lora_rm.loss import bradley_terry_loss, split_rewards
 from lora_rm.scoring import batch_rewards
 from lora_rm.train import train
 from tests.parity import ARCHS, PAD, TARGETS, perturb_head, tiny_model
-from tests.test_train import assert_replays, tiny_run, train_losses
+from tests.test_train import assert_replays, crash_at_micro_batch, tiny_run, train_losses
 
 EOS = PAD  # pad == EOS, as for Llama/GPT-2 tokenizers given EOS as their pad token
 
@@ -203,18 +202,10 @@ def test_resume_in_a_packed_mode_replays_the_uninterrupted_run(tmp_path, monkeyp
     full = tmp_path / "full"
     train(tiny_run(full, packing="shared_prompt"))
     interrupted = tmp_path / "interrupted"
-    real_loss, calls = train_module.bradley_terry_loss, {"n": 0}
-
-    def crash_on_ninth_micro_batch(*args, **kwargs):  # one packed run per micro-batch: step 5 of 6
-        calls["n"] += 1
-        if calls["n"] == 9:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "bradley_terry_loss", crash_on_ninth_micro_batch)
+    undo = crash_at_micro_batch(monkeypatch, 9)  # one packed run per micro-batch: step 5 of 6
     with pytest.raises(KeyboardInterrupt):
         train(tiny_run(interrupted, packing="shared_prompt"))
-    monkeypatch.setattr(train_module, "bradley_terry_loss", real_loss)
+    undo()
     train(tiny_run(interrupted, packing="shared_prompt", resume=True))
     assert_replays(interrupted, full)
 

@@ -9,12 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from test_train import crash_at_micro_batch
+from test_train import tiny_run as tiny_builtin_run
 
 import lora_rm.ranking as ranking_module
 from lora_rm import cli, data, load_adapter
 from lora_rm.builtin import builtin_model, builtin_preference_dataset, builtin_ranking_dataset, builtin_tokenizer
 from lora_rm.checkpoint import list_checkpoints
-from lora_rm.config import LoraConfig, TrainConfig
+from lora_rm.config import TrainConfig
 from lora_rm.loss import bradley_terry_loss
 from lora_rm.ranking import all_pairs_loss, collate_groups, plackett_luce_loss, ranking_metrics
 from lora_rm.train import train
@@ -27,12 +29,7 @@ def write_jsonl(path, rows):
 
 def tiny_run(output, dataset, **overrides) -> TrainConfig:
     """test_train.tiny_run on a data file: six steps with accumulation and dropout."""
-    settings = dict(
-        output=str(output), dataset=dataset, max_rows=120, eval_fraction=0.2, max_steps=6, batch_size=4,
-        grad_accum=2, max_length=32, lr=1e-3, warmup_ratio=0.2, save_every=3, log_every=1, progress=False,
-        lora=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"),
-    )
-    return TrainConfig(**{**settings, **overrides})
+    return tiny_builtin_run(output, dataset=dataset, **overrides)
 
 
 def adapter_weights(output):
@@ -243,18 +240,10 @@ def mixed_k_rows(n, seed=0):
 def test_k_way_resume_replays_the_uninterrupted_run(tmp_path, monkeypatch):
     dataset = write_jsonl(tmp_path / "rows.jsonl", mixed_k_rows(120))
     train(tiny_run(tmp_path / "full", dataset, ranking_loss="plackett_luce"))
-    real_loss, calls = ranking_module.ranking_loss, {"n": 0}
-
-    def crash_on_ninth_micro_batch(*args, **kwargs):  # step 5 of 6 (two micro-batches a step)
-        calls["n"] += 1
-        if calls["n"] == 9:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(ranking_module, "ranking_loss", crash_on_ninth_micro_batch)
+    undo = crash_at_micro_batch(monkeypatch, 9, ranking_module, "ranking_loss")  # step 5 of 6
     with pytest.raises(KeyboardInterrupt):
         train(tiny_run(tmp_path / "interrupted", dataset, ranking_loss="plackett_luce"))
-    monkeypatch.setattr(ranking_module, "ranking_loss", real_loss)
+    undo()
     assert [p.name for p in list_checkpoints(tmp_path / "interrupted" / "checkpoints")] == ["step-000003"]
     train(tiny_run(tmp_path / "interrupted", dataset, ranking_loss="plackett_luce", resume=True))
     a, b = adapter_weights(tmp_path / "full"), adapter_weights(tmp_path / "interrupted")

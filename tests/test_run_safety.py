@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from test_train import assert_replays, read_log, tiny_run, train_losses
+from test_train import assert_replays, crash_at_micro_batch, read_log, tiny_run, train_losses
 
 import lora_rm.checkpoint as checkpoint_module
 import lora_rm.train as train_module
@@ -30,20 +30,6 @@ def full_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("safety") / "full"
     train(tiny_run(output))
     return output
-
-
-def crash_at_micro_batch(monkeypatch, n):
-    """Make the n-th loss computation raise KeyboardInterrupt (two micro-batches a step); undo with the result."""
-    real_loss, calls = train_module.bradley_terry_loss, {"n": 0}
-
-    def crash(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "bradley_terry_loss", crash)
-    return lambda: monkeypatch.setattr(train_module, "bradley_terry_loss", real_loss)
 
 
 def write_lock(output, pid):

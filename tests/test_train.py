@@ -55,24 +55,30 @@ def test_learning_rate_schedule_matches_transformers():
             reference.step()
 
 
+def crash_at_micro_batch(monkeypatch, n, module=train_module, name="bradley_terry_loss"):
+    """Make the n-th call of module.name (the loss: once per micro-batch) raise KeyboardInterrupt; undo with the
+    result."""
+    real_loss, calls = getattr(module, name), {"n": 0}
+
+    def crash(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, crash)
+    return lambda: monkeypatch.setattr(module, name, real_loss)
+
+
 def test_resume_replays_the_uninterrupted_run(tmp_path, monkeypatch):
     full = tmp_path / "full"
     train(tiny_run(full))
 
     interrupted = tmp_path / "interrupted"
-    real_loss = train_module.bradley_terry_loss
-    calls = {"n": 0}
-
-    def crash_on_ninth_micro_batch(*args, **kwargs):  # step 5 of 6 (two micro-batches a step)
-        calls["n"] += 1
-        if calls["n"] == 9:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "bradley_terry_loss", crash_on_ninth_micro_batch)
+    undo = crash_at_micro_batch(monkeypatch, 9)  # step 5 of 6 (two micro-batches a step)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_run(interrupted))
-    monkeypatch.setattr(train_module, "bradley_terry_loss", real_loss)
+    undo()
     assert [p.name for p in list_checkpoints(interrupted / "checkpoints")] == ["step-000003"]
     with pytest.raises(FileExistsError, match="--resume"):
         train(tiny_run(interrupted))
