@@ -28,6 +28,8 @@ from transformers import (
 from lora_rm import LoraConfig, add_lora, enable_gradient_checkpointing, load_adapter, merge_lora, save_adapter
 from lora_rm.inject import lora_layers
 
+FP32_TOL = 1e-5  # the contract: max abs diff against PEFT in fp32
+FP64_TOL = 1e-10  # the same sums in fp64 (the folded path adds in another order: ~1e-14)
 VOCAB = 128
 PAD = 0
 TINY = dict(vocab_size=VOCAB, num_labels=1, pad_token_id=PAD)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from parity import BF16_UNITS, DORA_ARCHS, DORA_CHECKS, report_config, tiny_batch, tiny_model
+from parity import BF16_UNITS, DORA_ARCHS, DORA_CHECKS, FP32_TOL, FP64_TOL, report_config, tiny_batch, tiny_model
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -19,11 +19,9 @@ from lora_rm.dora import full_weight_norm, row_norm
 from lora_rm.inject import lora_layers
 from lora_rm.lora import LoRALinear
 
-FP32_TOL = 1e-5
 # m's gradient sums over every token of the batch: on GPT-2 it reaches ~15, where PEFT's own fp32 gradients are
 # 1.4e-5 off the fp64 ones (ours 1.0e-5). Rewards and merges keep the plain 1e-5.
 FP32_GRAD_TOL = 5e-5
-FP64_TOL = 1e-10
 # A first AdamW step moves each weight by ~lr * g / (|g| + eps): for a gradient near 0 fp32 rounding of g decides
 # the step, so the fp32 row is bounded in units of the lr (1e-2); the fp64 row shows both are the same step.
 FP32_ADAMW_TOL = 2e-2 * 1e-2

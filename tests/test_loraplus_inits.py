@@ -8,6 +8,8 @@ import peft
 import pytest
 import torch
 from parity import (
+    FP32_TOL,
+    FP64_TOL,
     INIT_ARCHS,
     INIT_CHECKS,
     INIT_CHECKS_WITH_PEFT_INIT,
@@ -35,10 +37,6 @@ from lora_rm.config import TrainConfig
 from lora_rm.inject import lora_layers, remove_lora
 from lora_rm.lora import LoRALinear
 from lora_rm.train import build_optimizer, train
-
-FP32_TOL = 1e-5
-FP64_TOL = 1e-10
-
 
 # ---- parity with PEFT (tests/parity.py) ------------------------------------------------------------------------
 

@@ -6,6 +6,8 @@ from parity import (
     BF16_UNITS,
     CHECKS,
     CORE_ARCHS,
+    FP32_TOL,
+    FP64_TOL,
     NF4_CHECKS,
     QUANT_ARCHS,
     check_rewards_differ_from_base,
@@ -19,9 +21,6 @@ from parity import (
 
 from lora_rm import LoraConfig, add_lora, enable_gradient_checkpointing, save_adapter
 from lora_rm.inject import lora_layers
-
-FP32_TOL = 1e-5
-FP64_TOL = 1e-10  # the folded path is the same sum in another order: fp64 shows it to ~1e-14
 
 PARITY_CHECKS = [name for name in CHECKS if name != "adapted != base (must be large)"]
 

@@ -9,6 +9,8 @@ import peft
 import pytest
 import torch
 from parity import (
+    FP32_TOL,
+    FP64_TOL,
     PATTERN_ARCHS,
     PATTERN_CHECKS,
     adapted_ranks,
@@ -27,9 +29,6 @@ from lora_rm.builtin import builtin_model, builtin_tokenizer
 from lora_rm.cli import build_parser, main, train_config_from_args
 from lora_rm.inject import _is_target, pattern_value
 from lora_rm.run_folder import changed_settings
-
-FP32_TOL = 1e-5
-FP64_TOL = 1e-10
 
 
 @pytest.mark.parametrize("check_name", list(PATTERN_CHECKS))
