@@ -25,7 +25,7 @@ matrix through A and B to get B A) only to take its row norms. Expanding the squ
 Every term is a sum of products of the same numbers PEFT adds, so the two agree to float rounding
 (tests/test_dora.py checks it against the direct norm in fp64 and fp32).
 
-For a long batch (fast_path.folding_pays: more than 2 d_in d_out / (d_in + d_out) tokens, fp32, no dropout) plain
+For a long batch (lora_fast.folding_pays: more than 2 d_in d_out / (d_in + d_out) tokens, fp32, no dropout) plain
 LoRA computes (W + s B A) x; DoRA then folds too (FoldedDoRA), and takes n straight from the W + s B A it has just
 built, the direct norm at the price of one read.
 """
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fast_path
+from . import lora_fast
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
@@ -91,7 +91,7 @@ def magnitude_scale(layer: nn.Module) -> torch.Tensor:
 def dora_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """y = scale ⊙ (W x + s B A x) + b, or PEFT's dropout form; PEFT's order of operations with fast_path off."""
     base = layer.base_layer
-    if layer.fast_path and fast_path.folding_pays(layer, x):
+    if layer.fast_path and lora_fast.folding_pays(layer, x):
         return FoldedDoRA.apply(x, dense_weight(layer), base.bias, layer.lora_A.weight, layer.lora_B.weight,
                                 layer.scaling, layer.lora_magnitude_vector, torch.is_grad_enabled())
     scale = magnitude_scale(layer)
@@ -111,7 +111,7 @@ def dora_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class FoldedDoRA(torch.autograd.Function):
     """y = (m/n) ⊙ (x (W + s B A)^T) + b for a frozen W, n the row norms of that W + s B A (detached).
 
-    As fast_path.FoldedLoRA, A's and B's gradients go through h = x A^T, never a W-sized weight gradient. With
+    As lora_fast.FoldedLoRA, A's and B's gradients go through h = x A^T, never a W-sized weight gradient. With
     g = dL/dy and g' = g ⊙ m/n (the gradient of the unscaled sum):
         dL/dm = sum_tokens g ⊙ (x (W + s B A)^T) / n,   dL/dB = s g'^T h,   dL/dA = s (g' B)^T x,
         dL/dx = g' (W + s B A).

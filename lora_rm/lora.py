@@ -9,7 +9,7 @@ so a fresh adapter leaves the model unchanged. scaling = alpha / r, or alpha / s
 (PiSSA/OLoRA start A, B from W's SVD/QR and subtract them from W instead: inits.py.)
 GPT-2's Conv1D stores W as (d_in, d_out); the delta is transposed once for it (PEFT's fan_in_fan_out).
 
-forward() reads as the equation; by default it hands the same sum to fast_path.py, which computes it in fewer
+forward() reads as the equation; by default it hands the same sum to lora_fast.py, which computes it in fewer
 passes over memory (and, for long batches, as (W + s B A) x). Setting the attribute `layer.fast_path = False`
 keeps PEFT's exact order of operations, for comparisons bit for bit.
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import dora, fast_path, inits
+from . import dora, inits, lora_fast
 
 
 class LoRALinear(nn.Module):
@@ -89,7 +89,7 @@ class LoRALinear(nn.Module):
         if self.use_dora:
             return dora.dora_forward(self, x)
         if self.fast_path:
-            return fast_path.lora_forward(self, x)
+            return lora_fast.lora_forward(self, x)
         result = self.base_layer(x)
         # PEFT casts x to the adapter's dtype and the sum back to the base output's dtype.
         x = self.lora_dropout(x.to(self.lora_A.weight.dtype))

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.pytorch_utils import Conv1D
 
-from lora_rm import LoraConfig, add_lora, fast_path, load_adapter, save_adapter
+from lora_rm import LoraConfig, add_lora, load_adapter, lora_fast, save_adapter
 from lora_rm.cli import main
 from lora_rm.config import TrainConfig
 from lora_rm.dora import full_weight_norm, row_norm
@@ -90,7 +90,7 @@ def test_fast_path_equals_peft_order_in_fp64(kind, bias, tokens, folds):
     """Our forward (row_norm, or FoldedDoRA for a long batch) vs PEFT's order (fast_path = False): all gradients."""
     layer = dora_layer(kind, bias).double()
     x = torch.randn(2, tokens // 2, 64, dtype=torch.float64, requires_grad=True)
-    assert fast_path.folding_pays(layer, x) == folds
+    assert lora_fast.folding_pays(layer, x) == folds
     results = []
     for fast in (True, False):
         layer.fast_path = fast

@@ -8,7 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lora_rm import LoRALinear
-from lora_rm.fast_path import folding_pays
+from lora_rm.lora_fast import folding_pays
 from lora_rm.lora import delta_weight, draw_lora_weights, new_lora_pair
 
 
