@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import LoraConfig
-from .files import atomic_path
+from .atomic import atomic_path
 from .inits import plain_lora_config, plain_lora_tensors
 from .inject import (
     LINEAR_TYPES,

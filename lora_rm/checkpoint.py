@@ -28,7 +28,7 @@ from torch import nn
 
 from . import distributed
 from .adapter_io import adapter_state_dict, matched_adapter_tensors, read_adapter_weights, save_adapter
-from .files import atomic_path
+from .atomic import atomic_path
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)")
 STATE_NAME = "trainer_state.json"

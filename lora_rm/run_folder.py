@@ -24,7 +24,7 @@ from typing import Any
 
 from . import distributed
 from .config import TrainConfig
-from .files import atomic_path
+from .atomic import atomic_path
 
 LOCK_NAME = ".lock"  # in the output folder while a run writes there: {"pid", "host", "started"}
 TRAIN_CONFIG_NAME = "train_config.json"
