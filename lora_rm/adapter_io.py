@@ -13,8 +13,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import LoraConfig
 from .atomic import atomic_path
+from .config import LoraConfig
 from .inits import plain_lora_config, plain_lora_tensors
 from .inject import (
     LINEAR_TYPES,

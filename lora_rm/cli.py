@@ -251,7 +251,7 @@ def load_for_command(args: argparse.Namespace, settings: dict[str, Any]):
 
 def run_eval(args: argparse.Namespace) -> None:
     from .data import load_preference_dataset
-    from .eval_report import read_sections
+    from .eval_stats import read_sections
     from .scoring import evaluate_dataset
 
     settings = given_or_default(args, EVAL_FIELDS)

@@ -250,7 +250,7 @@ def tokenize_pairs(
         "length_policy": length_policy,
         "skip_bad_rows": skip_bad_rows,
     }
-    keep_columns = {"margin", "subset"}  # subset: per-subset evaluation (eval_report.py)
+    keep_columns = {"margin", "subset"}  # subset: per-subset evaluation (eval_stats.py)
     encoded = dataset.map(
         _encode_row,
         fn_kwargs=kwargs,

@@ -378,7 +378,7 @@ def evaluate_ranking_rows(model, tokenizer, rows, batch_size: int, device, repor
     metrics = ranking_metrics(rewards, [row["scores"] for row in rows])
     if not report:
         return metrics, []
-    from .report import write_report  # matplotlib is optional
+    from .plots import write_report  # matplotlib is optional
 
     better, worse, better_lengths, worse_lengths = [], [], [], []
     for row, row_rewards in zip(rows, rewards, strict=True):

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed
-from .config import TrainConfig
 from .atomic import atomic_path
+from .config import TrainConfig
 
 LOCK_NAME = ".lock"  # in the output folder while a run writes there: {"pid", "host", "started"}
 TRAIN_CONFIG_NAME = "train_config.json"

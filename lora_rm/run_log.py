@@ -7,6 +7,9 @@ Tags: training keys as train/<key>; an eval key as <prefix>/<metric> with its lo
 
 from __future__ import annotations
 
+import json
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +68,19 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The JSON records of a log.jsonl; a partial last line (a run still writing) is skipped with a warning."""
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}:{number} is not JSON; skipped", stacklevel=2)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

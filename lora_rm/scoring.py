@@ -24,7 +24,7 @@ from torch import nn
 from . import data, ranking
 from .adapter_io import load_adapter, read_adapter_config
 from .config import BUILTIN, DTYPES
-from .eval_report import pair_report
+from .eval_stats import pair_report
 from .loss import preference_metrics, reward_stats, split_rewards
 
 
@@ -244,7 +244,7 @@ def evaluate_dataset(
 ) -> tuple[dict[str, Any], data.DataStats, list[Path]]:
     """Tokenize preference rows, score them and optionally write the reward report: (metrics, stats, report files).
 
-    The metrics carry eval_report.pair_report's length-only baselines and intervals; per subset, macro and per
+    The metrics carry eval_stats.pair_report's length-only baselines and intervals; per subset, macro and per
     section when the rows have a `subset` column (sections: {section: [subsets]}).
     """
     from .packing import fit_pairs_to_budget, resolve_packing
@@ -278,7 +278,7 @@ def evaluate_dataset(
     metrics.update(pair_report(chosen, rejected, full_chosen, full_rejected, subsets, sections))
     written = []
     if report:
-        from .report import write_report  # matplotlib is optional
+        from .plots import write_report  # matplotlib is optional
 
         written = write_report(report, chosen, rejected, lengths_chosen, lengths_rejected, metrics, log)
     return metrics, stats, written

@@ -10,7 +10,7 @@ import torch
 
 from lora_rm.cli import build_parser, main, report_command, train_config_from_args
 from lora_rm.config import LoraConfig, TrainConfig
-from lora_rm.eval_report import pair_report, read_sections
+from lora_rm.eval_stats import pair_report, read_sections
 from lora_rm.train import train
 
 # Six pairs in two subsets, unequal sizes so that count-weighted and unweighted means differ.

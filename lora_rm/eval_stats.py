@@ -191,3 +191,29 @@ def read_sections(path: str | os.PathLike) -> dict[str, list[str]]:
         raise ValueError(f'--sections {path} must be a JSON object of section -> list of subset names, e.g. '
                          '{"Chat": ["alpacaeval-easy", "mt-bench-easy"], "Safety": ["donotanswer"]}')
     return sections
+
+
+def pearson(x: Tensor, y: Tensor) -> float | None:
+    """Pearson r of two 1-D tensors; None when either is constant (r is undefined and NaN is not JSON)."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denominator = (x.square().sum() * y.square().sum()).sqrt()
+    return None if denominator == 0 else (x * y).sum().div(denominator).item()
+
+
+def accuracy_where(chosen: Tensor, rejected: Tensor, mask: Tensor) -> float | None:
+    """Strict accuracy (chosen > rejected, as TRL) over the masked pairs; None when the mask selects none."""
+    return (chosen[mask] > rejected[mask]).float().mean().item() if mask.any() else None
+
+
+def length_metrics(chosen: Tensor, rejected: Tensor, lengths_chosen: Tensor, lengths_rejected: Tensor) -> dict:
+    """The length-bias numbers: reward/length correlation and accuracy split by which side is longer."""
+    longer, shorter = lengths_chosen > lengths_rejected, lengths_chosen < lengths_rejected
+    return {
+        "length_correlation": pearson(torch.cat([chosen, rejected]), torch.cat([lengths_chosen, lengths_rejected])),
+        "length_correlation_chosen": pearson(chosen, lengths_chosen),
+        "length_correlation_rejected": pearson(rejected, lengths_rejected),
+        "accuracy_longer_chosen": accuracy_where(chosen, rejected, longer),
+        "accuracy_shorter_chosen": accuracy_where(chosen, rejected, shorter),
+        "n_longer_chosen": int(longer.sum()),
+        "n_shorter_chosen": int(shorter.sum()),
+    }

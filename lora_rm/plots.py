@@ -11,7 +11,7 @@
   the chosen side is longer and wrong when it is shorter).
 - subset_accuracy.png (when the data has a `subset` column): per subset and their macro average, the model's
   accuracy beside what "the longer response wins" and "the shorter response wins" score on the same pairs, with
-  95% bootstrap intervals (lora_rm/eval_report.py). A subset where a length rule matches or beats the model says
+  95% bootstrap intervals (lora_rm/eval_stats.py). A subset where a length rule matches or beats the model says
   little about the model: length alone solves it.
 - training_curves.png (with a training log.jsonl): loss and train/eval accuracy against step. Train accuracy
   climbing while eval accuracy stalls or drops is overfitting.
@@ -25,43 +25,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .eval_stats import accuracy_where, length_metrics
 from .loss import preference_metrics
+from .run_log import read_log
 
 FIGSIZE = (6, 4)
 DPI = 100
 COLORS = {"chosen": "tab:blue", "rejected": "tab:orange"}
-
-
-def pearson(x: Tensor, y: Tensor) -> float | None:
-    """Pearson r of two 1-D tensors; None when either is constant (r is undefined and NaN is not JSON)."""
-    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
-    denominator = (x.square().sum() * y.square().sum()).sqrt()
-    return None if denominator == 0 else (x * y).sum().div(denominator).item()
-
-
-def accuracy_where(chosen: Tensor, rejected: Tensor, mask: Tensor) -> float | None:
-    """Strict accuracy (chosen > rejected, as TRL) over the masked pairs; None when the mask selects none."""
-    return (chosen[mask] > rejected[mask]).float().mean().item() if mask.any() else None
-
-
-def length_metrics(chosen: Tensor, rejected: Tensor, lengths_chosen: Tensor, lengths_rejected: Tensor) -> dict:
-    """The length-bias numbers: reward/length correlation and accuracy split by which side is longer."""
-    longer, shorter = lengths_chosen > lengths_rejected, lengths_chosen < lengths_rejected
-    return {
-        "length_correlation": pearson(torch.cat([chosen, rejected]), torch.cat([lengths_chosen, lengths_rejected])),
-        "length_correlation_chosen": pearson(chosen, lengths_chosen),
-        "length_correlation_rejected": pearson(rejected, lengths_rejected),
-        "accuracy_longer_chosen": accuracy_where(chosen, rejected, longer),
-        "accuracy_shorter_chosen": accuracy_where(chosen, rejected, shorter),
-        "n_longer_chosen": int(longer.sum()),
-        "n_shorter_chosen": int(shorter.sum()),
-    }
 
 
 def length_buckets(lengths: Tensor, n_buckets: int = 5) -> Tensor:
@@ -80,24 +55,8 @@ def fit_line(x: Tensor, y: Tensor) -> tuple[float, float] | None:
     return slope.item(), (y.mean() - slope * x.mean()).item()
 
 
-def read_log(path: str | os.PathLike) -> list[dict]:
-    """The JSON records of a log.jsonl; a partial last line (a run still writing) is skipped with a warning."""
-    records = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            warnings.warn(f"{path}:{number} is not JSON; skipped", stacklevel=2)
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
 def figure_class():
-    """matplotlib's Figure, imported here so that `import lora_rm.report` works without matplotlib."""
+    """matplotlib's Figure, imported here so that `import lora_rm.plots` works without matplotlib."""
     try:
         import matplotlib  # noqa: F401  (import the parent first: a cached matplotlib.figure would hide its absence)
     except ImportError as error:

@@ -7,8 +7,10 @@ import sys
 import pytest
 import torch
 
+from lora_rm.eval_stats import length_metrics
 from lora_rm.loss import preference_metrics
-from lora_rm.report import length_buckets, length_metrics, read_log, write_report
+from lora_rm.plots import length_buckets, write_report
+from lora_rm.run_log import read_log
 
 PLOTS = ["rewards_hist.png", "accuracy_by_length.png", "reward_vs_length.png"]
 
@@ -115,7 +117,7 @@ def test_mismatched_or_non_finite_inputs_are_refused(tmp_path):
 
 def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
-    importlib.reload(sys.modules["lora_rm.report"])  # the module itself imports without matplotlib
+    importlib.reload(sys.modules["lora_rm.plots"])  # the module itself imports without matplotlib
     chosen, rejected, lengths_chosen, lengths_rejected = synthetic_pairs(10)
     with pytest.raises(ImportError, match=r"pip install 'lora-rm\[plot\]'"):
         write_report(tmp_path / "out", chosen, rejected, lengths_chosen, lengths_rejected, {})
