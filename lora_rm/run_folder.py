@@ -192,35 +192,3 @@ def write_config(config: TrainConfig, output: Path) -> None:
         Path(tmp).write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
 
-def log_line(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON record to log.jsonl (rank 0 only)."""
-    if distributed.is_main():
-        with path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-
-def truncate_log(path: Path, step: int, total_steps: int) -> None:
-    """Drop the log records a resume from `step` writes again: later steps, and the final eval of a finished run.
-
-    A torn last line (a kill mid-write) is dropped with a note; a bad line before it is an error naming it.
-    """
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines()
-    kept = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            record_step, is_eval = record["step"], any(key.startswith("eval_") for key in record)
-        except (json.JSONDecodeError, TypeError, KeyError) as error:
-            if number == len(lines):
-                distributed.print_main(f"note: dropping the torn last line {number} of {path} (cut off mid-write)")
-                continue
-            raise ValueError(f"cannot resume: {path}:{number} is not a log record ({error!r})") from error
-        final_eval = is_eval and record_step == step == total_steps  # evaluated again at the end of this run
-        if record_step <= step and not final_eval:
-            kept.append(line)
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text("".join(line + "\n" for line in kept))

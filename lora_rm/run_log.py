@@ -1,4 +1,5 @@
-"""Where a run's log records go: log.jsonl always, and with --report-to tensorboard TensorBoard event files beside it.
+"""Everything about a run's log.jsonl: the window each line averages, appending, truncating on resume, reading;
+with --report-to tensorboard, TensorBoard event files beside it.
 
 `tensorboard --logdir runs/` then shows every run under its folder, live: the writer flushes after each record.
 Tags: training keys as train/<key>; an eval key as <prefix>/<metric> with its log prefix ("eval", or
@@ -10,11 +11,15 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import distributed
-from .run_folder import log_line
+from .atomic import atomic_path
+from .loss import preference_metrics
 
 TENSORBOARD_EXTRA = "pip install 'lora-rm[tensorboard]'"
 
@@ -84,3 +89,74 @@ def read_log(path: str | os.PathLike) -> list[dict]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def log_line(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON record to log.jsonl (rank 0 only)."""
+    if distributed.is_main():
+        with path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path: Path, step: int, total_steps: int) -> None:
+    """Drop the log records a resume from `step` writes again: later steps, and the final eval of a finished run.
+
+    A torn last line (a kill mid-write) is dropped with a note; a bad line before it is an error naming it.
+    """
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record_step, is_eval = record["step"], any(key.startswith("eval_") for key in record)
+        except (json.JSONDecodeError, TypeError, KeyError) as error:
+            if number == len(lines):
+                distributed.print_main(f"note: dropping the torn last line {number} of {path} (cut off mid-write)")
+                continue
+            raise ValueError(f"cannot resume: {path}:{number} is not a log record ({error!r})") from error
+        final_eval = is_eval and record_step == step == total_steps  # evaluated again at the end of this run
+        if record_step <= step and not final_eval:
+            kept.append(line)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("".join(line + "\n" for line in kept))
+
+
+@dataclass
+class LogWindow:
+    """Losses and rewards since the last log line: each line averages its window, as HF Trainer's logged loss."""
+
+    losses: list[float] = field(default_factory=list)
+    chosen: list[torch.Tensor] = field(default_factory=list)
+    rejected: list[torch.Tensor] = field(default_factory=list)
+    pairs_seen: int = 0  # since this process started, for pairs/s
+    start: int = 0  # the step the window opened after: a resumed run's first window is shorter
+
+    def add(self, loss: torch.Tensor, rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor) -> None:
+        self.losses.append(loss.item())
+        self.chosen.append(rewards_chosen)
+        self.rejected.append(rewards_rejected)
+        self.pairs_seen += len(rewards_chosen)
+
+    def record(self, step: int, steps_per_epoch: int, grad_norm: float, lr: float, elapsed: float) -> dict:
+        """The log line over every rank's window (collectives), then an empty window."""
+        chosen, rejected = (distributed.gather_cat(torch.cat(r)) for r in (self.chosen, self.rejected))
+        metrics = preference_metrics(chosen, rejected)
+        totals = [sum(self.losses), len(self.losses), self.pairs_seen]
+        loss_sum, n_losses, all_pairs = distributed.sum_over_ranks(totals)
+        self.losses, self.chosen, self.rejected = [], [], []
+        window_steps, self.start = step - self.start, step
+        return {
+            "step": step,
+            "epoch": round(step / steps_per_epoch, 4),
+            "loss": loss_sum / n_losses,
+            "window_steps": window_steps,  # optimizer steps the loss averages (fewer after a resume)
+            "accuracy": metrics["accuracy"],
+            "margin": metrics["mean_margin"],
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "pairs_per_s": all_pairs / elapsed,
+        }

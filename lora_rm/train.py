@@ -20,7 +20,6 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +33,9 @@ from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .health import Health
 from .inject import add_lora, enable_gradient_checkpointing, format_parameter_counts, lora_config_of, lora_layers
-from .loss import bradley_terry_loss, preference_metrics
-from .run_folder import output_lock, prepare_output, truncate_log, write_config
-from .run_log import RunLog, summary_writer_class
+from .loss import bradley_terry_loss
+from .run_folder import output_lock, prepare_output, write_config
+from .run_log import LogWindow, RunLog, summary_writer_class, truncate_log
 from .scoring import (
     autocast_context,
     batch_rewards,
@@ -280,43 +279,6 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-
-
-@dataclass
-class LogWindow:
-    """Losses and rewards since the last log line: each line averages its window, as HF Trainer's logged loss."""
-
-    losses: list[float] = field(default_factory=list)
-    chosen: list[torch.Tensor] = field(default_factory=list)
-    rejected: list[torch.Tensor] = field(default_factory=list)
-    pairs_seen: int = 0  # since this process started, for pairs/s
-    start: int = 0  # the step the window opened after: a resumed run's first window is shorter
-
-    def add(self, loss: torch.Tensor, rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor) -> None:
-        self.losses.append(loss.item())
-        self.chosen.append(rewards_chosen)
-        self.rejected.append(rewards_rejected)
-        self.pairs_seen += len(rewards_chosen)
-
-    def record(self, step: int, steps_per_epoch: int, grad_norm: float, lr: float, elapsed: float) -> dict:
-        """The log line over every rank's window (collectives), then an empty window."""
-        chosen, rejected = (distributed.gather_cat(torch.cat(r)) for r in (self.chosen, self.rejected))
-        metrics = preference_metrics(chosen, rejected)
-        totals = [sum(self.losses), len(self.losses), self.pairs_seen]
-        loss_sum, n_losses, all_pairs = distributed.sum_over_ranks(totals)
-        self.losses, self.chosen, self.rejected = [], [], []
-        window_steps, self.start = step - self.start, step
-        return {
-            "step": step,
-            "epoch": round(step / steps_per_epoch, 4),
-            "loss": loss_sum / n_losses,
-            "window_steps": window_steps,  # optimizer steps the loss averages (fewer after a resume)
-            "accuracy": metrics["accuracy"],
-            "margin": metrics["mean_margin"],
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "pairs_per_s": all_pairs / elapsed,
-        }
 
 
 def evaluate(model, pairs, collator, batch_size: int, device, precision: str = "fp32",
