@@ -28,7 +28,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, Qwen2Config
 
 from lora_rm import LoraConfig, add_lora, enable_gradient_checkpointing
-from lora_rm.scoring import load_pretrained
+from lora_rm.model_io import load_pretrained
 
 from .overhead import REPO_ROOT, _proc_status_bytes, train_step
 

@@ -36,7 +36,7 @@ import transformers
 import trl
 
 import lora_rm
-from lora_rm import data, scoring
+from lora_rm import data, model_io, scoring
 from lora_rm.config import LoraConfig, TrainConfig
 from lora_rm.train import train
 
@@ -70,7 +70,7 @@ def train_lora_rm(seed: int, args: argparse.Namespace, folder: str) -> dict[str,
 
 def evaluate_adapter(adapter: str, eval_rows, args: argparse.Namespace) -> dict[str, Any]:
     """Accuracy of a PEFT-format adapter on a fresh base, tokenized and scored by lora-rm (the shared yardstick)."""
-    model, tokenizer = scoring.load_model_and_tokenizer(args.model)
+    model, tokenizer = model_io.load_model_and_tokenizer(args.model)
     lora_rm.load_adapter(model, adapter)
     model.to(device()).eval()
     metrics, _, _ = scoring.evaluate_dataset(model, tokenizer, eval_rows, args.max_length, "drop")
@@ -179,7 +179,7 @@ def main() -> None:
         ["chosen", "rejected"])
     eval_rows = data.load_preference_dataset(args.data, rows=f"-{args.eval_pairs}:").select_columns(
         ["chosen", "rejected"])
-    _, lora_rm_tokenizer = scoring.load_model_and_tokenizer(args.model)
+    _, lora_rm_tokenizer = model_io.load_model_and_tokenizer(args.model)
     n_train_lora_rm = data.tokenize_pairs(train_rows, lora_rm_tokenizer, args.max_length, "drop")[1].n_kept
 
     rows = []

@@ -90,7 +90,7 @@ def tokens_per_pair(pairs: list[dict], config) -> float:
 
 def run_lora_rm(spec: dict[str, Any]) -> dict[str, Any]:
     """One lora-rm training run (in this child process): pairs/s of the loop, tokens per pair, peak memory."""
-    from lora_rm import data, scoring
+    from lora_rm import data, model_io
     from lora_rm.config import LoraConfig, TrainConfig
     from lora_rm.train import train
 
@@ -105,7 +105,7 @@ def run_lora_rm(spec: dict[str, Any]) -> dict[str, Any]:
         final = train(config)
         log = [json.loads(line) for line in Path(output, "log.jsonl").read_text().splitlines()]
     pairs_per_s = [line["pairs_per_s"] for line in log if "pairs_per_s" in line][-1]
-    tokenizer = scoring.load_tokenizer(spec["model"])
+    tokenizer = model_io.load_tokenizer(spec["model"])
     rows = data.load_preference_dataset(spec["data"], rows=f":{spec['train_pairs']}")
     pairs = data.tokenize_pairs(rows, tokenizer, spec["max_length"])[0].to_list()
     return {"pairs_per_s": pairs_per_s, "tokens_per_pair": tokens_per_pair(pairs, config), "peak_mib": peak_mib(),

@@ -241,7 +241,7 @@ def load_for_command(args: argparse.Namespace, settings: dict[str, Any]):
     """The base model with the saved adapter, on the requested device: (model, tokenizer)."""
     import torch
 
-    from .scoring import load_reward_model
+    from .model_io import load_reward_model
 
     device = settings["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     load_options = {name: settings[name] for name in LOAD_FIELDS if name != "model"}
@@ -318,8 +318,8 @@ def run_score(args: argparse.Namespace) -> None:
 
 def run_merge(args: argparse.Namespace) -> None:
     from .inject import merge_lora
+    from .model_io import save_tokenizer, torch_dtype
     from .qlora import dequantize_4bit_layers
-    from .scoring import save_tokenizer, torch_dtype
 
     settings = given_or_default(args, LOAD_FIELDS)
     model, tokenizer = load_for_command(args, settings)

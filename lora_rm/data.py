@@ -22,18 +22,27 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from datasets import Dataset, load_dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from . import ranking
+from .builtin import BUILTIN_PAIRS, builtin_preference_dataset
 from .config import BUILTIN, LENGTH_POLICIES
 from .data_files import ROW_SOURCE, find_preference_files, read_preference_files
+from .encode import (
+    UNK_CHECK_PAIRS,
+    DataStats,
+    check_unknown_share,
+    encode_text,
+    is_messages,
+    pad_sequences,
+    side_problem,
+)
 
 TOKENIZED_COLUMNS = (("chosen_ids", "rejected_ids"), ("input_ids_chosen", "input_ids_rejected"))
-UNK_CHECK_PAIRS = 64  # tokenize_pairs stops when over half the tokens of this many pairs are the unknown token
 
 
 def _select_rows(dataset: Dataset, rows: str) -> Dataset:
@@ -68,8 +77,6 @@ def load_preference_dataset(
 def _builtin_or_file_or_hub(source: str, split: str, seed: int) -> Dataset:
     """The whole dataset `source` names, before any row selection."""
     if source == BUILTIN:
-        from .builtin import BUILTIN_PAIRS, builtin_preference_dataset
-
         dataset = builtin_preference_dataset(BUILTIN_PAIRS, seed=seed)
         return dataset.add_column(ROW_SOURCE, [f"builtin row index {i}" for i in range(len(dataset))])
     files = find_preference_files(source)
@@ -95,54 +102,9 @@ def detect_format(dataset: Dataset) -> str:
     if missing:
         raise ValueError(f"preference data needs columns {missing}; it has {sorted(columns)}")
     first = next((value for value in dataset["chosen"] if isinstance(value, (str, list))), None)
-    if _is_messages(first):
+    if is_messages(first):
         return "conversational"
     return "explicit" if "prompt" in columns else "implicit"
-
-
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
-
-
-# tokenizer_config.json key set by scoring.save_tokenizer: this tokenizer's post-processor appends EOS itself.
-APPENDS_EOS = "lora_rm_appends_eos"
-
-
-def encode_text(
-    tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict] | None, completion: str | list[dict]
-) -> list[int]:
-    """Token ids of one side (prompt + completion) as TRL 1.16's RewardTrainer makes them; train, eval, score.
-
-    Text: EOS is appended to the completion unless already there, then the tokenizer adds its own special
-    tokens (Llama's BOS, BERT's [CLS] ... [SEP]). A tokenizer without an EOS (BERT) gets none: its [SEP]
-    already closes the text, where TRL would fail on `str.endswith(None)`. A tokenizer lora-rm saved
-    (APPENDS_EOS) appends the EOS itself: the same ids. Messages: the chat template alone decides; no EOS is added.
-    """
-    if isinstance(completion, list):
-        messages = list(prompt or []) + completion
-        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
-    eos = tokenizer.eos_token
-    if eos is not None and tokenizer.init_kwargs.get(APPENDS_EOS):
-        completion = completion.removesuffix(eos)
-    elif eos is not None and not completion.endswith(eos):
-        completion = completion + eos
-    return list(tokenizer(text=(prompt or "") + completion)["input_ids"])
-
-
-def _side_problem(name: str, value: Any, conversational: bool) -> str | None:
-    """Why one column value cannot be used, or None; a prompt may be empty, a completion may not."""
-    if value is None:
-        return f"{name} is missing"
-    if conversational:
-        if not isinstance(value, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value
-        ):
-            return f"{name} is not a list of {{role, content}} messages"
-        return f"{name} has no messages" if not value and name != "prompt" else None
-    if not isinstance(value, str):
-        return f"{name} is not text but {type(value).__name__}"
-    return f"{name} is empty" if not value.strip() and name != "prompt" else None
 
 
 def _row_problem(row: dict[str, Any], data_format: str, ids_columns: tuple[str, str]) -> str | None:
@@ -157,21 +119,10 @@ def _row_problem(row: dict[str, Any], data_format: str, ids_columns: tuple[str, 
         return "chosen is identical to rejected" if row[ids_columns[0]] == row[ids_columns[1]] else None
     names = ("prompt", "chosen", "rejected") if "prompt" in row else ("chosen", "rejected")
     for name in names:
-        problem = _side_problem(name, row[name], data_format == "conversational")
+        problem = side_problem(name, row[name], data_format == "conversational")
         if problem:
             return problem
     return "chosen is identical to rejected" if row["chosen"] == row["rejected"] else None
-
-
-@dataclass
-class DataStats:
-    """What tokenization did to a dataset; printed so that nothing is dropped silently."""
-
-    n_rows: int = 0  # rows read
-    n_kept: int = 0  # pairs that go on to training or evaluation
-    n_dropped_too_long: int = 0  # length_policy="drop": a side had more than max_length tokens
-    n_truncated: int = 0  # length_policy="truncate_left": pairs with a side cut from the left
-    n_bad_skipped: int = 0  # skip_bad_rows=True: rows with a missing, empty, non-text or identical value
 
 
 def _encode_row(
@@ -236,8 +187,6 @@ def tokenize_pairs(
         raise ValueError(f"max_length must be positive, got {max_length}")
     if len(dataset) == 0:
         raise ValueError("the preference dataset has no rows")
-    from . import ranking  # K-way rows (responses + scores, or chosen/rejected lists) have a module of their own
-
     if ranking.ranking_shape(dataset) is not None:
         return ranking.tokenize_rankings(dataset, tokenizer, max_length, length_policy, skip_bad_rows)
     data_format = detect_format(dataset)
@@ -282,56 +231,6 @@ def _check_known_tokens(rows: Dataset, tokenizer: PreTrainedTokenizerBase, data_
         for token in encode_text(tokenizer, row.get("prompt"), row[side])
     ]
     check_unknown_share(ids, len(rows), tokenizer)
-
-
-def check_unknown_share(ids: list[int], n_rows: int, tokenizer: PreTrainedTokenizerBase, what: str = "pairs") -> None:
-    """The check of _check_known_tokens on the token ids of the first n_rows pairs (or K-way rows)."""
-    n_unknown = ids.count(tokenizer.unk_token_id) if tokenizer.unk_token_id is not None else 0
-    if 2 * n_unknown > len(ids):
-        name = tokenizer.name_or_path or "the built-in model"
-        raise ValueError(
-            f"{n_unknown} of the {len(ids)} tokens of the first {n_rows} {what} are the unknown token "
-            f"{tokenizer.unk_token!r}: the tokenizer of {name} does not know the words of this data. Pass a --model "
-            "whose tokenizer does (--model builtin is a 30-token arithmetic demo: 'What is', '+', '?', 0 to 18)"
-        )
-
-
-def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> str | None:
-    """Give tokenizer (EOS, else UNK) and model.config a pad token: the head needs it to find the last token.
-
-    Returns what was changed, for the CLI to print, or None when nothing was.
-    """
-    changes = []
-    if tokenizer.pad_token is None:
-        fallback = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-        if fallback is None:
-            raise ValueError("the tokenizer has no pad, eos or unk token; set tokenizer.pad_token yourself")
-        tokenizer.pad_token = fallback
-        changes.append(f"tokenizer had no pad token, using {fallback!r} (id {tokenizer.pad_token_id})")
-        if fallback == tokenizer.eos_token:
-            changes.append("pad == EOS, so the reward is read at the token before the final EOS, as in TRL")
-    if model is not None:
-        text_config = model.config.get_text_config()
-        if text_config.pad_token_id != tokenizer.pad_token_id:
-            changes.append(f"model pad_token_id {text_config.pad_token_id} -> {tokenizer.pad_token_id}")
-            text_config.pad_token_id = tokenizer.pad_token_id
-    return "; ".join(changes) or None
-
-
-def pad_sequences(
-    sequences: list[list[int]], pad_token_id: int, padding_side: str = "right"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), each (N, longest): pads on `padding_side`, the mask 1 over each sequence's ids."""
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    longest = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for i, ids in enumerate(sequences):
-        start = longest - len(ids) if padding_side == "left" else 0
-        input_ids[i, start : start + len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[i, start : start + len(ids)] = 1
-    return input_ids, attention_mask
 
 
 def collate_pairs(pairs: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -389,3 +288,10 @@ def batch_indices(
     return [
         batch[rank * len(batch) // world_size : (rank + 1) * len(batch) // world_size] for batch in batches
     ]
+
+
+def collate_rows(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """ranking.collate_groups for K-way rows, collate_pairs for pairs: one collator for either kind of data."""
+    if ranking.is_ranking_rows(rows):
+        return ranking.collate_groups(rows, pad_token_id)
+    return collate_pairs(rows, pad_token_id)

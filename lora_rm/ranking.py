@@ -6,7 +6,7 @@ no preference between those two). Two shapes beside the pairs of data.py, in eve
   responses  `responses` (K texts or message lists) and `scores` (K numbers)
   lists      RewardBench 2's `chosen` and `rejected` as lists: every chosen (score 1) above every rejected (score 0)
 
-Each response is tokenized as a pair's side is (data.encode_text, TRL's rule) and the group is stored best first
+Each response is tokenized as a pair's side is (encode.encode_text, TRL's rule) and the group is stored best first
 (a stable sort by score), so a K = 2 row is laid out exactly as the pair it describes. A micro-batch stacks every
 sequence of its rows into one padded forward, position-major (the best response of every row, then the second,
 ...): with K = 2 that is collate_pairs' chosen-then-rejected layout, so both losses below reduce to
@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from datasets import Dataset
 from torch import Tensor, nn
 
-from . import data, distributed
+from . import distributed, encode
 from .config import RANKING_LOSSES
 from .data_files import ROW_SOURCE
 from .loss import preference_metrics, reward_stats
+from .model_io import autocast_context
 
 RESPONSES, LISTS = "responses", "lists"  # the two K-way row shapes
 
@@ -82,11 +83,11 @@ def _row_problem(row: dict[str, Any], shape: str, conversational: bool) -> str |
     responses, scores, problem = _responses_and_scores(row, shape)
     if problem:
         return problem
-    if "prompt" in row and (problem := data._side_problem("prompt", row["prompt"], conversational)):
+    if "prompt" in row and (problem := encode.side_problem("prompt", row["prompt"], conversational)):
         return problem
     name = "responses" if shape == RESPONSES else "chosen + rejected"
     for k, response in enumerate(responses):
-        if problem := data._side_problem(f"{name}[{k}]", response, conversational):
+        if problem := encode.side_problem(f"{name}[{k}]", response, conversational):
             return problem
     return None
 
@@ -100,15 +101,15 @@ def _identical_but_scored_apart(sides: list, scores: list[float]) -> tuple[int, 
     return None
 
 
-def _encode_row(
+def _encode_ranking_row(
     row: dict[str, Any], index: int, tokenizer, shape: str, conversational: bool, max_length: int | None,
     length_policy: str, skip_bad_rows: bool,
 ) -> dict[str, Any]:
-    """One K-way row to responses_ids (best first), scores, length (the longest) and status, as data._encode_row."""
+    """One K-way row to responses_ids (best first), scores, length (the longest) and status (data._encode_row's)."""
     problem = _row_problem(row, shape, conversational)
     if problem is None:
         responses, scores, _ = _responses_and_scores(row, shape)
-        ids = [data.encode_text(tokenizer, row.get("prompt"), response) for response in responses]
+        ids = [encode.encode_text(tokenizer, row.get("prompt"), response) for response in responses]
         if same := _identical_but_scored_apart(responses, scores):
             problem = f"responses {same[0]} and {same[1]} are identical but scored differently"
         elif same := _identical_but_scored_apart(ids, scores):
@@ -132,7 +133,7 @@ def _encode_row(
 def tokenize_rankings(
     dataset: Dataset, tokenizer, max_length: int | None = None, length_policy: str = "drop",
     skip_bad_rows: bool = False,
-) -> tuple[Dataset, data.DataStats]:
+) -> tuple[Dataset, encode.DataStats]:
     """data.tokenize_pairs for K-way rows: columns responses_ids, scores, length and margin if any.
 
     A row is dropped (or each response cut from the left) when any of its responses is over max_length.
@@ -140,26 +141,26 @@ def tokenize_rankings(
     shape = ranking_shape(dataset)
     column = "responses" if shape == RESPONSES else "chosen"
     first = next((v for v in dataset[column] if isinstance(v, list) and v), [None])
-    conversational = data._is_messages(first[0])
-    sample = dataset.select(range(min(data.UNK_CHECK_PAIRS, len(dataset))))
+    conversational = encode.is_messages(first[0])
+    sample = dataset.select(range(min(encode.UNK_CHECK_PAIRS, len(dataset))))
     ids = [
         token
         for row in sample
         if _row_problem(row, shape, conversational) is None
         for response in _responses_and_scores(row, shape)[0]
-        for token in data.encode_text(tokenizer, row.get("prompt"), response)
+        for token in encode.encode_text(tokenizer, row.get("prompt"), response)
     ]
-    data.check_unknown_share(ids, len(sample), tokenizer, "K-way rows")
+    encode.check_unknown_share(ids, len(sample), tokenizer, "K-way rows")
     kwargs = dict(tokenizer=tokenizer, shape=shape, conversational=conversational, max_length=max_length,
                   length_policy=length_policy, skip_bad_rows=skip_bad_rows)
     encoded = dataset.map(
-        _encode_row, fn_kwargs=kwargs, with_indices=True, keep_in_memory=True, desc="Tokenizing K-way rows",
+        _encode_ranking_row, fn_kwargs=kwargs, with_indices=True, keep_in_memory=True, desc="Tokenizing K-way rows",
         remove_columns=[c for c in dataset.column_names if c != "margin"],
     )
     statuses = encoded["status"]
     counts = Counter(statuses)
     kept = [i for i, status in enumerate(statuses) if status in ("ok", "truncated")]
-    stats = data.DataStats(n_rows=len(dataset), n_kept=len(kept), n_dropped_too_long=counts["too_long"],
+    stats = encode.DataStats(n_rows=len(dataset), n_kept=len(kept), n_dropped_too_long=counts["too_long"],
                            n_truncated=counts["truncated"], n_bad_skipped=counts["bad"])
     return encoded.select(kept).remove_columns("status"), stats
 
@@ -173,7 +174,7 @@ def collate_groups(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, T
     order = [(b, k) for k in range(max(len(r["responses_ids"]) for r in rows))
              for b, row in enumerate(rows) if k < len(row["responses_ids"])]
     sequences = [rows[b]["responses_ids"][k] for b, k in order]
-    input_ids, attention_mask = data.pad_sequences(sequences, pad_token_id, "right")  # (N, L) each
+    input_ids, attention_mask = encode.pad_sequences(sequences, pad_token_id, "right")  # (N, L) each
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -183,11 +184,6 @@ def collate_groups(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, T
     if "margin" in rows[0]:
         batch["margin"] = torch.tensor([float(row["margin"]) for row in rows], dtype=torch.float32)  # (B,)
     return batch
-
-
-def collate_rows(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, Tensor]:
-    """collate_groups for K-way rows, data.collate_pairs for pairs: one collator for either kind of data."""
-    return collate_groups(rows, pad_token_id) if is_ranking_rows(rows) else data.collate_pairs(rows, pad_token_id)
 
 
 def ordered_pairs(group: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
@@ -282,8 +278,6 @@ def group_rewards(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 def micro_batch_loss(forward_model: nn.Module, batch: dict[str, Tensor], config, device,
                      sync: bool) -> tuple[Tensor, Tensor, Tensor]:
     """train.micro_batch_loss for K-way rows: (loss, rewards of the better and of the worse side of each pair)."""
-    from .scoring import autocast_context
-
     batch = {key: tensor.to(device) for key, tensor in batch.items()}
     with distributed.no_sync(forward_model, sync), autocast_context(config.precision, device):
         rewards = group_rewards(forward_model, batch)
@@ -295,8 +289,6 @@ def micro_batch_loss(forward_model: nn.Module, batch: dict[str, Tensor], config,
 @torch.no_grad()
 def rewards_for_rows(model, rows, collator, batch_size: int, device, precision: str = "fp32") -> Tensor:
     """Every response's reward, row after row in each row's stored (best-first) order, as one CPU fp32 tensor."""
-    from .scoring import autocast_context
-
     was_training = model.training
     model.eval()
     pieces = []

@@ -22,11 +22,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from . import data, distributed
+from . import distributed
 from .config import BUILTIN, TrainConfig
 from .inject import head_modules, lora_config_of, lora_layers
 from .lora import new_lora_pair
-from .scoring import load_tokenizer, torch_dtype
+from .model_io import ensure_pad_token, load_tokenizer, torch_dtype
 
 
 def applies(config: TrainConfig) -> bool:
@@ -61,7 +61,7 @@ def empty_model_and_tokenizer(name: str, trust_remote_code: bool = False, base_d
         model = AutoModelForSequenceClassification.from_config(
             model_config, dtype=torch_dtype(base_dtype), trust_remote_code=trust_remote_code
         )
-    message = data.ensure_pad_token(tokenizer, model)
+    message = ensure_pad_token(tokenizer, model)
     if message:
         distributed.print_main(message)
     return model, tokenizer

@@ -34,16 +34,10 @@ from .config import TrainConfig
 from .health import Health
 from .inject import add_lora, enable_gradient_checkpointing, format_parameter_counts, lora_config_of, lora_layers
 from .loss import bradley_terry_loss
+from .model_io import autocast_context, load_model_and_tokenizer, save_tokenizer
 from .run_folder import output_lock, prepare_output, write_config
 from .run_log import LogWindow, RunLog, summary_writer_class, truncate_log
-from .scoring import (
-    autocast_context,
-    batch_rewards,
-    eval_metrics,
-    load_model_and_tokenizer,
-    rewards_for_pairs,
-    save_tokenizer,
-)
+from .scoring import batch_rewards, eval_metrics, rewards_for_pairs
 
 MIN_EVAL_PAIRS = 20  # an automatic eval split smaller than this gets a warning: its accuracy moves in steps of 5%+
 
@@ -326,7 +320,7 @@ def train_locked(config: TrainConfig, rank: int, world_size: int, device: torch.
         packing_mode = "none"
     train_pairs = fit_to_budget(train_pairs, packing_mode, config, "train")
     eval_sets = {prefix: fit_to_budget(pairs, packing_mode, config, prefix) for prefix, pairs in eval_sets.items()}
-    collator = functools.partial(ranking.collate_rows, pad_token_id=tokenizer.pad_token_id)  # pairs or K-way rows
+    collator = functools.partial(data.collate_rows, pad_token_id=tokenizer.pad_token_id)  # pairs or K-way rows
     packed = dict(packing=packing_mode, max_tokens_per_batch=config.max_tokens_per_batch,
                   pad_token_id=tokenizer.pad_token_id)
     forward_model = prepare_model(model, config, device)

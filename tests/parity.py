@@ -308,7 +308,7 @@ QUANT_ARCHS = ["llama", "qwen2", "opt", "bert"]
 
 def quantized_base(arch: str, folder: str) -> torch.nn.Module:
     """tiny_model(arch) saved to `folder` once, loaded with nf4 linear layers (fp32 elsewhere), as lora-rm does."""
-    from lora_rm.scoring import load_pretrained
+    from lora_rm.model_io import load_pretrained
 
     if not os.path.exists(os.path.join(folder, "config.json")):
         tiny_model(arch).save_pretrained(folder)

@@ -18,7 +18,7 @@ from transformers import (
 )
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from lora_rm import data, data_files
+from lora_rm import data, data_files, encode, model_io
 from lora_rm.builtin import builtin_model, builtin_preference_dataset, builtin_tokenizer
 
 HH_TEST = (
@@ -65,7 +65,7 @@ def llama3_like_tokenizer(texts=TEXTS):
     tokenizer = word_tokenizer(
         texts, bos="<|begin_of_text|>", eos=EOT, pad=None, chat_template=LLAMA3_TEMPLATE, extra=HEADERS
     )
-    data.ensure_pad_token(tokenizer)
+    model_io.ensure_pad_token(tokenizer)
     return tokenizer
 
 
@@ -146,10 +146,10 @@ def test_tokenization_equals_trl(trl_trainer, make_tokenizer, make_rows):
 
 def test_text_sides_end_with_one_eos_and_chats_follow_the_template():
     tokenizer = word_tokenizer(TEXTS, chat_template=LLAMA3_TEMPLATE)
-    ids = data.encode_text(tokenizer, "Human: name a colour Assistant:", " blue")
+    ids = encode.encode_text(tokenizer, "Human: name a colour Assistant:", " blue")
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id and ids[-2] != ids[-1]
-    assert data.encode_text(tokenizer, None, TEXTS[2] + "</s>") == data.encode_text(tokenizer, None, TEXTS[2])
-    chat = data.encode_text(tokenizer, None, conversation("name a colour", "blue"))
+    assert encode.encode_text(tokenizer, None, TEXTS[2] + "</s>") == encode.encode_text(tokenizer, None, TEXTS[2])
+    chat = encode.encode_text(tokenizer, None, conversation("name a colour", "blue"))
     assert chat == tokenizer.apply_chat_template(conversation("name a colour", "blue"))["input_ids"]
     assert tokenizer.convert_ids_to_tokens(chat)[-1] == EOT and tokenizer.eos_token_id not in chat
 
@@ -176,7 +176,7 @@ def minilm_tokenizer():
 
 def test_bert_tokenizer_without_eos_gets_cls_and_sep_only(minilm_tokenizer):
     assert minilm_tokenizer.eos_token is None  # TRL's add_eos would call str.endswith(None) here
-    ids = data.encode_text(minilm_tokenizer, "Human: hi Assistant:", " hello")
+    ids = encode.encode_text(minilm_tokenizer, "Human: hi Assistant:", " hello")
     assert ids == minilm_tokenizer("Human: hi Assistant: hello")["input_ids"]
     assert ids[0] == minilm_tokenizer.cls_token_id and ids[-1] == minilm_tokenizer.sep_token_id
     assert ids.count(minilm_tokenizer.sep_token_id) == 1
@@ -338,13 +338,13 @@ def test_max_length_drop_equals_trl_and_truncate_left_keeps_the_end(trl_trainer)
 def test_ensure_pad_token_uses_eos_then_unk_and_updates_the_model():
     tokenizer = word_tokenizer(TEXTS, pad=None)
     model = LlamaForSequenceClassification(tiny_llama_config(len(tokenizer), pad_token_id=None))
-    message = data.ensure_pad_token(tokenizer, model)
+    message = model_io.ensure_pad_token(tokenizer, model)
     assert tokenizer.pad_token == "</s>" and model.config.pad_token_id == tokenizer.eos_token_id
     assert "'</s>'" in message and "pad == EOS" in message
-    assert data.ensure_pad_token(tokenizer, model) is None
+    assert model_io.ensure_pad_token(tokenizer, model) is None
 
     no_eos = word_tokenizer(TEXTS, pad=None, eos=None)
-    assert "'<unk>'" in data.ensure_pad_token(no_eos) and no_eos.pad_token == "<unk>"
+    assert "'<unk>'" in model_io.ensure_pad_token(no_eos) and no_eos.pad_token == "<unk>"
 
 
 def test_collator_stacks_chosen_then_rejected_padded_right_as_trl():
@@ -357,11 +357,11 @@ def test_collator_stacks_chosen_then_rejected_padded_right_as_trl():
     for key in ("input_ids", "attention_mask", "margin"):
         torch.testing.assert_close(right[key], trl[key])
     sides = [row["chosen_ids"] for row in rows] + [row["rejected_ids"] for row in rows]
-    left_ids, left_mask = data.pad_sequences(sides, 0, "left")
+    left_ids, left_mask = encode.pad_sequences(sides, 0, "left")
     assert left_ids.tolist() == [[1, 2, 3], [0, 6, 7], [0, 4, 5], [0, 0, 8]]
     assert left_mask.tolist() == [[1, 1, 1], [0, 1, 1], [0, 1, 1], [0, 0, 1]]
     with pytest.raises(ValueError, match="padding_side"):
-        data.pad_sequences(sides, 0, "middle")
+        encode.pad_sequences(sides, 0, "middle")
 
 
 def tiny_llama_config(vocab_size, pad_token_id):
@@ -401,7 +401,7 @@ def test_pad_equal_eos_with_eos_inside_the_prompt(padding_side):
         for ids in sides
     ), "EOS must sit inside the prompt and end each side"
     with torch.no_grad():
-        input_ids, attention_mask = data.pad_sequences(sides, tokenizer.pad_token_id, padding_side)
+        input_ids, attention_mask = encode.pad_sequences(sides, tokenizer.pad_token_id, padding_side)
         batched = model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1)
         alone = torch.cat([model(input_ids=torch.tensor([ids])).logits.squeeze(-1) for ids in sides])
         # The trailing EOS equals pad, so transformers scores the token before it; the same alone and batched.
@@ -427,7 +427,7 @@ def test_left_padding_changes_gpt2_rewards_but_right_padding_does_not():
         model.score.weight.normal_()
         alone = model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
         for side in ("left", "right"):
-            input_ids, attention_mask = data.pad_sequences([[5, 6, 7, 8], [9, 9, 9, 9, 9, 9]], 0, side)
+            input_ids, attention_mask = encode.pad_sequences([[5, 6, 7, 8], [9, 9, 9, 9, 9, 9]], 0, side)
             rewards[side] = model(input_ids=input_ids, attention_mask=attention_mask).logits[:1]
     torch.testing.assert_close(rewards["right"], alone)
     assert not torch.allclose(rewards["left"], alone, atol=1e-3)
@@ -436,9 +436,9 @@ def test_left_padding_changes_gpt2_rewards_but_right_padding_does_not():
 def test_pad_distinct_from_eos_reads_the_eos_position():
     tokenizer = builtin_tokenizer()
     model = builtin_model(tokenizer).eval()
-    ids = data.encode_text(tokenizer, "What is 2 + 2 ?", " 4")
+    ids = encode.encode_text(tokenizer, "What is 2 + 2 ?", " 4")
     with torch.no_grad():
-        input_ids, attention_mask = data.pad_sequences([ids, ids[:4]], tokenizer.pad_token_id)
+        input_ids, attention_mask = encode.pad_sequences([ids, ids[:4]], tokenizer.pad_token_id)
         padded = model(input_ids=input_ids, attention_mask=attention_mask).logits[0]
         at_eos = model.score(model.model(torch.tensor([ids])).last_hidden_state)[0, -1]
     torch.testing.assert_close(padded, at_eos, atol=1e-5, rtol=1e-5)

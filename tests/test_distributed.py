@@ -23,7 +23,7 @@ from lora_rm.builtin import builtin_model, builtin_tokenizer
 from lora_rm.checkpoint import OPTIMIZER_NAME, RNG_NAME, list_checkpoints
 from lora_rm.cli import main as cli_main
 from lora_rm.config import TrainConfig
-from lora_rm.scoring import load_model_and_tokenizer
+from lora_rm.model_io import load_model_and_tokenizer
 
 TESTS = Path(__file__).parent
 # Tiny and deterministic: lora_dropout 0 (the CLI default), 4 optimizer steps of 2 micro-batches, a checkpoint

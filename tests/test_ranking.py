@@ -13,7 +13,7 @@ from test_train import crash_at_micro_batch
 from test_train import tiny_run as tiny_builtin_run
 
 import lora_rm.ranking as ranking_module
-from lora_rm import cli, data, load_adapter
+from lora_rm import cli, data, encode, load_adapter
 from lora_rm.builtin import builtin_model, builtin_preference_dataset, builtin_ranking_dataset, builtin_tokenizer
 from lora_rm.checkpoint import list_checkpoints
 from lora_rm.config import TrainConfig
@@ -164,7 +164,7 @@ def test_every_shape_tokenizes_each_response_as_a_pair_side_best_first():
     for name, (columns, prompt, best_first) in cases.items():
         tokenized, stats = data.tokenize_pairs(Dataset.from_dict(columns), tokenizer)
         row = tokenized[0]
-        assert row["responses_ids"] == [data.encode_text(tokenizer, prompt, r) for r in best_first], name
+        assert row["responses_ids"] == [encode.encode_text(tokenizer, prompt, r) for r in best_first], name
         assert row["scores"] == sorted(row["scores"], reverse=True), name
         assert stats.n_kept == 1
 
