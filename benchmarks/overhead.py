@@ -34,9 +34,9 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, LlamaConfig
 
 from lora_rm import LoraConfig, add_lora, enable_gradient_checkpointing, enable_input_require_grads, merge_lora
+from lora_rm.evaluate import batch_rewards
 from lora_rm.inject import lora_layers
 from lora_rm.loss import bradley_terry_loss
-from lora_rm.scoring import batch_rewards
 
 from . import report
 
@@ -170,7 +170,7 @@ def loraplus_optimizer(model: torch.nn.Module, method: str) -> torch.optim.Optim
 
         return create_loraplus_optimizer(model, torch.optim.AdamW, lr=LR, loraplus_lr_ratio=LORAPLUS_RATIO)
     from lora_rm.config import TrainConfig
-    from lora_rm.train import build_optimizer
+    from lora_rm.optim import build_optimizer
 
     return build_optimizer(model, TrainConfig(lr=LR, loraplus_lr_ratio=LORAPLUS_RATIO, weight_decay=0.0))
 

@@ -8,7 +8,7 @@ Protocol (README, "lora-rm vs TRL's RewardTrainer on real data"): MiniLM-L6 (PyP
 lora-rm's defaults otherwise (no --group-by-length). The seed sets adapter and head init and data order in both.
 
 Both adapters are scored the same way on the same pairs: each is loaded with lora_rm.load_adapter onto a fresh
-base and evaluated by lora_rm.scoring.evaluate_dataset, so the per-seed difference is a paired comparison.
+base and evaluated by lora_rm.evaluate.evaluate_dataset, so the per-seed difference is a paired comparison.
 One tokenization difference stays: TRL trains BERT with eos_token="[SEP]" appended as text after the tokenizer's
 own [SEP], while this evaluation tokenizes both the lora-rm way (nothing appended to a tokenizer that closes its
 texts with [SEP]); TRL's own trainer.evaluate() accuracy (its tokenization, mean of batch means) is kept for
@@ -36,7 +36,7 @@ import transformers
 import trl
 
 import lora_rm
-from lora_rm import data, model_io, scoring
+from lora_rm import data, evaluate, model_io
 from lora_rm.config import LoraConfig, TrainConfig
 from lora_rm.train import train
 
@@ -73,7 +73,7 @@ def evaluate_adapter(adapter: str, eval_rows, args: argparse.Namespace) -> dict[
     model, tokenizer = model_io.load_model_and_tokenizer(args.model)
     lora_rm.load_adapter(model, adapter)
     model.to(device()).eval()
-    metrics, _, _ = scoring.evaluate_dataset(model, tokenizer, eval_rows, args.max_length, "drop")
+    metrics, _, _ = evaluate.evaluate_dataset(model, tokenizer, eval_rows, args.max_length, "drop")
     return {"accuracy": metrics["accuracy"], "n_pairs": metrics["n_pairs"], "mean_margin": metrics["mean_margin"]}
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from lora_rm import load_adapter
 from lora_rm.builtin import BUILTIN_TRAIN_DEFAULTS
 from lora_rm.config import TrainConfig
+from lora_rm.evaluate import score_texts
 from lora_rm.model_io import load_model_and_tokenizer
-from lora_rm.scoring import score_texts
 from lora_rm.train import train
 
 ANSWERS = [f" {n}" for n in range(19)]  # every sum of two digits: the right one is 1 of 19

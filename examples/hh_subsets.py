@@ -24,8 +24,8 @@ import torch
 from lora_rm import LoraConfig, load_adapter
 from lora_rm.config import ALL_LINEAR, TrainConfig
 from lora_rm.data import load_preference_dataset
+from lora_rm.evaluate import evaluate_dataset
 from lora_rm.model_io import load_model_and_tokenizer
-from lora_rm.scoring import evaluate_dataset
 from lora_rm.train import train
 
 LOCAL_DATA = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless-base-test.jsonl.gz"

@@ -20,8 +20,8 @@ import peft
 from lora_rm import load_adapter
 from lora_rm.builtin import BUILTIN_TRAIN_DEFAULTS
 from lora_rm.config import TrainConfig
+from lora_rm.evaluate import score_texts
 from lora_rm.model_io import load_model_and_tokenizer
-from lora_rm.scoring import score_texts
 from lora_rm.train import train
 
 TEXTS = [f"What is {a} + {b} ? {answer}" for a, b in [(3, 4), (9, 9), (0, 5)] for answer in (a + b, (a + b + 3) % 19)]

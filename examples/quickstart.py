@@ -14,8 +14,8 @@ import argparse
 from lora_rm import LoraConfig, load_adapter
 from lora_rm.builtin import BUILTIN_TRAIN_DEFAULTS
 from lora_rm.config import TrainConfig
+from lora_rm.evaluate import score_texts
 from lora_rm.model_io import load_model_and_tokenizer
-from lora_rm.scoring import score_texts
 from lora_rm.train import train
 
 FAST = dict(max_steps=3, max_rows=100)  # 3 optimizer steps on 90 pairs, 10 held out

@@ -29,6 +29,7 @@ from torch import nn
 from . import distributed
 from .adapter_io import adapter_state_dict, matched_adapter_tensors, read_adapter_weights, save_adapter
 from .atomic import atomic_path
+from .config import TrainConfig
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)")
 STATE_NAME = "trainer_state.json"
@@ -199,3 +200,33 @@ def set_aside_checkpoints(folder: str | os.PathLike, from_step: int) -> list[Pat
             os.replace(path, target)
             moved.append(target)
     return moved
+
+
+def resume_from_latest_checkpoint(
+    config: TrainConfig, model: nn.Module, optimizer, checkpoints: Path, global_batch: int
+) -> int:
+    """With resume, load the latest loadable checkpoint on every rank (DDP replicates it); the step to start at.
+
+    A corrupt checkpoint (e.g. a file cut short) is named and the one before it tried; nothing is deleted.
+    """
+    saved = list_checkpoints(checkpoints) if config.resume else []
+    if not saved:
+        return 0
+    problems = []
+    for path in reversed(saved):
+        try:
+            state = load_checkpoint(path, model, optimizer, config.seed)
+            break
+        except ValueError as error:  # load_checkpoint reads every file before it changes anything
+            problems.append(f"{path.name}: {error}")
+            distributed.print_main(f"warning: cannot resume from {path.name}: {error}")
+    else:
+        raise ValueError(f"--resume: no checkpoint in {checkpoints} can be loaded ({'; '.join(problems)})")
+    fallback = f" ({path.name}: the later checkpoint could not be loaded, see above)" if problems else ""
+    distributed.print_main(f"resumed from step {state['step']}{fallback}")
+    if state.get("global_batch", global_batch) != global_batch:
+        raise ValueError(
+            f"--resume: the saved run took {state['global_batch']} pairs per step, this one {global_batch}; the "
+            "data position and schedule would not replay it (keep batch_size x processes x grad_accum)"
+        )
+    return state["step"]

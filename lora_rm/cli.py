@@ -252,7 +252,7 @@ def load_for_command(args: argparse.Namespace, settings: dict[str, Any]):
 def run_eval(args: argparse.Namespace) -> None:
     from .data import load_preference_dataset
     from .eval_stats import read_sections
-    from .scoring import evaluate_dataset
+    from .evaluate import evaluate_dataset
 
     settings = given_or_default(args, EVAL_FIELDS)
     sections = read_sections(args.sections) if args.sections else None  # a bad file fails before the model loads
@@ -306,7 +306,7 @@ def read_score_inputs(path: str | None) -> list:
 
 
 def run_score(args: argparse.Namespace) -> None:
-    from .scoring import score_texts
+    from .evaluate import score_texts
 
     settings = given_or_default(args, SCORE_FIELDS)
     model, tokenizer = load_for_command(args, settings)

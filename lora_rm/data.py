@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset, load_dataset
 from transformers import PreTrainedTokenizerBase
 
-from . import ranking
+from . import distributed, ranking
 from .builtin import BUILTIN_PAIRS, builtin_preference_dataset
-from .config import BUILTIN, LENGTH_POLICIES
+from .config import BUILTIN, LENGTH_POLICIES, TrainConfig
 from .data_files import ROW_SOURCE, find_preference_files, read_preference_files
 from .encode import (
     UNK_CHECK_PAIRS,
@@ -42,6 +43,7 @@ from .encode import (
     side_problem,
 )
 
+MIN_EVAL_PAIRS = 20  # an automatic eval split smaller than this gets a warning: its accuracy moves in steps of 5%+
 TOKENIZED_COLUMNS = (("chosen_ids", "rejected_ids"), ("input_ids_chosen", "input_ids_rejected"))
 
 
@@ -295,3 +297,74 @@ def collate_rows(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, tor
     if ranking.is_ranking_rows(rows):
         return ranking.collate_groups(rows, pad_token_id)
     return collate_pairs(rows, pad_token_id)
+
+
+
+
+def load_pairs(config: TrainConfig, tokenizer) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Tokenized (train, eval) pairs; without an eval dataset, the last eval_fraction of the training rows."""
+    train_data = load_preference_dataset(config.dataset, config.split, config.max_rows, config.rows, config.seed)
+    if config.eval_dataset is not None:  # several: the first here, the others in named_eval_sets
+        eval_data = load_preference_dataset(
+            eval_sources(config)[0], config.eval_split, config.max_eval_rows, config.eval_rows
+        )
+    else:
+        n_eval = max(1, int(len(train_data) * config.eval_fraction))
+        n_train = len(train_data) - n_eval
+        train_data, eval_data = train_data.select(range(n_train)), train_data.select(range(n_train, len(train_data)))
+    train_pairs = tokenize(train_data, tokenizer, config, "train")
+    eval_pairs = tokenize(eval_data, tokenizer, config, "eval")
+    if config.eval_dataset is None and len(eval_pairs) < MIN_EVAL_PAIRS:
+        distributed.print_main(
+            f"warning: the automatic eval split holds only {len(eval_pairs)} pairs (eval_fraction="
+            f"{config.eval_fraction} of {len(train_data) + len(eval_data)} rows): its accuracy is noise; raise "
+            "--eval-fraction or pass --eval-dataset"
+        )
+    return train_pairs, eval_pairs
+
+
+def eval_sources(config: TrainConfig) -> list[str]:
+    """The --eval-dataset values as a list (one or several; none: empty)."""
+    if config.eval_dataset is None:
+        return []
+    return [config.eval_dataset] if isinstance(config.eval_dataset, str) else list(config.eval_dataset)
+
+
+def eval_set_name(source: str) -> str:
+    """A short name of an eval dataset for log keys: the file name without its suffixes, or a hub id's last part."""
+    name = Path(source).name
+    for suffix in (".gz", ".jsonl", ".json", ".parquet", ".csv"):
+        name = name.removesuffix(suffix)
+    return name or source
+
+
+def named_eval_sets(config: TrainConfig, tokenizer, first: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Log-key prefix -> eval pairs: "eval" for one eval set (the keys as ever), "eval_<name>" for each of several.
+
+    "eval_<name>_accuracy" is the key transformers' Trainer logs for a dict of eval datasets. Every eval set takes
+    eval_split, eval_rows and max_eval_rows.
+    """
+    sources = eval_sources(config)
+    if len(sources) < 2:
+        return {"eval": first}
+    names = [eval_set_name(source) for source in sources]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--eval-dataset: several datasets are named {repeated} (file name or hub id's last part); "
+                         "rename the files so that each is logged under its own name")
+    sets = {f"eval_{names[0]}": first}
+    for source, name in zip(sources[1:], names[1:], strict=True):
+        rows = load_preference_dataset(source, config.eval_split, config.max_eval_rows, config.eval_rows)
+        sets[f"eval_{name}"] = tokenize(rows, tokenizer, config, f"eval {name}")
+    return sets
+
+
+def tokenize(dataset, tokenizer, config: TrainConfig, name: str) -> list[dict[str, Any]]:
+    """Tokenized pairs as plain dicts, with what the length policy and bad-row skipping did printed."""
+    pairs, stats = tokenize_pairs(
+        dataset, tokenizer, config.max_length, config.length_policy, config.skip_bad_rows
+    )
+    distributed.print_main(f"{name} pairs: {stats}")
+    if not len(pairs):
+        raise ValueError(f"no {name} pairs left after tokenization ({stats}); raise --max-length or check the data")
+    return pairs.to_list()

@@ -107,6 +107,11 @@ def wrap_model(model: nn.Module, device: torch.device, fsdp: bool, static_graph:
     return wrapped
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The plain module inside a DDP wrapper, where hooks and attributes live; any other module (FSDP's too) itself."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def wrap_ddp(model: nn.Module, device: torch.device, static_graph: bool = False) -> DistributedDataParallel:
     """DDP over the trainable parameters only (adapter + head); the frozen base is never sent.
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .config import PACKING_MODES
 from .loss import bradley_terry_loss
 
@@ -41,10 +42,27 @@ def is_encoder(model: nn.Module) -> bool:
 PACKING_TESTED = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "opt", "bert")
 
 
-def resolve_packing(mode: str, model: nn.Module, log: Callable[[str], Any] = print) -> str:
-    """The mode to run. auto (the default) is the fastest exact mode: shared_prompt for a tested decoder,
-    padding_free for a tested encoder, none for anything else (said in the log). An encoder asked for
-    shared_prompt falls back to padding_free (its attention is bidirectional: a prompt cannot be shared)."""
+def resolve_packing(mode: str, model: nn.Module, log: Callable[[str], Any] = print, k_way_rows: bool = False,
+                    reentrant_under_torchrun: bool = False) -> str:
+    """The mode to run, the whole decision in one place. auto (the default) is the fastest exact mode:
+    shared_prompt for a tested decoder, padding_free for a tested encoder, none for anything else (said in the
+    log). An encoder asked for shared_prompt falls back to padding_free (its attention is bidirectional: a prompt
+    cannot be shared). K-way rows, and reentrant checkpointing under torchrun, run padded rows: auto says so, an
+    explicit packed mode is refused."""
+    resolved = packing_for_model(mode, model, log)
+    unsupported = {"K-way rows": k_way_rows,  # not wired to them yet
+                   # gives other gradients than one process (DDP's static_graph; one process is exact): not found yet
+                   "reentrant checkpointing under torchrun": reentrant_under_torchrun}
+    for reason in [reason for reason, holds in unsupported.items() if holds and resolved != "none"]:
+        if mode != "auto":
+            raise ValueError(f"--packing {mode} is not supported with {reason} yet; use --packing none")
+        log(f"packing auto: {reason}; using --packing none (padded rows)")
+        return "none"
+    return resolved
+
+
+def packing_for_model(mode: str, model: nn.Module, log: Callable[[str], Any]) -> str:
+    """resolve_packing's answer from the model alone."""
     if mode not in PACKING_MODES:
         raise ValueError(f"packing must be one of {PACKING_MODES}, got {mode!r}")
     if mode == "none":
@@ -258,8 +276,9 @@ def reading_at(model: nn.Module, rows: torch.Tensor, columns: torch.Tensor) -> I
         handle.remove()
 
 
-def packed_rewards(forward_model: nn.Module, model: nn.Module, packed: Packed, device) -> torch.Tensor:
-    """One forward of packed rows through forward_model (maybe DDP/FSDP-wrapped `model`): (N,) rewards."""
+def packed_rewards(forward_model: nn.Module, packed: Packed, device) -> torch.Tensor:
+    """One forward of packed rows through forward_model (the model, maybe DDP/FSDP-wrapped): (N,) rewards."""
+    model = distributed.unwrapped(forward_model)  # hooks go on the plain module
     encoder = is_encoder(model)
     input_ids = packed.input_ids.to(device)
     kwargs = dict(input_ids=input_ids, position_ids=packed.position_ids.to(device),
@@ -296,27 +315,27 @@ def chunks_within_budget(groups: list[list[list[int]]], budget: int | None, shar
     return runs
 
 
-def pair_rewards(forward_model: nn.Module, model: nn.Module, pairs: list[dict[str, Any]], mode: str,
+def pair_rewards(forward_model: nn.Module, pairs: list[dict[str, Any]], mode: str,
                  budget: int | None, pad_token_id: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) rewards of the pairs, one packed forward per run of at most `budget` tokens (no grad)."""
     chosen, rejected = [], []
-    for rewards in _pair_reward_runs(forward_model, model, pairs, mode, budget, pad_token_id, device):
+    for rewards in _pair_reward_runs(forward_model, pairs, mode, budget, pad_token_id, device):
         chosen.append(rewards[:, 0])
         rejected.append(rewards[:, 1])
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def _pair_reward_runs(forward_model, model, pairs, mode, budget, pad_token_id, device) -> Iterator[torch.Tensor]:
+def _pair_reward_runs(forward_model, pairs, mode, budget, pad_token_id, device) -> Iterator[torch.Tensor]:
     """(pairs in the run, 2) rewards, one run at a time: the caller may backward each before the next."""
     groups = pair_groups(pairs)
     share = mode == "shared_prompt"
-    encoder = is_encoder(model)
+    encoder = is_encoder(distributed.unwrapped(forward_model))
     for run in chunks_within_budget(groups, budget, share):
         packed = pack_groups([groups[i] for i in run], pad_token_id, share, encoder)
-        yield packed_rewards(forward_model, model, packed, device).view(len(run), 2)
+        yield packed_rewards(forward_model, packed, device).view(len(run), 2)
 
 
-def packed_micro_batch(forward_model: nn.Module, model: nn.Module, pairs: list[dict[str, Any]], mode: str,
+def packed_micro_batch(forward_model: nn.Module, pairs: list[dict[str, Any]], mode: str,
                        budget: int | None, pad_token_id: int | None, device, backward: Callable[[torch.Tensor], Any],
                        forward_context: Callable[[bool], Any], sync: bool = True,
                        center_rewards_coefficient: float | None = None, loss_fn: Callable = bradley_terry_loss,
@@ -331,7 +350,7 @@ def packed_micro_batch(forward_model: nn.Module, model: nn.Module, pairs: list[d
     margins = [float(pair["margin"]) for pair in pairs] if "margin" in pairs[0] else None
     chosen, rejected, total = [], [], 0.0
     runs = chunks_within_budget(pair_groups(pairs), budget, mode == "shared_prompt")
-    rewards_by_run = _pair_reward_runs(forward_model, model, pairs, mode, budget, pad_token_id, device)
+    rewards_by_run = _pair_reward_runs(forward_model, pairs, mode, budget, pad_token_id, device)
     for number, run in enumerate(runs):
         with forward_context(sync and number == len(runs) - 1):
             rewards = next(rewards_by_run)

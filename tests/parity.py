@@ -752,7 +752,7 @@ def loraplus_optimizers(arch: str, config: LoraConfig):
     from peft.optimizers import create_loraplus_optimizer
 
     from lora_rm.config import TrainConfig
-    from lora_rm.train import build_optimizer
+    from lora_rm.optim import build_optimizer
 
     ours, theirs = paired_models(arch, config)
     ours_opt = build_optimizer(ours, TrainConfig(lora=config, **LORAPLUS))

@@ -571,7 +571,7 @@ def test_malformed_files_are_named_with_their_line(tmp_path, name, content, mess
 
 def test_bad_eval_rows_name_their_file_line_through_row_selection(tmp_path, capsys):
     from lora_rm.config import TrainConfig
-    from lora_rm.train import load_pairs
+    from lora_rm.data import load_pairs
 
     rows = [{"prompt": "What is 1 + 2 ?", "chosen": " 3", "rejected": f" {i % 9 + 4}"} for i in range(40)]
     rows[36]["rejected"] = " 3"  # file line 37
@@ -611,7 +611,7 @@ def test_text_the_tokenizer_does_not_know_names_model():
 
 def test_tiny_automatic_eval_split_warns(tmp_path, capsys):
     from lora_rm.config import TrainConfig
-    from lora_rm.train import load_pairs
+    from lora_rm.data import load_pairs
 
     train_pairs, eval_pairs = load_pairs(TrainConfig(max_rows=50, eval_fraction=0.1), builtin_tokenizer())
     assert (len(train_pairs), len(eval_pairs)) == (45, 5)

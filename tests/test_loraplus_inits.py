@@ -36,7 +36,8 @@ from lora_rm.cli import build_parser, train_config_from_args
 from lora_rm.config import TrainConfig
 from lora_rm.inject import lora_layers, remove_lora
 from lora_rm.lora import LoRALinear
-from lora_rm.train import build_optimizer, train
+from lora_rm.optim import build_optimizer
+from lora_rm.train import train
 
 # ---- parity with PEFT (tests/parity.py) ------------------------------------------------------------------------
 

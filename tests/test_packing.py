@@ -10,9 +10,9 @@ from lora_rm import LoraConfig, add_lora, load_adapter
 from lora_rm.builtin import builtin_model, builtin_tokenizer
 from lora_rm.cli import main
 from lora_rm.data import collate_pairs, pad_sequences
+from lora_rm.evaluate import batch_rewards
 from lora_rm.inject import lora_layers
 from lora_rm.loss import bradley_terry_loss, split_rewards
-from lora_rm.scoring import batch_rewards
 from lora_rm.train import train
 from tests.parity import ARCHS, PAD, TARGETS, perturb_head, tiny_model
 from tests.test_train import assert_replays, crash_at_micro_batch, tiny_run, train_losses
@@ -94,7 +94,7 @@ def test_packed_rewards_and_gradients_equal_the_padded_path_fp64(arch):
     assert (oracle[0] - oracle[1]).abs().max() > 1e-3  # rewards that differ: the comparison means something
     modes = ["padding_free"] if arch == "bert" else ["padding_free", "shared_prompt"]
     for mode in modes:
-        packed = rewards_and_grads(model, lambda m, mode=mode: packing.pair_rewards(m, m, pairs, mode, None, PAD,
+        packed = rewards_and_grads(model, lambda m, mode=mode: packing.pair_rewards(m, pairs, mode, None, PAD,
                                                                                     "cpu"))
         assert packed[0].dtype == torch.float64
         assert_same(packed, oracle, atol=1e-10)
@@ -110,7 +110,7 @@ def test_packed_equals_padded_in_fp32_and_eager_attention(arch):
     pairs = edge_pairs()
     padded = rewards_and_grads(model, lambda m: batch_rewards(m, collate_pairs(pairs, PAD)))
     mode = packing.resolve_packing("auto", model)
-    packed = rewards_and_grads(model, lambda m: packing.pair_rewards(m, m, pairs, mode, 40, PAD, "cpu"))
+    packed = rewards_and_grads(model, lambda m: packing.pair_rewards(m, pairs, mode, 40, PAD, "cpu"))
     assert_same(packed, padded, atol=1e-5)
 
 
@@ -155,7 +155,7 @@ def test_k_responses_share_one_prompt():
     model = tiny_model("llama", dtype=torch.float64)
     alone = [model(input_ids=torch.tensor([s])).logits.item() for s in group]
     expected = torch.tensor(alone, dtype=torch.float64)
-    torch.testing.assert_close(packing.packed_rewards(model, model, packed, "cpu"), expected)
+    torch.testing.assert_close(packing.packed_rewards(model, packed, "cpu"), expected)
 
 
 def test_token_budget_splits_runs_and_drops_or_cuts_long_pairs():

@@ -8,9 +8,9 @@ from transformers import AutoModelForSequenceClassification
 
 from lora_rm import LoraConfig, add_lora, merge_lora
 from lora_rm.cli import main
+from lora_rm.evaluate import score_texts
 from lora_rm.inject import lora_layers
 from lora_rm.model_io import load_model_and_tokenizer, load_reward_model
-from lora_rm.scoring import score_texts
 
 TEXTS = ["What is 3 + 4 ? 7", "What is 3 + 4 ? 9", "What is 1 + 1 ? 2"]
 

@@ -12,13 +12,15 @@ from datasets import Dataset
 from test_train import crash_at_micro_batch
 from test_train import tiny_run as tiny_builtin_run
 
-import lora_rm.ranking as ranking_module
+import lora_rm.evaluate as evaluate_module
+import lora_rm.loss as loss_module
+import lora_rm.train as train_module
 from lora_rm import cli, data, encode, load_adapter
 from lora_rm.builtin import builtin_model, builtin_preference_dataset, builtin_ranking_dataset, builtin_tokenizer
 from lora_rm.checkpoint import list_checkpoints
 from lora_rm.config import TrainConfig
-from lora_rm.loss import bradley_terry_loss
-from lora_rm.ranking import all_pairs_loss, collate_groups, plackett_luce_loss, ranking_metrics
+from lora_rm.loss import all_pairs_loss, bradley_terry_loss, plackett_luce_loss, ranking_metrics
+from lora_rm.ranking import collate_groups
 from lora_rm.train import train
 
 
@@ -113,7 +115,7 @@ def test_plackett_luce_refuses_a_margin():
     rewards, group, scores = k2_batch(2)
     batch = {"group": group, "scores": scores, "margin": torch.zeros(2)}
     with pytest.raises(ValueError, match="margin.*all_pairs only"):
-        ranking_module.ranking_loss("plackett_luce", rewards, batch)
+        loss_module.ranking_loss("plackett_luce", rewards, batch)
 
 
 # -- metrics
@@ -240,7 +242,7 @@ def mixed_k_rows(n, seed=0):
 def test_k_way_resume_replays_the_uninterrupted_run(tmp_path, monkeypatch):
     dataset = write_jsonl(tmp_path / "rows.jsonl", mixed_k_rows(120))
     train(tiny_run(tmp_path / "full", dataset, ranking_loss="plackett_luce"))
-    undo = crash_at_micro_batch(monkeypatch, 9, ranking_module, "ranking_loss")  # step 5 of 6
+    undo = crash_at_micro_batch(monkeypatch, 9, train_module, "ranking_loss")  # step 5 of 6
     with pytest.raises(KeyboardInterrupt):
         train(tiny_run(tmp_path / "interrupted", dataset, ranking_loss="plackett_luce"))
     undo()
@@ -319,7 +321,7 @@ def test_k_way_rows_under_two_processes_equal_one_process_and_resume(tmp_path):
 
 def test_evaluate_dataset_scores_k_way_rows_and_reports_their_pairs(tmp_path):
     pytest.importorskip("matplotlib")
-    from lora_rm.scoring import evaluate_dataset
+    from lora_rm.evaluate import evaluate_dataset
 
     tokenizer = builtin_tokenizer()
     model = builtin_model(tokenizer).eval()
@@ -329,7 +331,7 @@ def test_evaluate_dataset_scores_k_way_rows_and_reports_their_pairs(tmp_path):
     # rows batched 3 at a time, position-major, come back row after row: each response's reward as scored alone
     tokenized = data.tokenize_pairs(rows, tokenizer)[0].to_list()
     collator = functools.partial(collate_groups, pad_token_id=tokenizer.pad_token_id)
-    batched = ranking_module.rewards_for_rows(model, tokenized, collator, 3, torch.device("cpu"))
+    batched = evaluate_module.rewards_for_rows(model, tokenized, collator, 3, torch.device("cpu"))
     alone = [model(input_ids=torch.tensor([ids])).logits.item() for row in tokenized for ids in row["responses_ids"]]
     torch.testing.assert_close(batched, torch.tensor(alone), atol=1e-5, rtol=0)
     report = json.loads((tmp_path / "report" / "metrics.json").read_text())

@@ -11,7 +11,8 @@ from lora_rm.builtin import builtin_model, builtin_tokenizer
 from lora_rm.checkpoint import list_checkpoints
 from lora_rm.config import LoraConfig, TrainConfig
 from lora_rm.health import TrainingDiverged
-from lora_rm.train import learning_rate, train
+from lora_rm.optim import learning_rate
+from lora_rm.train import train
 
 
 def tiny_run(output, **overrides) -> TrainConfig:

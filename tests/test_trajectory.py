@@ -28,15 +28,8 @@ from torch.utils.data import SequentialSampler
 from lora_rm.config import TrainConfig
 from lora_rm.data import collate_pairs
 from lora_rm.inject import lora_layers
-from lora_rm.train import (
-    build_optimizer,
-    clip_gradients,
-    disable_dropout,
-    learning_rate,
-    micro_batch_loss,
-    optimizer_step,
-    warmup_steps_for,
-)
+from lora_rm.optim import build_optimizer, clip_gradients, learning_rate, optimizer_step, warmup_steps_for
+from lora_rm.train import disable_dropout, micro_batch_loss
 
 STEPS, GRAD_ACCUM, BATCH = 6, 2, 4
 # warmup_ratio 0.1 of 6 steps: transformers warms up ceil(0.6) = 1 step (lr 0 first), int() would give 0.

@@ -1,9 +1,9 @@
-"""Loading a reward model and scoring with it: what `lora-rm eval`, `score`, `merge` and the trainer share.
+"""Scoring with a reward model and evaluating it: rewards of pairs, K-way rows and plain texts, and their metrics.
 
 The reward of a text is the score head's output at its last real token (lora_rm/data.py says which token
-that is). Pairs are scored in one forward: chosen rows first, then rejected rows, padded right as TRL does.
-save_tokenizer writes the tokenizer a trained or merged model is served with, so that plain transformers encodes
-texts as training did.
+that is). Pairs are scored in one forward: chosen rows first, then rejected rows, padded right as TRL does; K-way
+rows stack every response of a batch into one forward. evaluate() is what training logs; evaluate_dataset is
+`lora-rm eval` (with the length-only baselines and the report); score_texts is `lora-rm score`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from . import data, encode, ranking
+from . import data, distributed, encode, ranking
 from .eval_stats import pair_report
-from .loss import preference_metrics, reward_stats, split_rewards
+from .loss import ordered_pairs, preference_metrics, ranking_metrics, reward_stats, split_rewards
 from .model_io import autocast_context
+from .packing import fit_pairs_to_budget, is_encoder, pack_groups, packed_rewards, pair_rewards, resolve_packing
+from .plots import write_report
 
 
 def pair_collator(tokenizer) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
@@ -27,10 +29,15 @@ def pair_collator(tokenizer) -> Callable[[list[dict[str, Any]]], dict[str, torch
     return functools.partial(data.collate_pairs, pad_token_id=tokenizer.pad_token_id)
 
 
-def batch_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over chosen rows then rejected rows; the reward is read at each row's last real token."""
+def sequence_rewards(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """One forward over every row of a collated batch: (N,) fp32 rewards, each read at its row's last real token."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return split_rewards(logits.float())  # (2B, 1) -> (B,), (B,)
+    return logits.float().squeeze(-1)  # (N, 1) -> (N,)
+
+
+def batch_rewards(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(chosen, rejected) rewards of a collated batch of pairs: chosen rows first, then rejected rows."""
+    return split_rewards(sequence_rewards(model, batch))
 
 
 @torch.no_grad()
@@ -40,8 +47,6 @@ def rewards_for_pairs(model, pairs, collator, batch_size: int, device, precision
 
     packing is a resolved mode (packing.resolve_packing); packed modes need the tokenizer's pad_token_id.
     """
-    from .packing import pair_rewards
-
     was_training = model.training
     model.eval()
     chosen, rejected = [], []
@@ -52,7 +57,7 @@ def rewards_for_pairs(model, pairs, collator, batch_size: int, device, precision
                 rewards_chosen, rewards_rejected = batch_rewards(model, batch)
             else:
                 rewards_chosen, rewards_rejected = pair_rewards(
-                    model, model, pairs[start : start + batch_size], packing, max_tokens_per_batch, pad_token_id,
+                    model, pairs[start : start + batch_size], packing, max_tokens_per_batch, pad_token_id,
                     device)
         chosen.append(rewards_chosen.cpu())
         rejected.append(rewards_rejected.cpu())
@@ -81,19 +86,16 @@ def evaluate_dataset(
     The metrics carry eval_stats.pair_report's length-only baselines and intervals; per subset, macro and per
     section when the rows have a `subset` column (sections: {section: [subsets]}).
     """
-    from .packing import fit_pairs_to_budget, resolve_packing
-
     if sections and "subset" not in dataset.column_names:
         raise ValueError(f"--sections needs a 'subset' column in the data; it has {dataset.column_names}")
     tokenized, stats = data.tokenize_pairs(dataset, tokenizer, max_length, length_policy, skip_bad_rows)
     pairs = tokenized.to_list()
     device = next(model.parameters()).device
-    if ranking.is_ranking_rows(pairs):  # K-way rows: top-1, pairwise accuracy, Kendall's tau
-        if packing not in ("none", "auto"):
-            raise ValueError(f"--packing {packing} is not supported with K-way rows yet; use --packing none")
-        metrics, written = ranking.evaluate_ranking_rows(model, tokenizer, pairs, batch_size, device, report, log)
+    k_way = ranking.is_ranking_rows(pairs)
+    mode = resolve_packing(packing, model, print if not k_way else lambda message: None, k_way_rows=k_way)
+    if k_way:  # K-way rows, scored padded (an explicit packed mode was refused): top-1, pairwise, Kendall's tau
+        metrics, written = evaluate_ranking_rows(model, tokenizer, pairs, batch_size, device, report, log)
         return metrics, stats, written
-    mode = resolve_packing(packing, model)
     pairs, over_budget = fit_pairs_to_budget(pairs, mode, max_tokens_per_batch, length_policy)
     if over_budget:
         print(f"{over_budget} pairs over --max-tokens-per-batch {max_tokens_per_batch}: {length_policy}")
@@ -112,8 +114,6 @@ def evaluate_dataset(
     metrics.update(pair_report(chosen, rejected, full_chosen, full_rejected, subsets, sections))
     written = []
     if report:
-        from .plots import write_report  # matplotlib is optional
-
         written = write_report(report, chosen, rejected, lengths_chosen, lengths_rejected, metrics, log)
     return metrics, stats, written
 
@@ -125,9 +125,7 @@ def score_texts(model, tokenizer, items: list, max_length: int | None = None, ba
 
     Any packing mode but none scores the texts padding-free (texts share no prompt).
     """
-    from . import packing as packing_module
-
-    mode = packing_module.resolve_packing(packing, model, lambda message: None)
+    mode = resolve_packing(packing, model, lambda message: None)
     device = next(model.parameters()).device
     rewards = []
     for start in range(0, len(items), batch_size):
@@ -136,11 +134,75 @@ def score_texts(model, tokenizer, items: list, max_length: int | None = None, ba
         if too_long:
             raise ValueError(f"texts {too_long} are longer than max_length={max_length} tokens")
         if mode != "none":
-            packed = packing_module.pack_groups([[ids] for ids in sides], tokenizer.pad_token_id, False,
-                                                packing_module.is_encoder(model))
-            rewards.extend(packing_module.packed_rewards(model, model, packed, device).tolist())
+            packed = pack_groups([[ids] for ids in sides], tokenizer.pad_token_id, False, is_encoder(model))
+            rewards.extend(packed_rewards(model, packed, device).tolist())
             continue
         input_ids, attention_mask = encode.pad_sequences(sides, tokenizer.pad_token_id, "right")
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
         rewards.extend(logits.squeeze(-1).float().tolist())
     return rewards
+
+
+@torch.no_grad()
+def rewards_for_rows(model, rows, collator, batch_size: int, device, precision: str = "fp32") -> Tensor:
+    """Every response's reward, row after row in each row's stored (best-first) order, as one CPU fp32 tensor."""
+    was_training = model.training
+    model.eval()
+    pieces = []
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collator(rows[start : start + batch_size]).items()}
+        with autocast_context(precision, device):
+            rewards = sequence_rewards(model, batch)
+        row_major = torch.sort(batch["group"], stable=True).indices  # position-major -> row after row
+        pieces.append(rewards[row_major].cpu())
+    model.train(was_training)
+    return torch.cat(pieces) if pieces else torch.empty(0)
+
+
+def split_by_row(flat: Tensor, rows: list[dict[str, Any]]) -> list[Tensor]:
+    """rewards_for_rows' flat tensor cut back into one tensor per row."""
+    return list(torch.split(flat, [len(row["responses_ids"]) for row in rows]))
+
+
+def evaluate_rows(model, rows, collator, batch_size: int, device, precision: str = "fp32") -> dict[str, Any]:
+    """train.evaluate for K-way rows: each rank scores its contiguous shard; rewards gathered in order."""
+    mine, n_real = distributed.equal_shard(rows)
+    flat = rewards_for_rows(model, mine, collator, batch_size, device, precision)
+    n_real_responses = sum(len(row["responses_ids"]) for row in mine[:n_real])
+    every = distributed.gather_cat(flat[:n_real_responses])
+    return ranking_metrics(split_by_row(every, rows), [row["scores"] for row in rows])
+
+
+def evaluate_ranking_rows(model, tokenizer, rows, batch_size: int, device, report=None, log=None):
+    """scoring.evaluate_dataset for K-way rows: (metrics, report files); the report plots every pair of responses
+    with different scores as a (better, worse) pair."""
+    collator = functools.partial(ranking.collate_groups, pad_token_id=tokenizer.pad_token_id)
+    rewards = split_by_row(rewards_for_rows(model, rows, collator, batch_size, device), rows)
+    metrics = ranking_metrics(rewards, [row["scores"] for row in rows])
+    if not report:
+        return metrics, []
+    better, worse, better_lengths, worse_lengths = [], [], [], []
+    for row, row_rewards in zip(rows, rewards, strict=True):
+        scores = torch.tensor(row["scores"])
+        for i, j in zip(*ordered_pairs(torch.zeros_like(scores, dtype=torch.long), scores), strict=True):
+            better.append(row_rewards[i])
+            worse.append(row_rewards[j])
+            better_lengths.append(len(row["responses_ids"][i]))
+            worse_lengths.append(len(row["responses_ids"][j]))
+    written = write_report(report, torch.stack(better), torch.stack(worse), better_lengths, worse_lengths, metrics,
+                           log)
+    return metrics, written
+
+
+def evaluate(model, pairs, collator, batch_size: int, device, precision: str = "fp32",
+             **packed: Any) -> dict[str, Any]:
+    """Metrics over every eval pair (rewards concatenated first, so the means are exact, not batch means).
+
+    Under torchrun each rank scores its contiguous shard and the rewards are gathered in order before the means.
+    Shards are padded to equal length and the padding's rewards dropped: under FSDP every forward is a collective.
+    """
+    if ranking.is_ranking_rows(pairs):  # K-way rows: top-1, pairwise accuracy, Kendall's tau
+        return evaluate_rows(model, pairs, collator, batch_size, device, precision)
+    mine, n_real = distributed.equal_shard(pairs)
+    chosen, rejected = rewards_for_pairs(model, mine, collator, batch_size, device, precision, **packed)
+    return eval_metrics(distributed.gather_cat(chosen[:n_real]), distributed.gather_cat(rejected[:n_real]))
