@@ -64,6 +64,7 @@ class Plan:
     layer_tokens: int
     top_kernels: int
     budget_s: float  # the whole run
+    threads: int | None  # torch threads of a section (smoke: 1, so a busy shared CPU does not stall OpenMP)
     section_s: tuple[tuple[str, float], ...]  # each section's own limit
 
 
@@ -72,6 +73,7 @@ FULL = Plan(
     model="0.5b", seq_len=1024, pairs=4, ranks=(8, 64), rounds=10, warmup=2,
     memory_flags=("--pairs", "4", "--seq-len", "512"), train_steps=50, train_shape=QWEN_05B, max_eval_rows=None,
     layer_shapes=((896, 896), (896, 4864), (4864, 896)), layer_tokens=8 * 1024, top_kernels=5, budget_s=235,
+    threads=None,
     # the memory ladder comes last and takes what the others leave (at least 35 s when they all run to their limit)
     section_s=(("cuda tests", 20), ("overhead bf16", 60), ("overhead nf4", 30), ("layer profile", 15),
                ("train bf16", 35), ("train nf4", 40), ("memory ladder", 90)),
@@ -81,6 +83,7 @@ SMOKE = Plan(
     memory_flags=("--tiny", "--pairs", "1", "--seq-len", "8", "--checkpointing", "no"), train_steps=3,
     train_shape=(("hidden_size", 64), ("intermediate_size", 128), ("num_hidden_layers", 2), ("num_attention_heads", 4)),
     max_eval_rows=16, layer_shapes=((64, 64), (64, 352), (352, 64)), layer_tokens=64, top_kernels=3, budget_s=300,
+    threads=1,
     section_s=(("cuda tests", 60), ("overhead bf16", 60), ("overhead nf4", 60), ("layer profile", 60),
                ("train bf16", 60), ("train nf4", 60), ("memory ladder", 60)),
 )
@@ -279,6 +282,8 @@ SECTIONS: dict[str, Callable[[Plan, str, float], Iterator[dict]]] = {
 def section_child(name: str, plan: Plan, device: str, deadline: float, conn) -> None:
     """In the section's own process (and process group): send each row, then 'done' or the error."""
     os.setpgrp()  # one group: a timeout kills the section's own children (memory rows, pytest) with it
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
     try:
         for line in SECTIONS[name](plan, device, deadline):
             conn.send(("row", line))
@@ -292,7 +297,12 @@ def section_child(name: str, plan: Plan, device: str, deadline: float, conn) -> 
 
 def run_section(name: str, plan: Plan, device: str, limit: float) -> dict:
     """Run one section in a fresh process (spawned on CUDA, forked on CPU) for at most `limit` seconds."""
-    context = multiprocessing.get_context("spawn" if device == "cuda" else "fork")
+    context = multiprocessing.get_context("spawn" if device == "cuda" else "fork")  # CUDA cannot be forked
+    if device != "cuda":  # imported once here, not again in each forked section
+        import peft  # noqa: F401
+
+        if has_bitsandbytes():
+            import bitsandbytes  # noqa: F401
     here, there = context.Pipe(duplex=False)
     started = time.monotonic()
     deadline = started + limit
