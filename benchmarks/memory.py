@@ -21,6 +21,7 @@ import multiprocessing
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -97,8 +98,10 @@ class AnonPeak:
 
 def measure(folder: str, base: str, impl: str, checkpointing: bool, args: argparse.Namespace) -> dict:
     """One row, in the calling (fresh) process."""
-    import bitsandbytes  # noqa: F401  libraries are imported before the baseline: their code is not the model's
-    import peft  # noqa: F401
+    import peft  # noqa: F401  libraries are imported before the baseline: their code is not the model's
+
+    if base == "nf4":
+        import bitsandbytes  # noqa: F401
 
     cuda = torch.device(args.device).type == "cuda"
     if cuda:
@@ -143,19 +146,27 @@ def measure(folder: str, base: str, impl: str, checkpointing: bool, args: argpar
             "vmhwm_mib": (_proc_status_bytes("VmHWM") - before) / 2**20}
 
 
-def run(args: argparse.Namespace) -> list[dict]:
-    rows = []
+def ladder(args: argparse.Namespace) -> Iterator[dict]:
+    """The rows one by one, each measured in a fresh process (gpu_check keeps those done when time runs out)."""
     method = "spawn" if torch.device(args.device).type == "cuda" else "fork"
+    if method == "fork":  # imported once here, not again in every row's process
+        import peft  # noqa: F401
+
+        if "nf4" in args.bases:
+            import bitsandbytes  # noqa: F401
     with tempfile.TemporaryDirectory() as folder:
         save_base(folder, TINY if args.tiny else QWEN_05B)
-        for checkpointing in (False, True):
+        for checkpointing in args.checkpointing:
             for base in args.bases:
                 for impl in ("lora-rm", "peft"):
                     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context(method)) as pool:
                         row = pool.submit(measure, folder, base, impl, checkpointing, args).result()
                     print(json.dumps(row), flush=True)
-                    rows.append(row)
-    return rows
+                    yield row
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    return list(ladder(args))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -175,15 +186,23 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--bases", nargs="+", choices=BASES, default=list(BASES))
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model of width 64, for the smoke test")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--checkpointing", nargs="+", choices=["no", "yes"], default=["no", "yes"],
+                        help="rows without and/or with gradient checkpointing")
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "memory"))
     args = parser.parse_args(argv)
+    args.checkpointing = [choice == "yes" for choice in args.checkpointing]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     rows = run(args)
     table = markdown(rows)
     print(table)

@@ -1,10 +1,12 @@
 """The benchmark suite runs end to end on its smallest configuration; no timing is asserted."""
 
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,21 +45,102 @@ def test_overhead_suite_end_to_end(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
-def test_gpu_check_runs_in_smoke_mode(tmp_path):
-    """The GPU script's every step (overhead, memory ladder with nf4, bf16 and 4-bit trainings), tiny, on CPU."""
-    pytest.importorskip("bitsandbytes")
-    command = [sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--out", str(tmp_path)]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def test_gpu_check_smoke_table_has_every_section_with_sane_numbers(tmp_path):
+    """gpu_check --smoke, in this process (sections fork from it): every section ok, every row's numbers sane."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert {(row["base"], row["impl"]) for row in summary["memory"]} == {
-        (base, impl) for base in ("fp32", "bf16", "nf4") for impl in ("lora-rm", "peft")
-    }
-    assert all(row["peak_mib"] > 0 for row in summary["memory"])
-    assert set(summary["trainings"]) == {"bf16", "nf4"}
-    assert all(0 <= metrics["accuracy"] <= 1 for metrics in summary["trainings"].values())
-    assert "| nf4 |" in (tmp_path / "gpu_check.md").read_text()
+    sections = {section["name"]: section for section in summary["sections"]}
+    assert list(sections) == list(gpu_check.SECTIONS)
+    assert {name: section["status"] for name, section in sections.items()} == dict.fromkeys(sections, "ok")
+    rows = {name: {line["row"]: line for line in section["rows"]} for name, section in sections.items()}
+
+    assert rows["cuda tests"]["pytest -m cuda"]["value"] in ("passed", "all skipped", "no cuda tests collected")
+    names = ["floor", "full", "lora-rm r=2", "peft r=2"]
+    expected = names + [f"{n}+ckpt" for n in names]
+    expected += [f"lora-rm r=2{c} / {other}{c}" for c in ("", "+ckpt") for other in ("full", "peft r=2")]
+    assert sorted(rows["overhead bf16"]) == sorted(expected)
+    for line in rows["overhead bf16"].values():
+        ratio = line["ratio"]
+        assert ratio["n"] == 3 and len(line["times_s"]) == 3  # paired rounds: one ratio per timed round
+        assert 0 < ratio["min"] <= ratio["q1"] <= ratio["median"] <= ratio["q3"] <= ratio["max"] < 100
+        assert line["median_ms"] > 0
+    assert rows["overhead bf16"]["floor+ckpt"]["ratio"]["max"] == 1.0  # the floor against itself, round by round
+    nf4 = rows["overhead nf4"]
+    if importlib.util.find_spec("bitsandbytes"):
+        assert sorted(nf4) == sorted(["nf4 floor", "nf4 lora-rm r=2", "nf4 peft r=2", "nf4 lora-rm r=2 / nf4 peft r=2"])
+        assert all(0 < line["ratio"]["median"] < 100 for line in nf4.values())
+    else:
+        assert nf4["nf4 rows"]["value"] == "skipped: no bitsandbytes"
+
+    profile = rows["layer profile"]
+    for shape in ("64->64", "64->352", "352->64"):
+        for impl in ("base", "lora-rm", "peft"):
+            assert profile[f"{shape} r=2 {impl}"]["total_ms"] > 0
+        for impl in ("lora-rm", "peft"):  # the top ops, slowest first, each a part of the step's total
+            tops = [profile[f"{shape} r=2 {impl} #{i}"]["kernel"]["ms"] for i in (1, 2, 3)]
+            assert tops == sorted(tops, reverse=True) and sum(tops) <= profile[f"{shape} r=2 {impl}"]["total_ms"]
+
+    for label in ("bf16 base, 3 steps", "nf4 base, 3 steps"):
+        line = rows["train bf16" if label.startswith("bf16") else "train nf4"][label]
+        assert line["pairs_per_s"] > 0 and line["log_pairs_per_s"] > 0 and 0 <= line["accuracy"] <= 1
+        assert line["field"].endswith("pairs_per_s") and line["field"] in line["detail"]
+
+    bases = ("fp32", "bf16", "nf4") if importlib.util.find_spec("bitsandbytes") else ("fp32", "bf16")
+    assert sorted(rows["memory ladder"]) == sorted(f"{b} {impl}" for b in bases for impl in ("lora-rm", "peft"))
+    assert all(line["peak_mib"] > 0 for line in rows["memory ladder"].values())
+
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert table.startswith("# GPU check on CPU") and "| section | row | value | detail |" in table
+    assert all(f"| {name} | (section) | ok |" in table for name in sections)
+
+
+def test_gpu_check_keeps_going_past_a_failing_and_a_hanging_section(monkeypatch):
+    """A section that raises is an error row; one past its limit is killed, its rows so far kept."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks import gpu_check
+
+    def broken(plan, device, deadline):
+        yield gpu_check.row("before", "1")
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    def hanging(plan, device, deadline):
+        yield gpu_check.row("before", "1")
+        time.sleep(60)
+
+    monkeypatch.setitem(gpu_check.SECTIONS, "broken", broken)  # the forked child sees the patched table
+    monkeypatch.setitem(gpu_check.SECTIONS, "hanging", hanging)
+    started = time.monotonic()
+    failed = gpu_check.run_section("broken", gpu_check.SMOKE, "cpu", limit=30)
+    hung = gpu_check.run_section("hanging", gpu_check.SMOKE, "cpu", limit=2)
+    assert time.monotonic() - started < 20
+    assert failed["status"] == "error: RuntimeError: CUDA error: an illegal memory access"
+    assert hung["status"] == "timed out after 2 s"
+    assert [line["row"] for line in failed["rows"]] == [line["row"] for line in hung["rows"]] == ["before"]
+
+
+def test_paired_rounds_rotate_the_order_and_pair_ratios_within_a_round():
+    """Round k starts at configuration k mod n; ratios are taken round by round, then summarised."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks import paired
+
+    assert [paired.rotation(["a", "b", "c"], k) for k in range(4)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    order, clock = [], iter(range(1, 100))
+
+    def measure(name):  # a machine that slows down over time: "b" costs 2x "a" timed at the same moment
+        order.append(name)
+        return next(clock) * (2 if name == "b" else 1)
+
+    times = paired.timed_rounds(["a", "b"], measure, rounds=3, warmup=1, deadline=time.monotonic() + 60)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]  # a warm-up round, then three rotated rounds
+    ratios = paired.paired(times, "b", "a")
+    assert len(ratios) == 3 and all(1.5 < r < 3 for r in ratios)
+    stats = paired.spread([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert stats == {"median": 3.0, "q1": 2.0, "q3": 4.0, "min": 1.0, "max": 5.0, "n": 5}
+    assert paired.timed_rounds(["a"], lambda name: 1.0, rounds=5, warmup=0, deadline=0)["a"] == [1.0]
 
 
 def test_seeds_benchmark_smoke(tmp_path):
