@@ -167,7 +167,7 @@ def overhead_nf4(plan: Plan, device: str, deadline: float) -> Iterator[dict]:
     if not has_bitsandbytes():
         yield row("nf4 rows", "skipped: no bitsandbytes")
         return
-    from lora_rm.scoring import load_pretrained
+    from lora_rm.model_io import load_pretrained
 
     args = overhead_args(plan, device)
     with tempfile.TemporaryDirectory() as folder:
