@@ -150,13 +150,11 @@ def parse_pattern_flags(lora_given: dict[str, Any]) -> dict[str, Any]:
 
 def saved_train_config(given: dict[str, Any]) -> TrainConfig | None:
     """The TrainConfig a run in --output saved, or None when there is none to read."""
-    path = Path(given.get("output", TrainConfig().output)) / "train_config.json"
-    if not path.is_file():
+    from .run_folder import read_saved_config
+
+    saved = read_saved_config(Path(given.get("output", TrainConfig().output)))
+    if saved is None:
         return None
-    try:
-        saved = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot resume: {path} is not valid JSON ({error})") from error
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{name: value for name, value in saved.items() if name in known})
 

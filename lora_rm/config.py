@@ -173,6 +173,8 @@ class TrainConfig:
     load_in_4bit: bool = option(False, "QLoRA: quantize the base's linear layers to nf4 with bitsandbytes "
                                 "(pip install 'lora-rm[qlora]'); the head is never quantized")
     bnb_4bit_compute_dtype: str = option("bf16", "dtype a 4-bit layer computes in", PRECISIONS)
+    # Two defaults on purpose: LoraConfig's r=8, alpha=8 are PEFT's, so a LoraConfig() means what PEFT's does; a
+    # training run starts from the README's recipe (r=16, alpha=32 = 2r, every linear layer), the one it measures.
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, lora_alpha=32, target_modules=ALL_LINEAR))
     max_length: int = option(512, "tokens per side (prompt + response)")
     length_policy: str = option("drop", "pairs longer than max_length: drop them (TRL) or keep each side's end",

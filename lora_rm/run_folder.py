@@ -43,8 +43,8 @@ RESUME_MAY_CHANGE = {
     "save_every": "when to checkpoint, not what is trained",
     "keep_checkpoints": "disk use only",
     "device": "where it runs (another node or GPU); the math is the same",
-    "batch_size": "the per-process share, to resume under another number of processes; resume_step refuses a "
-                  "changed global batch (batch_size x processes x grad_accum)",
+    "batch_size": "the per-process share, to resume under another number of processes; checkpoint."
+                  "resume_from_latest_checkpoint refuses a changed global batch (batch_size x processes x grad_accum)",
     "grad_accum": "the same",
     "gradient_checkpointing": "trades memory for compute; the gradients are the same",
     "reentrant_checkpointing": "the same",
@@ -167,14 +167,22 @@ def changed_settings(saved: dict[str, Any], now: dict[str, Any], prefix: str = "
     return changes
 
 
+def read_saved_config(output: Path) -> dict[str, Any] | None:
+    """The settings a run in `output` saved (train_config.json), or None when it saved none; the one reader."""
+    path = output / TRAIN_CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot resume: {path} is not valid JSON ({error})") from error
+
+
 def check_resumed_config(config: TrainConfig, saved_path: Path) -> None:
     """Refuse to resume with settings other than the saved run's, but those RESUME_MAY_CHANGE allows."""
-    if not saved_path.exists():
+    saved = read_saved_config(saved_path.parent)
+    if saved is None:
         return
-    try:
-        saved = json.loads(saved_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot resume: {saved_path} is not valid JSON ({error})") from error
     now = json.loads(json.dumps(dataclasses.asdict(config)))  # as it would be saved: tuples as lists
     refused = [change for change in changed_settings(saved, now) if change[0] not in RESUME_MAY_CHANGE]
     if refused:
