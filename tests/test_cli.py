@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from lora_rm import LoraConfig, add_lora, load_adapter, save_adapter
 from lora_rm.builtin import builtin_model, builtin_tokenizer
 from lora_rm.cli import main, read_score_inputs
-from lora_rm.data import encode_text
+from lora_rm.encode import encode_text
 from lora_rm.evaluate import score_texts
 from lora_rm.model_io import load_model_and_tokenizer
 

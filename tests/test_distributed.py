@@ -6,7 +6,6 @@ in this test process through the same CLI.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,72 +14,15 @@ import pytest
 import torch
 import torch.distributed as dist
 from ddp_worker import preempt_copy
+from runs import FLAGS, TESTS, TWO, assert_same_run, assert_same_tensors, free_port, losses, one_process, torchrun
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lora_rm import LoraConfig, add_lora, distributed, load_adapter, parameter_counts, sharded_load
 from lora_rm.builtin import builtin_model, builtin_tokenizer
 from lora_rm.checkpoint import OPTIMIZER_NAME, RNG_NAME, list_checkpoints
-from lora_rm.cli import main as cli_main
 from lora_rm.config import TrainConfig
 from lora_rm.model_io import load_model_and_tokenizer
-
-TESTS = Path(__file__).parent
-# Tiny and deterministic: lora_dropout 0 (the CLI default), 4 optimizer steps of 2 micro-batches, a checkpoint
-# at step 2. --batch-size is per process: 2 x 4 pairs is the global batch of 1 x 8.
-FLAGS = [
-    "--max-rows", "96", "--grad-accum", "2", "--max-steps", "4", "--max-length", "32", "--lora-r", "4",
-    "--lora-alpha", "8", "--log-every", "1", "--save-every", "2", "--no-progress",
-]  # fmt: skip
-ONE, TWO = ["--batch-size", "8"], ["--batch-size", "4"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun(*args: str) -> str:
-    """Run `python -m torch.distributed.run --nproc_per_node 2 ARGS` on CPU; its output, or fail showing it."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), *args,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=TESTS.parent)
-    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    return done.stdout
-
-
-def one_process(output: Path, *flags: str) -> None:
-    """The oracle, in this process; one thread, like each torchrun worker (2 threads on a busy 2-core box crawl)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cli_main(["train", "--output", str(output), *FLAGS, *ONE, *flags])
-    finally:
-        torch.set_num_threads(threads)
-
-
-def losses(output: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (output / "log.jsonl").read_text().splitlines()) if "loss" in r]
-
-
-# Adam divides by sqrt(v), so last-bit differences in a gradient reach the weights amplified. 2 ranks sum in another
-# order than 1 process (alone: <= 2e-6 abs, 1e-4 rel after the 4 steps), and LoRALinear folds a micro-batch
-# into (W + s B A) x or not by its token count, so 4-pair and 8-pair micro-batches may round differently (measured:
-# <= 2.5e-5 abs, 3.7e-4 rel). A real DDP fault (a missed all-reduce, a wrong shard) moves weights by ~lr = 2e-3
-# and the losses, which must agree to 1e-6, far more.
-SAME_RUN_ATOL, SAME_RUN_RTOL = 1e-4, 1e-3
-
-
-def assert_same_run(a: Path, b: Path, atol: float = SAME_RUN_ATOL, rtol: float = SAME_RUN_RTOL) -> None:
-    """Same logged losses and the same saved adapter, tensor by tensor (tolerances: see SAME_RUN_ATOL)."""
-    assert losses(a) == pytest.approx(losses(b), abs=1e-6) and len(losses(a)) == 4
-    adapter_a = assert_same_tensors(a / "adapter_model.safetensors", b / "adapter_model.safetensors", atol, rtol)
-    # Not vacuous: B moved away from its zero init.
-    assert max(t.abs().max().item() for k, t in adapter_a.items() if "lora_B" in k) > 1e-3
 
 
 @pytest.mark.slow
@@ -130,17 +72,6 @@ def test_gradient_checkpointing_and_dropout_resume_under_two_processes(tmp_path)
     rng = load_file(list_checkpoints(tmp_path / "dropout" / "checkpoints")[-1] / RNG_NAME)
     assert not torch.equal(rng["cpu"], rng["rank1.cpu"])  # two ranks, two streams
     assert losses(tmp_path / "dropout") != pytest.approx(losses(one), abs=1e-6)  # dropout did act
-
-
-def assert_same_tensors(
-    a: Path, b: Path, atol: float = SAME_RUN_ATOL, rtol: float = SAME_RUN_RTOL
-) -> dict[str, torch.Tensor]:
-    """Two safetensors files hold the same keys and close tensors; returns a's tensors."""
-    tensors_a, tensors_b = load_file(a), load_file(b)
-    assert tensors_a.keys() == tensors_b.keys()
-    for key in tensors_a:
-        torch.testing.assert_close(tensors_a[key], tensors_b[key], atol=atol, rtol=rtol, msg=key)
-    return tensors_a
 
 
 @pytest.mark.slow
@@ -236,7 +167,6 @@ def test_gather_and_shard_are_identities_in_one_process():
     assert distributed.shard(list(range(5))) == list(range(5))
     assert distributed.sum_over_ranks([1.5, 2.0]) == [1.5, 2.0]
     assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
-
 
 
 @pytest.mark.slow

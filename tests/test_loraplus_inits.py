@@ -28,7 +28,7 @@ from parity import (
     tiny_batch,
     tiny_model,
 )
-from test_train import assert_replays, crash_at_micro_batch, tiny_run
+from runs import assert_replays, crash_at_micro_batch, tiny_run
 
 from lora_rm import LoraConfig, add_lora, load_adapter, save_adapter
 from lora_rm.checkpoint import list_checkpoints

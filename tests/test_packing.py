@@ -9,13 +9,14 @@ import lora_rm.packing as packing
 from lora_rm import LoraConfig, add_lora, load_adapter
 from lora_rm.builtin import builtin_model, builtin_tokenizer
 from lora_rm.cli import main
-from lora_rm.data import collate_pairs, pad_sequences
+from lora_rm.data import collate_pairs
+from lora_rm.encode import pad_sequences
 from lora_rm.evaluate import batch_rewards
 from lora_rm.inject import lora_layers
 from lora_rm.loss import bradley_terry_loss, split_rewards
 from lora_rm.train import train
 from tests.parity import ARCHS, PAD, TARGETS, perturb_head, tiny_model
-from tests.test_train import assert_replays, crash_at_micro_batch, tiny_run, train_losses
+from tests.runs import assert_replays, crash_at_micro_batch, tiny_run, train_losses
 
 EOS = PAD  # pad == EOS, as for Llama/GPT-2 tokenizers given EOS as their pad token
 

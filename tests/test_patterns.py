@@ -308,7 +308,7 @@ def test_rslora_scales_each_module_by_its_own_rank_like_peft():
 
 def test_a_pattern_run_resumes_from_its_checkpoint(tmp_path):
     """checkpoint.py loads through the same coverage check: layer 0 left out on purpose must not stop a resume."""
-    from test_train import read_log, tiny_run
+    from runs import read_log, tiny_run
 
     from lora_rm.train import train
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from test_train import crash_at_micro_batch
-from test_train import tiny_run as tiny_builtin_run
+from runs import crash_at_micro_batch
+from runs import tiny_run as tiny_builtin_run
 
 import lora_rm.evaluate as evaluate_module
 import lora_rm.loss as loss_module
@@ -30,7 +30,7 @@ def write_jsonl(path, rows):
 
 
 def tiny_run(output, dataset, **overrides) -> TrainConfig:
-    """test_train.tiny_run on a data file: six steps with accumulation and dropout."""
+    """runs.tiny_run on a data file: six steps with accumulation and dropout."""
     return tiny_builtin_run(output, dataset=dataset, **overrides)
 
 
@@ -298,7 +298,7 @@ def test_both_shapes_train_and_evaluate_from_the_cli(tmp_path, capsys):
 def test_k_way_rows_under_two_processes_equal_one_process_and_resume(tmp_path):
     """DDP: 2 processes of 2 K-way rows train what 1 process of 4 trains; 9 eval rows shard as 4 + 5 (padded);
     a run preempted under 2 processes resumes exactly."""
-    from test_distributed import FLAGS, TESTS, assert_same_run, losses, one_process, torchrun
+    from runs import FLAGS, TESTS, assert_same_run, losses, one_process, torchrun
 
     rows = write_jsonl(tmp_path / "rows.jsonl", mixed_k_rows(96))
     held_out = write_jsonl(tmp_path / "held_out.jsonl", mixed_k_rows(9, seed=1))

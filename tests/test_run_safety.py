@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from test_train import assert_replays, crash_at_micro_batch, read_log, tiny_run, train_losses
+from runs import assert_replays, crash_at_micro_batch, read_log, tiny_run, train_losses
 
 import lora_rm.checkpoint as checkpoint_module
 import lora_rm.train as train_module

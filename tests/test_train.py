@@ -4,43 +4,16 @@ import json
 
 import pytest
 import torch
+from runs import assert_replays, crash_at_micro_batch, read_log, tiny_run, train_losses
 
 import lora_rm.train as train_module
 from lora_rm import load_adapter
 from lora_rm.builtin import builtin_model, builtin_tokenizer
 from lora_rm.checkpoint import list_checkpoints
-from lora_rm.config import LoraConfig, TrainConfig
+from lora_rm.config import LoraConfig
 from lora_rm.health import TrainingDiverged
 from lora_rm.optim import learning_rate
 from lora_rm.train import train
-
-
-def tiny_run(output, **overrides) -> TrainConfig:
-    """Six optimizer steps on the built-in task: fast, but with accumulation and dropout to replay exactly."""
-    settings = dict(
-        output=str(output), max_rows=120, eval_fraction=0.2, max_steps=6, batch_size=4, grad_accum=2,
-        max_length=32, lr=1e-3, warmup_ratio=0.2, save_every=3, log_every=1, progress=False,
-        lora=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"),
-    )
-    return TrainConfig(**{**settings, **overrides})
-
-
-def read_log(output):
-    return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
-
-
-def train_losses(output):
-    return [r["loss"] for r in read_log(output) if "loss" in r]
-
-
-def assert_replays(run, full_run):
-    """Same logged losses, same final adapter as the uninterrupted run."""
-    assert train_losses(run) == pytest.approx(train_losses(full_run), abs=1e-6)
-    tokenizer = builtin_tokenizer()
-    a = load_adapter(builtin_model(tokenizer), full_run).state_dict()
-    b = load_adapter(builtin_model(tokenizer), run).state_dict()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
 
 
 def test_learning_rate_schedule_matches_transformers():
@@ -54,21 +27,6 @@ def test_learning_rate_schedule_matches_transformers():
             assert learning_rate(step, 20, 3, 0.1, schedule) == pytest.approx(optimizer.param_groups[0]["lr"])
             optimizer.step()
             reference.step()
-
-
-def crash_at_micro_batch(monkeypatch, n, module=train_module, name="bradley_terry_loss"):
-    """Make the n-th call of module.name (the loss: once per micro-batch) raise KeyboardInterrupt; undo with the
-    result."""
-    real_loss, calls = getattr(module, name), {"n": 0}
-
-    def crash(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, crash)
-    return lambda: monkeypatch.setattr(module, name, real_loss)
 
 
 def test_resume_replays_the_uninterrupted_run(tmp_path, monkeypatch):
