@@ -235,6 +235,14 @@ def _check_known_tokens(rows: Dataset, tokenizer: PreTrainedTokenizerBase, data_
     check_unknown_share(ids, len(rows), tokenizer)
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """A collated batch on `device`; on CUDA copied from pinned memory without blocking, since a copy from pageable
+    memory waits until the GPU has finished everything queued before it."""
+    if torch.device(device).type != "cuda":
+        return {key: tensor.to(device) for key, tensor in batch.items()}
+    return {key: tensor.pin_memory().to(device, non_blocking=True) for key, tensor in batch.items()}
+
+
 def collate_pairs(pairs: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Pad chosen then rejected into one batch: rows 0..B-1 chosen, B..2B-1 rejected, as TRL's collator.
 

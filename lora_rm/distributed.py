@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 
 import torch
@@ -70,6 +71,13 @@ def is_main() -> bool:
 def print_main(*args, **kwargs) -> None:
     if is_main():
         print(*args, **kwargs)
+
+
+def synchronized_seconds(started: float) -> float:
+    """Seconds since `started` (time.perf_counter) once this device has finished the work queued so far."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
 
 
 def barrier() -> None:

@@ -1,14 +1,19 @@
 """Stopping a run gone wrong: a loss, gradient or weight that is not finite, or a model collapsed to constant
 rewards or zero gradients. The error says what happened, which learning rate did it, and which checkpoint is still
 good; checkpoints saved with the bad weights are set aside (renamed diverged-step-N), never resumed from.
+
+The checks run on the device: each step adds a few flags (0-dim tensors) and nothing is read back until check()
+(before a step's update, on steps that log or save) or check_weights() (after the update, before a save). A GPU
+then never waits on the host between those points (each read, .item() or bool(), drains its queue). Every rank
+reads the same flags, summed over ranks, so all of them stop at the same step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,17 +28,26 @@ class TrainingDiverged(RuntimeError):
     """A loss, gradient or weight became NaN or inf, or the model collapsed; only good checkpoints are kept."""
 
 
-def weights_are_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every trainable weight (adapter and head) is finite on every rank; the same answer on each."""
-    local = [p.to_local() if hasattr(p, "to_local") else p for g in optimizer.param_groups for p in g["params"]]
-    finite = torch.stack([t.detach().isfinite().all() for t in local]).all().item()
-    return distributed.sum_over_ranks([float(not finite)])[0] == 0
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-dim bool tensor: every element of every tensor is finite (two foreach kernels, no host read).
+
+    max |t| rather than a norm: a norm of huge but finite weights overflows to inf; NaN propagates through max.
+    """
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP shards: each rank its own
+    local = [t.detach() for t in local if t.numel()]
+    if not local:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack(torch._foreach_max(torch._foreach_abs(local))).isfinite().all()
 
 
-def reward_spread(rewards: list[torch.Tensor]) -> float:
-    """max - min of a step's rewards, summed over ranks: 0 only when each rank gave every text the same reward."""
-    every = torch.cat(rewards).float()
-    return distributed.sum_over_ranks([(every.max() - every.min()).item()])[0]
+@dataclass
+class StepFlags:
+    """One step's health, still on the device: summed over micro-batches, read by Health.check."""
+
+    step: int
+    loss_sum: torch.Tensor  # NaN or inf when any micro-batch's loss was
+    grad_norm: torch.Tensor
+    reward_spread: torch.Tensor  # max - min of the step's rewards
 
 
 @dataclass
@@ -42,36 +56,65 @@ class Health:
 
     peak_lr: float  # --lr, named in the message
     checkpoints: Path
-    previous_lr: float  # the learning rate of the update that made the current weights
+    lr_of_update: Callable[[int], float]  # the learning rate of step s's update (the logged one, group 0)
+    scaled: bool = False  # fp16's scaler skips a step with a non-finite gradient norm itself
+    pending: list[StepFlags] = field(default_factory=list)
+    weights_finite: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step, finite after its update)
     collapsed_since: int | None = None  # the first step of a run of collapsed steps
-    collapse_lr: float = 0.0  # the learning rate of the update before it
 
-    def check_loss(self, loss: torch.Tensor, step: int) -> None:
-        if not torch.isfinite(loss):
+    def record(self, step: int, losses: list[torch.Tensor], grad_norm: torch.Tensor | float,
+               step_rewards: list[torch.Tensor]) -> None:
+        """Keep a step's flags on the device; nothing is read here."""
+        every = torch.cat(step_rewards).detach().float()
+        spread = every.max() - every.min() if every.numel() else every.new_zeros(())
+        self.pending.append(StepFlags(step, torch.stack([loss.detach().float() for loss in losses]).sum(),
+                                      torch.as_tensor(grad_norm, dtype=torch.float32, device=every.device), spread))
+
+    def check(self, now: int) -> None:
+        """Read every pending step's flags at once (one read, one sum over ranks) and stop at the first bad one;
+        `now` is the step about to update."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        table = torch.stack([torch.stack([f.loss_sum.float(), f.grad_norm.float(), f.reward_spread.float()])
+                             for f in pending]).cpu()  # (steps, 3): the one read
+        local_loss_bad = table[:, 0].isfinite().logical_not().double()
+        summed = distributed.sum_over_ranks(torch.cat([local_loss_bad, table[:, 2].double()]).tolist())
+        loss_bad_ranks, spreads = summed[: len(pending)], summed[len(pending) :]  # a spread is 0 only if 0 on all
+        for flags, (loss_sum, grad_norm, _), bad_ranks, spread in zip(pending, table.tolist(), loss_bad_ranks,
+                                                                      spreads, strict=True):
+            self.check_step(flags.step, loss_sum, grad_norm, bad_ranks > 0, spread, now)
+
+    def check_step(self, step: int, loss_sum: float, grad_norm: float, loss_bad: bool, spread: float,
+                   now: int) -> None:
+        """One step's flags on the host, in the order the step ran them: loss, gradient norm, collapse."""
+        outcome = ("nothing was updated with it" if step == now else
+                   f"the steps up to {now} ran on with it and nothing after step {step} was saved (health is read "
+                   "on steps that log or save)")
+        if loss_bad:  # on this rank or another: every rank stops at the same step
+            value = loss_sum if not math.isfinite(loss_sum) else "not finite on another process"
             # the weights after `step` updates (checkpoint step-N, N = step) gave this loss
-            raise self.diverged(f"loss is {loss.item()} at step {step}; nothing was updated with it",
-                                self.previous_lr, bad_from=step)
-
-    def check_gradients(self, grad_norm: float, step_rewards: list[torch.Tensor], step: int, scaled: bool) -> None:
-        """Before the update: a non-finite gradient norm (fp16's scaler skips such a step itself), or collapse."""
-        if not math.isfinite(grad_norm) and not scaled:
-            raise self.diverged(f"the gradient norm is {grad_norm} at step {step}; nothing was updated with it",
-                                self.previous_lr, bad_from=step)
-        if grad_norm != 0.0 and reward_spread(step_rewards) != 0.0:
+            raise self.diverged(f"loss is {value} at step {step}; {outcome}",
+                                self.lr_of_update(step - 1), bad_from=step)
+        if not math.isfinite(grad_norm) and not self.scaled:  # fp16's scaler skips such a step itself
+            raise self.diverged(f"the gradient norm is {grad_norm} at step {step}; {outcome}",
+                                self.lr_of_update(step - 1), bad_from=step)
+        if grad_norm != 0.0 and spread != 0.0:
             self.collapsed_since = None
             return
         if self.collapsed_since is None:
-            self.collapsed_since, self.collapse_lr = step, self.previous_lr
+            self.collapsed_since = step
         if step - self.collapsed_since + 1 >= COLLAPSE_STEPS:
             raise self.diverged(
                 f"the model collapsed: every reward the same or a zero gradient norm for {COLLAPSE_STEPS} "
-                f"consecutive steps ({self.collapsed_since}-{step}), so training cannot move it", self.collapse_lr,
-                bad_from=self.collapsed_since,
+                f"consecutive steps ({self.collapsed_since}-{step}), so training cannot move it",
+                self.lr_of_update(self.collapsed_since - 1), bad_from=self.collapsed_since,
             )
 
     @contextlib.contextmanager
     def guard_update(self, step: int, lr: float, optimizer: torch.optim.Optimizer) -> Iterator[None]:
-        """Around the optimizer step: an overflow in it, or NaN/inf weights after it, stop the run."""
+        """Around the optimizer step: an overflow in it stops the run; whether it left NaN/inf weights is kept on
+        the device for check_weights."""
         try:
             yield
         except RuntimeError as error:  # AdamW's step size lr / (1 - beta1^t) overflows float32 at a huge lr
@@ -79,10 +122,20 @@ class Health:
                 raise
             # the update of `step` made the weights of checkpoint step-(step + 1): that one is bad, the rest good
             raise self.diverged(f"the update of step {step} overflowed ({error})", lr, bad_from=step + 1) from error
-        if not weights_are_finite(optimizer):
-            raise self.diverged(f"the update of step {step} left NaN or inf in the adapter or head", lr,
-                                bad_from=step + 1)
-        self.previous_lr = lr
+        self.weights_finite.append((step, all_finite([p for g in optimizer.param_groups for p in g["params"]])))
+
+    def check_weights(self) -> None:
+        """Read whether each update since the last read left finite weights (one read); stop at the first that did
+        not."""
+        if not self.weights_finite:
+            return
+        steps, flags = zip(*self.weights_finite, strict=True)
+        self.weights_finite = []
+        bad_ranks = distributed.sum_over_ranks(torch.stack(flags).logical_not().double().cpu().tolist())
+        for step, bad in zip(steps, bad_ranks, strict=True):
+            if bad:
+                raise self.diverged(f"the update of step {step} left NaN or inf in the adapter or head",
+                                    self.lr_of_update(step), bad_from=step + 1)
 
     def diverged(self, what: str, lr: float, bad_from: int) -> TrainingDiverged:
         """The error: what happened, the learning rate that did it, the latest good checkpoint.

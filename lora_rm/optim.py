@@ -58,12 +58,14 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
 
-def clip_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, max_grad_norm: float) -> float:
-    """Unscale and clip the global gradient norm; returns the norm before clipping (the same on every rank)."""
+def clip_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   max_grad_norm: float) -> torch.Tensor:
+    """Unscale and clip the global gradient norm; returns the norm before clipping (the same on every rank), a
+    0-dim tensor left on the device."""
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    return distributed.full_tensor(grad_norm).item()  # a DTensor under FSDP
+    return distributed.full_tensor(grad_norm)  # a DTensor under FSDP
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:

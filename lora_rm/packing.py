@@ -348,7 +348,7 @@ def packed_micro_batch(forward_model: nn.Module, pairs: list[dict[str, Any]], mo
     micro-batch syncs.
     """
     margins = [float(pair["margin"]) for pair in pairs] if "margin" in pairs[0] else None
-    chosen, rejected, total = [], [], 0.0
+    chosen, rejected, total = [], [], torch.zeros((), dtype=torch.float64, device=device)
     runs = chunks_within_budget(pair_groups(pairs), budget, mode == "shared_prompt")
     rewards_by_run = _pair_reward_runs(forward_model, pairs, mode, budget, pad_token_id, device)
     for number, run in enumerate(runs):
@@ -357,10 +357,10 @@ def packed_micro_batch(forward_model: nn.Module, pairs: list[dict[str, Any]], mo
         margin = torch.tensor([margins[i] for i in run], device=rewards.device) if margins else None
         loss = loss_fn(rewards[:, 0], rewards[:, 1], margin, center_rewards_coefficient)
         backward(loss * (len(run) / len(pairs)))
-        total += loss.item() * len(run) / len(pairs)
+        total += loss.detach().double() * len(run) / len(pairs)  # on the device: no read-back per run
         chosen.append(rewards[:, 0].detach())
         rejected.append(rewards[:, 1].detach())
-    return torch.tensor(total), torch.cat(chosen), torch.cat(rejected)
+    return total.float(), torch.cat(chosen), torch.cat(rejected)
 
 
 def fit_pairs_to_budget(pairs: list[dict[str, Any]], mode: str, budget: int | None,

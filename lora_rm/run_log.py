@@ -129,23 +129,24 @@ def truncate_log(path: Path, step: int, total_steps: int) -> None:
 class LogWindow:
     """Losses and rewards since the last log line: each line averages its window, as HF Trainer's logged loss."""
 
-    losses: list[float] = field(default_factory=list)
+    losses: list[torch.Tensor] = field(default_factory=list)  # 0-dim, on the device: read once per line
     chosen: list[torch.Tensor] = field(default_factory=list)
     rejected: list[torch.Tensor] = field(default_factory=list)
     pairs_seen: int = 0  # since this process started, for pairs/s
     start: int = 0  # the step the window opened after: a resumed run's first window is shorter
 
     def add(self, loss: torch.Tensor, rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor) -> None:
-        self.losses.append(loss.item())
+        self.losses.append(loss.detach())
         self.chosen.append(rewards_chosen)
         self.rejected.append(rewards_rejected)
         self.pairs_seen += len(rewards_chosen)
 
-    def record(self, step: int, steps_per_epoch: int, grad_norm: float, lr: float, elapsed: float) -> dict:
+    def record(self, step: int, steps_per_epoch: int, grad_norm: torch.Tensor | float, lr: float,
+               elapsed: float) -> dict:
         """The log line over every rank's window (collectives), then an empty window."""
         chosen, rejected = (distributed.gather_cat(torch.cat(r)) for r in (self.chosen, self.rejected))
         metrics = preference_metrics(chosen, rejected)
-        totals = [sum(self.losses), len(self.losses), self.pairs_seen]
+        totals = [torch.stack(self.losses).double().sum().item(), len(self.losses), self.pairs_seen]
         loss_sum, n_losses, all_pairs = distributed.sum_over_ranks(totals)
         self.losses, self.chosen, self.rejected = [], [], []
         window_steps, self.start = step - self.start, step
@@ -156,7 +157,7 @@ class LogWindow:
             "window_steps": window_steps,  # optimizer steps the loss averages (fewer after a resume)
             "accuracy": metrics["accuracy"],
             "margin": metrics["mean_margin"],
-            "grad_norm": grad_norm,
+            "grad_norm": float(grad_norm),
             "lr": lr,
             "pairs_per_s": all_pairs / elapsed,
         }

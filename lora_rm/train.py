@@ -153,8 +153,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         run = set_up(config, rank, world_size, device)
         log = RunLog(run.log_path, config.report_to, tuple(run.eval_sets))
         window, started = LogWindow(start=run.start_step), time.perf_counter()
-        train_steps(run, log, window, started)
-        return finish(run, log, window, started)
+        train_seconds = train_steps(run, log, window, started)
+        return finish(run, log, window, started, train_seconds)
 
 
 def set_up(config: TrainConfig, rank: int, world_size: int, device: torch.device) -> Run:
@@ -195,46 +195,60 @@ def set_up(config: TrainConfig, rank: int, world_size: int, device: torch.device
     return run
 
 
-def train_steps(run: Run, log: RunLog, window: LogWindow, started: float) -> None:
-    """The loop, from the start (or resumed) step to the last: one optimizer step per iteration."""
+def train_steps(run: Run, log: RunLog, window: LogWindow, started: float) -> float:
+    """The loop, from the start (or resumed) step to the last: one optimizer step per iteration; returns its seconds
+    (the final checkpoint, save and eval not included).
+
+    Nothing in a step reads a value back from the device (a GPU would wait for it, health.py); the health flags,
+    the loss and the gradient norm are read when a step logs or saves, before its update.
+    """
     config, optimizer = run.config, run.optimizer
-    health = Health(config.lr, run.checkpoints, previous_lr=learning_rate(
-        max(0, run.start_step - 1), run.total_steps, run.warmup_steps, config.lr, config.lr_schedule))
+    health = Health(config.lr, run.checkpoints, lambda s: learning_rate(
+        max(0, s), run.total_steps, run.warmup_steps, config.lr, config.lr_schedule), run.scaler.is_enabled())
     progress = tqdm(total=run.total_steps, initial=run.start_step, disable=not config.progress or not
                     distributed.is_main(), desc="train")
     for step in range(run.start_step, run.total_steps):
         for group in optimizer.param_groups:  # adapter and head, each from its own peak
             group["lr"] = learning_rate(step, run.total_steps, run.warmup_steps, group["peak_lr"], config.lr_schedule)
         lr = optimizer.param_groups[0]["lr"]
+        done = step + 1
+        logs = done % config.log_every == 0 or done == run.total_steps
+        saves = (config.save_every and done % config.save_every == 0) or done == run.total_steps
 
         # grad_accum micro-batches; their mean gradient makes one step
-        step_rewards = []
+        losses, step_rewards = [], []
         for micro in range(step * config.grad_accum, (step + 1) * config.grad_accum):
             last = (micro + 1) % config.grad_accum == 0  # DDP all-reduces the gradients once a step, on the last
             loss, rewards_better, rewards_worse = micro_batch(run, run.batch_rows(micro), sync=last)
-            health.check_loss(loss, step)
             window.add(loss, rewards_better, rewards_worse)
+            losses.append(loss)
             step_rewards += [rewards_better, rewards_worse]
 
         # clip, check, step: a run gone wrong stops before it is logged or saved
         grad_norm = clip_gradients(optimizer, run.scaler, config.max_grad_norm)
-        health.check_gradients(grad_norm, step_rewards, step, scaled=run.scaler.is_enabled())
+        health.record(step, losses, grad_norm, step_rewards)
+        if logs or saves:
+            health.check(step)  # every step since the last check: loss, gradient norm, collapse
         with health.guard_update(step, lr, optimizer):
             optimizer_step(optimizer, run.scaler)
+        if logs or saves:
+            health.check_weights()  # after every update since the last check
         progress.update(1)
+        if done == run.total_steps:
+            train_seconds = distributed.synchronized_seconds(started)
 
         # log, evaluate, checkpoint on their intervals
-        done = step + 1
-        if done % config.log_every == 0 or done == run.total_steps:
+        if logs:
             record = window.record(done, run.steps_per_epoch, grad_norm, lr, time.perf_counter() - started)
             log(record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
         if config.eval_every and done % config.eval_every == 0 and done < run.total_steps:  # the final one follows
             for prefix, metrics in run.evaluate(done, log).items():
                 progress.write(f"step {done}: {prefix} accuracy {metrics['accuracy']:.4f}")
-        if (config.save_every and done % config.save_every == 0) or done == run.total_steps:
+        if saves:
             save_checkpoint(run.checkpoints, done, run.model, optimizer, run.trainer_state, config.keep_checkpoints)
     progress.close()
+    return train_seconds if run.start_step < run.total_steps else 0.0
 
 
 def micro_batch(run: Run, rows: list[dict[str, Any]], sync: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -273,7 +287,7 @@ def micro_batch_loss(forward_model: nn.Module, batch: dict[str, torch.Tensor], c
     Pairs take the Bradley-Terry loss; K-way rows --ranking-loss, reporting every pair of responses whose scores
     differ.
     """
-    batch = {key: tensor.to(device) for key, tensor in batch.items()}
+    batch = data.to_device(batch, device)
     with distributed.no_sync(forward_model, sync), autocast_context(config.precision, device):
         rewards = sequence_rewards(forward_model, batch)  # (N,) fp32, one per sequence
     if "group" in batch:  # K-way rows, position-major (ranking.collate_groups)
@@ -286,8 +300,12 @@ def micro_batch_loss(forward_model: nn.Module, batch: dict[str, torch.Tensor], c
     return loss, rewards_better.detach(), rewards_worse.detach()
 
 
-def finish(run: Run, log: RunLog, window: LogWindow, started: float) -> dict[str, Any]:
-    """The end: adapter and tokenizer saved, then every eval set's final metrics, written beside them."""
+def finish(run: Run, log: RunLog, window: LogWindow, started: float, train_seconds: float) -> dict[str, Any]:
+    """The end: adapter and tokenizer saved, then every eval set's final metrics, written beside them.
+
+    train_pairs_per_s counts the training steps alone; total_pairs_per_s the whole call after set-up (the final
+    checkpoint, save and evaluation too).
+    """
     adapter = distributed.full_tensors(adapter_state_dict(run.model))  # under FSDP every rank gathers, rank 0 writes
     if distributed.is_main():
         save_adapter(run.model, run.output, state=adapter)
@@ -301,7 +319,8 @@ def finish(run: Run, log: RunLog, window: LogWindow, started: float) -> dict[str
         (run.output / "reward_stats.json").write_text(json.dumps(final["reward_stats"], indent=2))
         (run.output / "eval_metrics.json").write_text(json.dumps(final, indent=2))
     distributed.barrier()
-    final["train_seconds"] = time.perf_counter() - started
+    final["train_seconds"], final["total_seconds"] = train_seconds, time.perf_counter() - started
     all_pairs = distributed.sum_over_ranks([window.pairs_seen])[0]
-    final["train_pairs_per_s"] = all_pairs / final["train_seconds"] if all_pairs else 0.0
+    final["train_pairs_per_s"] = all_pairs / train_seconds if all_pairs and train_seconds else 0.0
+    final["total_pairs_per_s"] = all_pairs / final["total_seconds"] if all_pairs else 0.0
     return final

@@ -1,10 +1,14 @@
 """The training loop: learning-rate schedule, exact resume, NaN stop, output safety, only adapter+head move."""
 
 import json
+import os
+import traceback
+from pathlib import Path
 
 import pytest
 import torch
 from runs import assert_replays, crash_at_micro_batch, read_log, tiny_run, train_losses
+from torch.overrides import TorchFunctionMode
 
 import lora_rm.train as train_module
 from lora_rm import load_adapter
@@ -83,3 +87,47 @@ def test_run_writes_peft_adapter_stats_and_keeps_last_checkpoints(tmp_path):
     evals = [r for r in read_log(tmp_path) if "eval_accuracy" in r]
     assert [r["step"] for r in evals] == [2, 4, 6]
     assert metrics["n_pairs"] == 24 and 0 <= metrics["accuracy"] <= 1
+
+
+class HostReads(TorchFunctionMode):
+    """Counts reads of a tensor back to the host made by lora-rm's own code; on a GPU each one waits until the
+    device has run everything queued before it. Reads inside torch.optim (AdamW's step counters, CPU tensors even on a
+    GPU) and inside transformers are not lora-rm's; the test's docstring names the one transformers makes."""
+
+    READS = (torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy,
+             torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.places: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        stack = traceback.extract_stack()[:-1]
+        if func in self.READS and f"{os.sep}torch{os.sep}optim{os.sep}" not in stack[-1].filename:
+            caller = next(frame for frame in reversed(stack) if f"{os.sep}torch{os.sep}" not in frame.filename)
+            if f"{os.sep}lora_rm{os.sep}" in caller.filename:
+                self.places.append(f"{func.__name__} at {Path(caller.filename).name}:{caller.lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("packing", ["none", "auto"])
+def test_a_steady_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch, packing):
+    """Between two optimizer steps that neither log nor save, lora-rm's loop reads no tensor back to the host:
+    health flags, the loss and the gradient norm stay on the device until a step logs or saves (issue 22 allows
+    one). transformers itself reads whether a padded batch has padding once per forward (masking_utils' fast_all);
+    packed rows, with their own 4D mask, skip that too."""
+    reads, per_step = HostReads(), []
+    real_step = train_module.optimizer_step
+
+    def counting_step(*args, **kwargs):
+        real_step(*args, **kwargs)
+        per_step.append(list(reads.places))
+        reads.places.clear()
+
+    monkeypatch.setattr(train_module, "optimizer_step", counting_step)
+    with reads:
+        train(tiny_run(tmp_path, max_steps=6, log_every=100, save_every=None, packing=packing))
+    steady = per_step[1:-1]  # the first step starts the epoch (its shuffle); the last logs and saves
+    assert len(steady) == 4
+    assert all(len(places) <= 1 for places in steady), steady
+    assert per_step[-1], "the last step logs: its health flags are read then"

@@ -76,7 +76,7 @@ def run_ours(model, pairs) -> dict:
             loss, _, _ = micro_batch_loss(model, batch, CONFIG, torch.device("cpu"), sync=True)
             (loss / GRAD_ACCUM).backward()
             losses.append(loss.item())
-        norms.append(clip_gradients(optimizer, scaler, CONFIG.max_grad_norm))
+        norms.append(float(clip_gradients(optimizer, scaler, CONFIG.max_grad_norm)))
         optimizer_step(optimizer, scaler)
     return {"losses": losses, "lrs": lrs, "grad_norms": norms}
 
