@@ -150,10 +150,10 @@ class InPlaceLoRA(torch.autograd.Function):
     def forward(ctx, x, lora_A, lora_B, layer, dtype):  # noqa: ANN001, ANN205 (autograd's)
         weight = dense_weight(layer, dtype)  # (d_out, d_in)
         bias = layer.base_layer.bias
-        x_2d = x.reshape(-1, x.shape[-1])  # (tokens, d_in)
         # Casts that are no-ops on a half base: autocast's of an fp32 x, bitsandbytes' to and from its compute dtype.
+        x_2d = x.reshape(-1, x.shape[-1]).to(dtype)  # (tokens, d_in)
         out = F.linear(x_2d.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)).to(dtype)
-        h = x_2d.to(dtype) @ lora_A.to(dtype).T  # (tokens, r)
+        h = x_2d @ lora_A.to(dtype).T  # (tokens, r)
         out.addmm_(h, lora_B.to(dtype).T, alpha=layer.scaling)  # (tokens, d_out): W x + b + s h B^T, in place
         ctx.save_for_backward(x, h, lora_A, lora_B)  # x itself, not a copy
         ctx.layer, ctx.dtype = layer, dtype
