@@ -100,7 +100,7 @@ def folding_pays(layer: nn.Module, x: torch.Tensor) -> bool:
     return (
         # Independent of grad mode, so reentrant checkpointing's no-grad pass and its recompute agree bit for bit.
         tokens * (d_in + d_out) > 2 * d_in * d_out
-        and x.dtype == base.weight.dtype == layer.lora_A.weight.dtype  # a half base keeps PEFT's fp32 adapter path
+        and x.dtype == base.weight.dtype == layer.lora_A.weight.dtype  # in half precision W + s B A rounds s B A away
         and not torch.is_autocast_enabled(x.device.type)
         and (isinstance(layer.lora_dropout, nn.Identity) or not layer.training)  # dropout feeds A only, not W
         and not any(p.requires_grad for p in base.parameters(recurse=False))

@@ -8,8 +8,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lora_rm import LoRALinear
-from lora_rm.lora_fast import folding_pays
 from lora_rm.lora import delta_weight, draw_lora_weights, new_lora_pair
+from lora_rm.lora_fast import folding_pays
 
 
 def random_lora(base: nn.Module, r: int = 4, alpha: float = 8, **kwargs) -> LoRALinear:
