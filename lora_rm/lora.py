@@ -9,9 +9,10 @@ so a fresh adapter leaves the model unchanged. scaling = alpha / r, or alpha / s
 (PiSSA/OLoRA start A, B from W's SVD/QR and subtract them from W instead: inits.py.)
 GPT-2's Conv1D stores W as (d_in, d_out); the delta is transposed once for it (PEFT's fan_in_fan_out).
 
-forward() reads as the equation; by default it hands the same sum to lora_fast.py, which computes it in fewer
-passes over memory (and, for long batches, as (W + s B A) x). Setting the attribute `layer.fast_path = False`
-keeps PEFT's exact order of operations, for comparisons bit for bit.
+forward() is the equation, with PEFT's casts. Its one exception is lora_fast.py, which computes the same sum in
+fewer passes over memory: in fp32 as one addmm (or, for long batches, as (W + s B A) x); on a half or 4-bit base,
+or under autocast, in the base's own dtype with the update added in place. Setting the attribute
+`layer.fast_path = False` keeps PEFT's exact order of operations, for comparisons bit for bit.
 
 use_dora=True makes it DoRA: the same sum, each output row rescaled to a trained length m (dora.py has the math).
 """
@@ -88,8 +89,9 @@ class LoRALinear(nn.Module):
             return self.base_layer(x)
         if self.use_dora:
             return dora.dora_forward(self, x)
-        if self.fast_path:
-            return lora_fast.lora_forward(self, x)
+        path = lora_fast.choose_path(self, x) if self.fast_path else None
+        if path is not None:  # the one exception: the same sum in fewer passes over memory (lora_fast.py)
+            return lora_fast.lora_forward(self, x, path)
         result = self.base_layer(x)
         # PEFT casts x to the adapter's dtype and the sum back to the base output's dtype.
         x = self.lora_dropout(x.to(self.lora_A.weight.dtype))

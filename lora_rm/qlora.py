@@ -5,7 +5,8 @@ dequantizing first.
     embeddings, norms, biases   base_dtype (fp32 by default; bf16 halves them)
     LoRA A and B, the head      fp32 master weights: AdamW's small updates survive, the loss is fp32
 
-The update is added in the adapter's fp32 and cast back to the layer's output dtype (lora.py), as PEFT's
+The update is computed in the layer's output dtype (x's) and added into the output of the matmul with the
+dequantized W (lora_fast.py's in-place path); lora.py's plain equation adds it in the adapter's fp32, as PEFT's
 bnb.Linear4bit does. bitsandbytes is an optional dependency: `pip install 'lora-rm[qlora]'`.
 """
 
