@@ -89,14 +89,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(*args: str) -> str:
-    """Run `python -m torch.distributed.run --nproc_per_node 2 ARGS` on CPU; its output, or fail showing it."""
+def torchrun_process(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m torch.distributed.run --nproc_per_node 2 ARGS` on CPU and return the finished process."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
         "--master_port", str(free_port()), *args,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=TESTS.parent)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=TESTS.parent)
+
+
+def torchrun(*args: str) -> str:
+    """Run `python -m torch.distributed.run --nproc_per_node 2 ARGS` on CPU; its output, or fail showing it."""
+    done = torchrun_process(*args)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return done.stdout
 

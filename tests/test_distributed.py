@@ -14,7 +14,18 @@ import pytest
 import torch
 import torch.distributed as dist
 from ddp_worker import preempt_copy
-from runs import FLAGS, TESTS, TWO, assert_same_run, assert_same_tensors, free_port, losses, one_process, torchrun
+from runs import (
+    FLAGS,
+    TESTS,
+    TWO,
+    assert_same_run,
+    assert_same_tensors,
+    free_port,
+    losses,
+    one_process,
+    torchrun,
+    torchrun_process,
+)
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -254,3 +265,17 @@ def test_sharded_load_reads_what_from_pretrained_reads_and_refuses_gaps(tmp_path
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"only pytorch_model\.bin: lora-rm never unpickles"):
         sharded(str(folder))
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """The loss turns NaN on rank 1 only, from its 5th micro-batch (step 2 of 2 micro-batches): both ranks read the
+    same flags, summed over ranks, and stop at that step with TrainingDiverged; no rank waits for the other in a
+    collective (the run would hang until the timeout)."""
+    done = torchrun_process(str(TESTS / "nan_rank_worker.py"), "1", "5", "--output", str(tmp_path), *FLAGS, *TWO,
+                            timeout=240)
+    assert done.returncode != 0, done.stdout
+    stopped = sorted(line for line in done.stdout.splitlines() if " stopped: " in line)
+    assert [line.split(" stopped")[0] for line in stopped] == ["rank 0", "rank 1"], done.stdout + done.stderr
+    assert "loss is nan at step 2" in stopped[1] and "loss is not finite on another process at step 2" in stopped[0]
+    assert not (tmp_path / "adapter_model.safetensors").exists()
