@@ -148,6 +148,28 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+# ---- one AdamW step ---------------------------------------------------------------------------------------------
+# AdamW's first step moves a weight by lr * g / (|g| + eps) (m and v are bias-corrected to g and g^2): its slope in g
+# is lr * eps / (|g| + eps)^2, lr / eps at g = 0. With torch's eps = 1e-8 that is 1e6, so the step of a gradient at
+# fp32's rounding floor is decided by rounding, in any implementation. Measured on BERT (torch 2.13, PEFT 0.21.2,
+# transformers 5.25), with PEFT's fp32 step compared to the fp64 step of the same weights:
+# - the head bias: a Bradley-Terry loss sees rewards only as chosen - rejected, so its exact gradient is 0 (fp64:
+#   3e-17); fp32 leaves -1.5e-8 for us and -3.0e-8 for PEFT (DoRA row), steps of 0.60 and 0.75 lr: 1.5e-3 apart, and
+#   PEFT's own fp32 step is 7.5e-3 off its fp64 one (6.0e-3 in the pissa_niter_4 and layers_to_transform rows);
+# - LoRA elements with |g| ~ 1e-9..5e-8: 1.25e-5 apart (pissa_niter_4), 1.13e-5 (layers_to_transform), where PEFT's
+#   own fp32 step is 1.13e-5 and 9.9e-6 off its fp64 one.
+# The same on 1 or 2 threads and whatever the global RNG state (three seeds): deterministic, not load or test order.
+# Those rows compared rounding, not the libraries. The parity steps use eps = 1e-3: the slope is at most
+# lr / eps = 10, and gradients above 1e-3 still take Adam's near-lr steps. Every fp32 step row then stays within the
+# contract's 1e-5 (max 4.8e-6; BERT's rows 1.5e-8 to 8.3e-7) but DoRA's on GPT-2 (1.75e-5, see tests/test_dora.py).
+PARITY_ADAMW = dict(lr=1e-2, eps=1e-3)
+
+
+def parity_adamw(model: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW(lr 1e-2, eps 1e-3) over the model's trainable parameters: see PARITY_ADAMW."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **PARITY_ADAMW)
+
+
 # ---- half and 4-bit bases --------------------------------------------------------------------------------------
 # bf16 keeps 8 significant bits: one rounding moves a value by up to 2^-8 of itself. A reward passes through a few
 # dozen roundings whose errors partly cancel; we allow 8 units of 2^-8 at the scale of the rewards compared (and of
@@ -355,7 +377,7 @@ def check_nf4(arch: str, config: LoraConfig, what: str) -> float:
         if what == "gradients":
             return max(max_diff(ours_grads[k], theirs_grads[k]) for k in ours_grads)
         for model in (ours, theirs):  # one AdamW step from the gradients just taken
-            torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2).step()
+            parity_adamw(model).step()
         ours_after = {k.replace("base_layer.", ""): p for k, p in ours.named_parameters() if p.requires_grad}
         theirs_after = {
             k.removeprefix("base_model.model.").replace(".default", "").replace(".modules_to_save", ""): p
@@ -471,7 +493,7 @@ def check_pattern_adamw_step(arch: str, config: LoraConfig, dtype: torch.dtype) 
     if set(ours_grads) != set(theirs_grads) or any(g is None for g in ours_grads.values()):
         raise AssertionError("trainable sets differ or a gradient is None")
     for model in (ours, theirs):
-        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2).step()
+        parity_adamw(model).step()
     ours_after = {k.replace("base_layer.", ""): p for k, p in ours.named_parameters() if p.requires_grad}
     theirs_after = {
         k.removeprefix("base_model.model.").replace(".default", "").replace(".modules_to_save", ""): p
@@ -530,12 +552,12 @@ def perturb_magnitudes(model: torch.nn.Module, seed: int = 4) -> None:
 
 
 def check_after_adamw_step(arch: str, config: LoraConfig, dtype: torch.dtype = torch.float32) -> float:
-    """One AdamW step (lr 1e-2) on each model's own gradients; every trainable tensor afterwards."""
+    """One AdamW step (parity_adamw) on each model's own gradients; every trainable tensor afterwards."""
     ours, theirs = paired_models(arch, config, dtype=dtype)
     batch = tiny_batch()
     for model, peft_names in ((ours, False), (theirs, True)):
         _lora_and_head_grads(model, batch, peft_names)
-        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2).step()
+        parity_adamw(model).step()
     ours_after = {k.replace("base_layer.", ""): p for k, p in ours.named_parameters() if p.requires_grad}
     theirs_after = {
         k.removeprefix("base_model.model.").replace(".default", "").replace(".modules_to_save", "")
@@ -678,8 +700,8 @@ def check_init_identity_fp64(arch: str, config: LoraConfig) -> float:
 
 
 def _adamw_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer=None) -> None:
-    """One Bradley-Terry step (chosen rows first) with the given optimizer, or AdamW(lr 1e-2) over the trainables."""
-    optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    """One Bradley-Terry step (chosen rows first) with the given optimizer, or parity_adamw's over the trainables."""
+    optimizer = optimizer or parity_adamw(model)
     _lora_and_head_grads(model, batch, peft_names=False)
     optimizer.step()
 

@@ -21,10 +21,11 @@ from lora_rm.lora import LoRALinear
 
 # m's gradient sums over every token of the batch: on GPT-2 it reaches ~15, where PEFT's own fp32 gradients are
 # 1.4e-5 off the fp64 ones (ours 1.0e-5). Rewards and merges keep the plain 1e-5.
+# The fp32 AdamW row (eps 1e-3, tests/parity.py's PARITY_ADAMW) inherits that rounding: on GPT-2 lora_A gradients of
+# ~2e-4 carry ~1.5e-6 of it (their tensor's largest is 15), the step's slope there is ~7, and PEFT's own fp32 step is
+# 1.0e-5 off its fp64 step (ours 8.2e-6; llama, bert, opt: PEFT 5.5e-7, 2.1e-6, 1.7e-6). Two steps each that far from
+# the exact one can be 2.0e-5 apart (measured 1.75e-5): the row is held to the gradients' 5e-5.
 FP32_GRAD_TOL = 5e-5
-# A first AdamW step moves each weight by ~lr * g / (|g| + eps): for a gradient near 0 fp32 rounding of g decides
-# the step, so the fp32 row is bounded in units of the lr (1e-2); the fp64 row shows both are the same step.
-FP32_ADAMW_TOL = 2e-2 * 1e-2
 
 
 def tolerance(check_name: str) -> float:
@@ -32,9 +33,7 @@ def tolerance(check_name: str) -> float:
         return BF16_UNITS
     if "fp64" in check_name:
         return FP64_TOL
-    if "AdamW" in check_name:
-        return FP32_ADAMW_TOL
-    return FP32_GRAD_TOL if "gradients" in check_name else FP32_TOL
+    return FP32_GRAD_TOL if "gradients" in check_name or "AdamW" in check_name else FP32_TOL
 
 
 @pytest.mark.parametrize("check_name", [name for name in DORA_CHECKS if "must be large" not in name])
