@@ -15,6 +15,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_overhead_suite_end_to_end(tmp_path):
     """One repeat on the tiny model: every row present, every number finite, memory from the child processes."""
     out = tmp_path / "overhead"
@@ -144,6 +145,7 @@ def test_paired_rounds_rotate_the_order_and_pair_ratios_within_a_round():
     assert paired.timed_rounds(["a"], lambda name: 1.0, rounds=5, warmup=0, deadline=0)["a"] == [1.0]
 
 
+@pytest.mark.slow
 def test_seeds_benchmark_smoke(tmp_path):
     """Both trainers on two seeds, tiny: each scored on the same kept pairs, finite accuracies, positive pairs/s."""
     pytest.importorskip("trl")
@@ -176,6 +178,7 @@ def test_seeds_benchmark_smoke(tmp_path):
     assert "| 0 |" in table and "| 1 |" in table and "paired difference" in table
 
 
+@pytest.mark.slow
 def test_overhead_variant_dora_builds_dora_rows_for_both_libraries(tmp_path):
     """--variant dora: the lora-rm and peft rows are DoRA adapters (one magnitude per adapted output row more)."""
     out = tmp_path / "overhead"
@@ -222,6 +225,7 @@ def test_throughput_table_smoke(tmp_path):
     assert "| decoder | lora-rm --group-by-length --packing shared_prompt |" in out.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["rank_pattern", "layers_to_transform", "pissa", "loraplus"])
 def test_overhead_variant_rows_train_the_same_parameters_as_peft(variant):
     """Each --variant builds a lora-rm and a PEFT model with the same trainable tensors, and one step runs on both."""

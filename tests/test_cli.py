@@ -79,6 +79,7 @@ def test_merge_writes_a_plain_model_with_the_same_rewards(trained, tmp_path):
         torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_with_usage_and_failure_exit_codes(tmp_path):
     bad_flag = lora_rm_command("train", "--lr", "abc")
     assert bad_flag.returncode == 2

@@ -195,6 +195,7 @@ def test_head_bias_is_the_one_documented_difference_from_peft():
     assert lr_and_decay_by_name(theirs, theirs_opt)["classifier.bias"] == (lr * ratio, 0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings", [
     {"loraplus_lr_ratio": 16.0},
     {"lora": LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear",

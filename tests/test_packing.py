@@ -185,6 +185,7 @@ def exact_run(output, **overrides):
     return tiny_run(output, lora=lora, save_every=None, **overrides)
 
 
+@pytest.mark.slow
 def test_training_in_each_packing_mode_gives_the_padded_adapter(tmp_path):
     runs = {"none": {}, "padding_free": {"gradient_checkpointing": True},
             "shared_prompt": {"max_tokens_per_batch": 40}}  # 40 tokens: runs of 3 pairs and 1 (11 tokens a pair)
@@ -199,6 +200,7 @@ def test_training_in_each_packing_mode_gives_the_padded_adapter(tmp_path):
             torch.testing.assert_close(packed[key], padded[key], atol=1e-5, rtol=0, msg=key)
 
 
+@pytest.mark.slow
 def test_resume_in_a_packed_mode_replays_the_uninterrupted_run(tmp_path, monkeypatch):
     full = tmp_path / "full"
     train(tiny_run(full, packing="shared_prompt"))

@@ -217,6 +217,7 @@ def test_collate_groups_of_k2_rows_is_collate_pairs_of_the_pairs():
 # -- training
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_name, options", [
     ("all_pairs", {}),
     ("all_pairs", {"margin": True, "center_rewards_coefficient": 0.01}),
@@ -239,6 +240,7 @@ def mixed_k_rows(n, seed=0):
     return [row for pair in zip(four, three, strict=True) for row in pair][:n]
 
 
+@pytest.mark.slow
 def test_k_way_resume_replays_the_uninterrupted_run(tmp_path, monkeypatch):
     dataset = write_jsonl(tmp_path / "rows.jsonl", mixed_k_rows(120))
     train(tiny_run(tmp_path / "full", dataset, ranking_loss="plackett_luce"))
@@ -270,6 +272,7 @@ def test_the_k4_arithmetic_task_learns_far_above_chance(tmp_path, loss_name):
     assert metrics["pairwise_accuracy"] > 0.8 and metrics["kendall_tau"] > 0.6, metrics
 
 
+@pytest.mark.slow
 def test_both_shapes_train_and_evaluate_from_the_cli(tmp_path, capsys):
     lists = [{"prompt": row["prompt"], "chosen": [row["responses"][row["scores"].index(0)]],
               "rejected": [r for r, s in zip(row["responses"], row["scores"], strict=True) if s != 0]}

@@ -107,6 +107,7 @@ def test_resume_refuses_changed_settings_and_records_what_ran(tmp_path):
 # -- item 4: divergence and collapse
 
 
+@pytest.mark.slow
 def test_collapsed_model_stops_instead_of_exiting_zero(tmp_path):
     """lr 1e6: after one huge update every reward is 0 and the gradient norm 0; this used to finish 'successfully'."""
     with pytest.raises(TrainingDiverged, match=rf"collapsed: .* for {COLLAPSE_STEPS} consecutive steps \(3-7\).*"
@@ -202,6 +203,7 @@ def test_torn_last_log_line_does_not_block_resume(tmp_path, monkeypatch, capsys,
     assert_replays(tmp_path, full_run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["optimizer.safetensors", "trainer_state.json", "adapter_model.safetensors"])
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, full_run, name):
     train(tiny_run(tmp_path))
@@ -215,6 +217,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
     assert len(train_losses(tmp_path)) == 6
 
 
+@pytest.mark.slow
 def test_no_loadable_checkpoint_is_a_clear_error(tmp_path):
     train(tiny_run(tmp_path))
     for path in list_checkpoints(tmp_path / "checkpoints"):
@@ -232,6 +235,7 @@ def test_resuming_a_finished_run_adds_no_duplicate_records(tmp_path):
     assert sum("eval_accuracy" in r for r in after) == 3  # steps 2 and 4, and one final eval at 6
 
 
+@pytest.mark.slow
 def test_first_log_window_after_resume_says_how_many_steps_it_covers(tmp_path, monkeypatch):
     restore = crash_at_micro_batch(monkeypatch, 9)
     with pytest.raises(KeyboardInterrupt):
@@ -242,6 +246,7 @@ def test_first_log_window_after_resume_says_how_many_steps_it_covers(tmp_path, m
     assert windows == [(2, 2), (4, 1), (6, 2)]  # step 4's loss averages step 4 alone: the run resumed at 3
 
 
+@pytest.mark.slow
 def test_crash_mid_checkpoint_still_replays_the_uninterrupted_run(tmp_path, monkeypatch, full_run):
     real_save_file, calls = checkpoint_module.save_file, {"n": 0}
 

@@ -33,6 +33,7 @@ def test_learning_rate_schedule_matches_transformers():
             reference.step()
 
 
+@pytest.mark.slow
 def test_resume_replays_the_uninterrupted_run(tmp_path, monkeypatch):
     full = tmp_path / "full"
     train(tiny_run(full))
