@@ -244,6 +244,7 @@ def minilm_first_steps(tmp_path_factory):
     return rows, record, lora_rm_replay(MINILM, record)
 
 
+@pytest.mark.slow
 def test_minilm_readme_protocol_first_steps_agree(minilm_first_steps):
     _, record, ours = minilm_first_steps
     versions = oracle_versions()
@@ -266,6 +267,7 @@ def test_minilm_readme_protocol_first_steps_agree(minilm_first_steps):
     assert max(diffs) <= TOL, (max(diffs), versions)
 
 
+@pytest.mark.slow
 def test_minilm_trl_appends_a_second_sep(minilm_first_steps):
     """TRL's add_eos appends eos_token="[SEP]" as text, after which BERT's tokenizer closes with its own [SEP]; lora-rm
     adds no EOS to a tokenizer without one. The reward is read at [CLS] (BERT's pooler), so only the attention
