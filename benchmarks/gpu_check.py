@@ -276,6 +276,8 @@ SECTIONS: dict[str, Callable[[Plan, str, float], Iterator[dict]]] = {
 def section_child(name: str, plan: Plan, device: str, deadline: float, conn) -> None:
     """In the section's own process (and process group): send each row, then 'done' or the error."""
     os.setpgrp()  # one group: a timeout kills the section's own children (memory rows, pytest) with it
+    if device != "cuda":  # forked: see memory.no_weight_loading_threads
+        memory.no_weight_loading_threads()
     if plan.threads:
         torch.set_num_threads(plan.threads)
     try:

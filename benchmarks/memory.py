@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import tempfile
 import threading
 import time
@@ -96,8 +97,17 @@ class AnonPeak:
         return max(self.peak, _proc_status_bytes("RssAnon"))
 
 
+def no_weight_loading_threads() -> None:
+    """Load weights on this thread only. In a forked process ATen work cannot start on a new thread once the parent
+    has built its thread pool (PyTorch: "pool INTERNAL ASSERT FAILED ... Invalid thread pool!"), and transformers
+    loads weights on a thread pool unless HF_DEACTIVATE_ASYNC_LOAD is set."""
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+
+
 def measure(folder: str, base: str, impl: str, checkpointing: bool, args: argparse.Namespace) -> dict:
     """One row, in the calling (fresh) process."""
+    if torch.device(args.device).type != "cuda":
+        no_weight_loading_threads()
     import peft  # noqa: F401  libraries are imported before the baseline: their code is not the model's
 
     if base == "nf4":

@@ -109,14 +109,8 @@ def lora_rm_replay(model_path: str, record: dict, precision: str = "fp32") -> di
     """lora-rm's training step (train.py's functions, README settings) on TRL's batches from TRL's start weights."""
     from lora_rm.config import LoraConfig, TrainConfig
     from lora_rm.inject import add_lora, lora_layers
-    from lora_rm.train import (
-        build_optimizer,
-        clip_gradients,
-        disable_dropout,
-        learning_rate,
-        micro_batch_loss,
-        optimizer_step,
-    )
+    from lora_rm.optim import build_optimizer, clip_gradients, learning_rate, optimizer_step
+    from lora_rm.train import disable_dropout, micro_batch_loss
 
     config = TrainConfig(lora=LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS), lr=LR, precision=precision)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
@@ -137,7 +131,7 @@ def lora_rm_replay(model_path: str, record: dict, precision: str = "fp32") -> di
         loss, _, _ = micro_batch_loss(model, batch, config, torch.device("cpu"), sync=True)
         loss.backward()
         out["losses"].append(loss.item())
-        out["grad_norms"].append(clip_gradients(optimizer, scaler, config.max_grad_norm))
+        out["grad_norms"].append(float(clip_gradients(optimizer, scaler, config.max_grad_norm)))
         optimizer_step(optimizer, scaler)
     return out
 
