@@ -1,5 +1,5 @@
 """`python -m lora_rm` (and `torchrun -m lora_rm`) runs the CLI."""
 
-from .cli import main
+from .cli import entry_point
 
-main()
+entry_point()

@@ -295,7 +295,12 @@ def read_score_inputs(path: str | None) -> list:
             items.append(line)
             continue
         if isinstance(record, dict) and ("text" in record or "messages" in record):
-            items.append(record.get("text", record.get("messages")))
+            value = record["text"] if "text" in record else record["messages"]
+            if not (isinstance(value, str) if "text" in record else
+                    isinstance(value, list) and all(isinstance(m, dict) for m in value)):
+                raise ValueError(f"score input line {number}: 'text' must be a string and 'messages' a list of "
+                                 f"{{role, content}} messages, not {type(value).__name__} ({value!r:.40})")
+            items.append(value)
         elif isinstance(record, dict):
             raise ValueError(f"score input line {number}: a JSON object needs a 'text' or 'messages' field")
         else:
@@ -391,5 +396,16 @@ def failure_message(error: Exception) -> str:
     return f"{type(error).__name__}: {error} (run with --debug or LORA_RM_DEBUG=1 for the traceback)"
 
 
+def entry_point(argv: list[str] | None = None) -> None:
+    """The `lora-rm` command: main(), with Ctrl-C said in one line and exit code 130 (main itself lets it through,
+    so that code calling main can catch it)."""
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        print("lora-rm: interrupted (Ctrl-C); a training run continues from its last checkpoint with --resume",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 if __name__ == "__main__":
-    main()
+    entry_point()

@@ -147,6 +147,8 @@ def prepare_output(config: TrainConfig) -> Path:
     if distributed.is_main():
         output.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
+    if config.resume and not has_run:  # e.g. a preemptible job's first start: not an error, but never silent
+        distributed.print_main(f"--resume: {output} holds no run yet; starting a new one there")
     if config.resume:
         check_resumed_config(config, output / TRAIN_CONFIG_NAME)
     return output

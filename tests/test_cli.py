@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lora_rm import LoraConfig, add_lora, load_adapter, save_adapter
 from lora_rm.builtin import builtin_model, builtin_tokenizer
-from lora_rm.cli import main, read_score_inputs
+from lora_rm.cli import entry_point, main, read_score_inputs
 from lora_rm.encode import encode_text
 from lora_rm.evaluate import score_texts
 from lora_rm.model_io import load_model_and_tokenizer
@@ -243,3 +243,24 @@ def test_merged_bert_scores_as_trained_with_plain_transformers(tmp_path, capsys)
     main(["merge", "--model", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(merged)])
     args = ["--model", str(base), "--adapter", str(tmp_path / "adapter")]
     assert_plain_transformers_scores_as_trained(merged, tokenizer, args, capsys, tmp_path)
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch, capsys):
+    """The `lora-rm` command (entry_point) says an interrupt in one line instead of a 34-line traceback."""
+    monkeypatch.setattr("lora_rm.cli.run_score", lambda args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(SystemExit) as exit_info:
+        entry_point(["score", "--adapter", "x"])
+    assert exit_info.value.code == 130
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("lora-rm: interrupted (Ctrl-C)") and "--resume" in said[0]
+
+
+def test_score_input_of_the_wrong_type_is_named_by_its_line(tmp_path):
+    """{"text": 5} used to escape as an AttributeError from deep in the tokenizer, naming no line."""
+    path = tmp_path / "texts.jsonl"
+    path.write_text('{"text": "a fine text"}\n{"text": 5}\n')
+    with pytest.raises(ValueError, match=r"^score input line 2: 'text' must be a string .* not int \(5\)"):
+        read_score_inputs(str(path))
+    path.write_text('{"messages": "hello"}\n')
+    with pytest.raises(ValueError, match=r"^score input line 1: .* not str"):
+        read_score_inputs(str(path))

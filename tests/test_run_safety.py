@@ -302,3 +302,10 @@ def test_cli_resume_keeps_the_saved_settings_for_flags_not_given(tmp_path):
     assert [r["step"] for r in read_log(output) if "loss" in r][-1] == 4
     with pytest.raises(SystemExit, match=r"changed settings \(lr: 0.003 -> 0.5\)"):
         main(["train", "--output", str(output), "--resume", "--lr", "0.5"])
+
+
+def test_resume_on_a_folder_without_a_run_says_it_starts_a_new_one(tmp_path, capsys):
+    """A preemptible job passes --resume from its first start: allowed, but said, never silent."""
+    train(tiny_run(tmp_path / "new", max_steps=1, resume=True))
+    assert f"--resume: {tmp_path / 'new'} holds no run yet; starting a new one there" in capsys.readouterr().out
+    assert list_checkpoints(tmp_path / "new" / "checkpoints")

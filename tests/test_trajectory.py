@@ -190,7 +190,7 @@ def test_final_adapter_and_head_agree(trajectories):
             assert torch.equal(param, frozen_head[name])
 
 
-def test_trl_does_not_decay_a_head_bias():
+def test_trl_does_not_decay_a_head_bias(tmp_path):
     """A known difference, kept: transformers skips biases in weight decay, build_optimizer decays them.
 
     Only heads with a bias are concerned (BERT/RoBERTa classifiers); LoRA matrices have none. A shared bias moves
@@ -200,7 +200,7 @@ def test_trl_does_not_decay_a_head_bias():
     from transformers import Trainer, TrainingArguments
 
     _, theirs = paired_models("bert", report_config("bert"))
-    trainer = Trainer(model=theirs, args=TrainingArguments(output_dir="unused", report_to="none", use_cpu=True))
+    trainer = Trainer(model=theirs, args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True))
     trainable = {n for n, p in theirs.named_parameters() if p.requires_grad}
     not_decayed = trainable - set(trainer.get_decay_parameter_names(theirs))
     assert not_decayed == {"base_model.model.classifier.modules_to_save.default.bias"}
