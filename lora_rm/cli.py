@@ -175,6 +175,18 @@ def check_settings(args: argparse.Namespace) -> None:
             TrainConfig(**given_or_default(args, fields))  # the same rules as training, e.g. --batch-size >= 1
     except ValueError as error:
         usage_error(str(error))
+    if getattr(args, "precision", None) == "fp16" and not on_cuda(getattr(args, "device", None)):
+        usage_error("--precision must be bf16 or fp32 without a CUDA device: fp16 autocast (with its grad scaler) "
+                    "runs on CUDA only")
+
+
+def on_cuda(device: str | None) -> bool:
+    """Whether a run on --device (unset: CUDA when there is one) runs on CUDA; imports torch only when unset."""
+    if device:
+        return device.startswith("cuda")
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def settings_in_force(config: TrainConfig) -> str:
@@ -254,6 +266,8 @@ def run_eval(args: argparse.Namespace) -> None:
 
     settings = given_or_default(args, EVAL_FIELDS)
     sections = read_sections(args.sections) if args.sections else None  # a bad file fails before the model loads
+    if args.log and not Path(args.log).is_file():  # checked before the model loads, not after the whole eval
+        raise ValueError(f"--log {args.log}: no such file (a training log.jsonl to plot the curves from)")
     model, tokenizer = load_for_command(args, settings)
     dataset = load_preference_dataset(settings["dataset"], settings["split"], settings["max_rows"], settings["rows"],
                                       seed=args.seed)

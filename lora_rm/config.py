@@ -239,6 +239,9 @@ class TrainConfig:
             "eval_every": (self.eval_every is None or self.eval_every >= 1, "at least 1 (unset: only at the end)"),
             "save_every": (self.save_every is None or self.save_every >= 1, "at least 1 (unset: only at the end)"),
             "max_grad_norm": (self.max_grad_norm > 0, "positive (inf turns clipping off)"),
+            "weight_decay": (self.weight_decay >= 0, "at least 0"),
+            "center_rewards_coefficient": (self.center_rewards_coefficient is None
+                                           or self.center_rewards_coefficient >= 0, "at least 0 (unset: off)"),
             "warmup_ratio": (0 <= self.warmup_ratio < 1, "in [0, 1)"),
             "eval_fraction": (0 < self.eval_fraction < 1, "in (0, 1)"),
             "max_steps": (self.max_steps is None or self.max_steps >= 1, "at least 1"),

@@ -117,6 +117,9 @@ def test_any_failure_is_one_line(monkeypatch, capsys, error):
     (["train", "--eval-every", "0"], "--eval-every"),
     (["train", "--max-grad-norm", "0"], "--max-grad-norm"),
     (["train", "--lora-r", "0"], "--lora-r"),
+    (["train", "--weight-decay", "-1"], "--weight-decay"),
+    (["train", "--precision", "fp16", "--device", "cpu"], "--precision"),
+    (["train", "--center-rewards-coefficient", "-0.01"], "--center-rewards-coefficient"),
     (["eval", "--adapter", "x", "--batch-size", "0"], "--batch-size"),
     (["eval", "--adapter", "x", "--max-length", "1"], "--max-length"),
     (["score", "--adapter", "x", "--batch-size", "0"], "--batch-size"),
@@ -264,3 +267,9 @@ def test_score_input_of_the_wrong_type_is_named_by_its_line(tmp_path):
     path.write_text('{"messages": "hello"}\n')
     with pytest.raises(ValueError, match=r"^score input line 1: .* not str"):
         read_score_inputs(str(path))
+
+
+def test_eval_log_is_checked_before_the_model_loads(tmp_path):
+    missing = tmp_path / "log.jsonl"
+    with pytest.raises(SystemExit, match=f"^lora-rm: error: --log {missing}: no such file"):
+        main(["eval", "--adapter", str(tmp_path / "no-adapter"), "--log", str(missing)])
