@@ -328,9 +328,12 @@ def run_score(args: argparse.Namespace) -> None:
     settings = given_or_default(args, SCORE_FIELDS)
     model, tokenizer = load_for_command(args, settings)
     inputs = read_score_inputs(args.input)
-    for reward in score_texts(model, tokenizer, inputs, settings["max_length"], settings["batch_size"],
-                              settings["packing"]):
+    rewards = score_texts(model, tokenizer, inputs, settings["max_length"], settings["batch_size"], settings["packing"])
+    for reward in rewards:
         print(f"{reward:.6f}")
+    if not all(math.isfinite(reward) for reward in rewards):
+        raise SystemExit("lora-rm: error: some rewards are NaN or inf: the adapter's rewards are not finite, e.g. "
+                         "saved from a diverged run")
 
 
 def run_merge(args: argparse.Namespace) -> None:
@@ -339,6 +342,11 @@ def run_merge(args: argparse.Namespace) -> None:
     from .qlora import dequantize_4bit_layers
 
     settings = given_or_default(args, LOAD_FIELDS)
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"merge --output {output} is a file; give a folder for the merged model")
+    if output.resolve() == Path(args.adapter).resolve():
+        raise ValueError(f"merge --output {output} is the adapter's own folder; give another folder")
     model, tokenizer = load_for_command(args, settings)
     if settings["load_in_4bit"]:  # merge into dequantized fp32 weights, then store in base_dtype
         dequantize_4bit_layers(model, torch_dtype("fp32"))

@@ -89,6 +89,16 @@ def fit_to_budget(pairs: list[dict[str, Any]], mode: str, config: TrainConfig, n
     return kept
 
 
+def check_positions(model: nn.Module, sets: list[list[dict[str, Any]]]) -> None:
+    """Refuse a side longer than the model's position table before training: learned positions (GPT-2, BERT, OPT)
+    would fail mid-run with an IndexError."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    longest = max(row["length"] for rows in sets for row in rows)
+    if positions and longest > positions:
+        raise ValueError(f"the longest kept side has {longest} tokens, over the model's max_position_embeddings "
+                         f"({positions}); lower --max-length to {positions} or less")
+
+
 @dataclass
 class Run:
     """What the loop reads, built once by set_up: model, data, optimizer and the run's length."""
@@ -170,6 +180,7 @@ def set_up(config: TrainConfig, rank: int, world_size: int, device: torch.device
                                            reentrant_under_torchrun=config.reentrant_checkpointing and world_size > 1)
     train_pairs = fit_to_budget(train_pairs, packing_mode, config, "train")
     eval_sets = {prefix: fit_to_budget(pairs, packing_mode, config, prefix) for prefix, pairs in eval_sets.items()}
+    check_positions(model, [train_pairs, *eval_sets.values()])
     forward_model = prepare_model(model, config, device)
     if rank > 0:  # its own dropout stream; rank 0 goes on with the seed's
         torch.manual_seed(distributed.rank_seed(config.seed, rank, 0))

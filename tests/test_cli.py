@@ -4,12 +4,14 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lora_rm import LoraConfig, add_lora, load_adapter, save_adapter
@@ -273,3 +275,28 @@ def test_eval_log_is_checked_before_the_model_loads(tmp_path):
     missing = tmp_path / "log.jsonl"
     with pytest.raises(SystemExit, match=f"^lora-rm: error: --log {missing}: no such file"):
         main(["eval", "--adapter", str(tmp_path / "no-adapter"), "--log", str(missing)])
+
+
+def test_merge_refuses_a_file_or_the_adapters_own_folder_as_output(trained, tmp_path):
+    """Both used to print "written": onto a file nothing was written; into the adapter folder it mixed the two."""
+    existing = tmp_path / "model.bin"
+    existing.write_text("keep me")
+    with pytest.raises(SystemExit, match=f"^lora-rm: error: merge --output {existing} is a file"):
+        main(["merge", "--adapter", str(trained), "--output", str(existing)])
+    assert existing.read_text() == "keep me"
+    with pytest.raises(SystemExit, match="is the adapter's own folder"):
+        main(["merge", "--adapter", str(trained), "--output", str(trained)])
+
+
+def test_score_with_a_nan_adapter_fails_as_eval_does(trained, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(trained, broken, ignore=shutil.ignore_patterns("checkpoints"))
+    weights = load_file(broken / "adapter_model.safetensors")
+    key = next(k for k in weights if "lora_B" in k)
+    weights[key] = torch.full_like(weights[key], float("nan"))
+    save_file(weights, broken / "adapter_model.safetensors")
+    inputs = tmp_path / "texts.txt"
+    inputs.write_text("\n".join(TEXTS) + "\n")
+    with pytest.raises(SystemExit, match="^lora-rm: error: some rewards are NaN or inf"):
+        main(["score", "--adapter", str(broken), "--input", str(inputs)])
+    assert capsys.readouterr().out.split() == ["nan", "nan"]

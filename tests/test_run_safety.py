@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from runs import assert_replays, crash_at_micro_batch, read_log, tiny_run, train_losses
 
 import lora_rm.checkpoint as checkpoint_module
 import lora_rm.train as train_module
@@ -22,6 +21,7 @@ from lora_rm.health import COLLAPSE_STEPS, TrainingDiverged
 from lora_rm.inject import add_lora
 from lora_rm.run_folder import LOCK_NAME
 from lora_rm.train import train
+from runs import assert_replays, crash_at_micro_batch, read_log, tiny_run, train_losses
 
 
 @pytest.fixture(scope="module")
@@ -309,3 +309,15 @@ def test_resume_on_a_folder_without_a_run_says_it_starts_a_new_one(tmp_path, cap
     train(tiny_run(tmp_path / "new", max_steps=1, resume=True))
     assert f"--resume: {tmp_path / 'new'} holds no run yet; starting a new one there" in capsys.readouterr().out
     assert list_checkpoints(tmp_path / "new" / "checkpoints")
+
+
+def test_sides_longer_than_the_models_positions_are_refused_before_training(tmp_path):
+    """They used to end in an IndexError mid-training on a model with learned positions (the built-in model has 64)."""
+    long_side = " ".join(["What is 1 + 2 ? 3"] * 12)
+    rows = [{"chosen": long_side, "rejected": long_side.replace("? 3", "? 4")}] * 10
+    data_file = tmp_path / "long.jsonl"
+    data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"the longest kept side has \d+ tokens, over the model's "
+                                         r"max_position_embeddings \(64\); lower --max-length to 64 or less"):
+        train(tiny_run(tmp_path / "run", dataset=str(data_file), max_rows=None, max_length=100))
+    assert not (tmp_path / "run" / "checkpoints").exists()
