@@ -307,8 +307,6 @@ def collate_rows(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, tor
     return collate_pairs(rows, pad_token_id)
 
 
-
-
 def load_pairs(config: TrainConfig, tokenizer) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Tokenized (train, eval) pairs; without an eval dataset, the last eval_fraction of the training rows."""
     train_data = load_preference_dataset(config.dataset, config.split, config.max_rows, config.rows, config.seed)

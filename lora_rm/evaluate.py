@@ -53,7 +53,7 @@ def rewards_for_pairs(model, pairs, collator, batch_size: int, device, precision
     for start in range(0, len(pairs), batch_size):
         with autocast_context(precision, device):
             if packing == "none":
-                batch = {k: v.to(device) for k, v in collator(pairs[start : start + batch_size]).items()}
+                batch = data.to_device(collator(pairs[start : start + batch_size]), device)
                 rewards_chosen, rewards_rejected = batch_rewards(model, batch)
             else:
                 rewards_chosen, rewards_rejected = pair_rewards(
@@ -150,7 +150,7 @@ def rewards_for_rows(model, rows, collator, batch_size: int, device, precision: 
     model.eval()
     pieces = []
     for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collator(rows[start : start + batch_size]).items()}
+        batch = data.to_device(collator(rows[start : start + batch_size]), device)
         with autocast_context(precision, device):
             rewards = sequence_rewards(model, batch)
         row_major = torch.sort(batch["group"], stable=True).indices  # position-major -> row after row
@@ -165,7 +165,7 @@ def split_by_row(flat: Tensor, rows: list[dict[str, Any]]) -> list[Tensor]:
 
 
 def evaluate_rows(model, rows, collator, batch_size: int, device, precision: str = "fp32") -> dict[str, Any]:
-    """train.evaluate for K-way rows: each rank scores its contiguous shard; rewards gathered in order."""
+    """evaluate() for K-way rows: each rank scores its contiguous shard; rewards gathered in order."""
     mine, n_real = distributed.equal_shard(rows)
     flat = rewards_for_rows(model, mine, collator, batch_size, device, precision)
     n_real_responses = sum(len(row["responses_ids"]) for row in mine[:n_real])
@@ -174,7 +174,7 @@ def evaluate_rows(model, rows, collator, batch_size: int, device, precision: str
 
 
 def evaluate_ranking_rows(model, tokenizer, rows, batch_size: int, device, report=None, log=None):
-    """scoring.evaluate_dataset for K-way rows: (metrics, report files); the report plots every pair of responses
+    """evaluate_dataset for K-way rows: (metrics, report files); the report plots every pair of responses
     with different scores as a (better, worse) pair."""
     collator = functools.partial(ranking.collate_groups, pad_token_id=tokenizer.pad_token_id)
     rewards = split_by_row(rewards_for_rows(model, rows, collator, batch_size, device), rows)

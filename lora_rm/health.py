@@ -20,6 +20,7 @@ import torch
 
 from . import distributed
 from .checkpoint import list_checkpoints, set_aside_checkpoints
+from .optim import trained_parameters
 
 COLLAPSE_STEPS = 5  # this many consecutive optimizer steps with constant rewards or a zero gradient norm: collapsed
 
@@ -41,16 +42,6 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 @dataclass
-class StepFlags:
-    """One step's health, still on the device: summed over micro-batches, read by Health.check."""
-
-    step: int
-    loss_sum: torch.Tensor  # NaN or inf when any micro-batch's loss was
-    grad_norm: torch.Tensor
-    reward_spread: torch.Tensor  # max - min of the step's rewards
-
-
-@dataclass
 class Health:
     """The checks of one run; each raises TrainingDiverged. Weights after N updates are checkpoint step-N's."""
 
@@ -58,7 +49,8 @@ class Health:
     checkpoints: Path
     lr_of_update: Callable[[int], float]  # the learning rate of step s's update (the logged one, group 0)
     scaled: bool = False  # fp16's scaler skips a step with a non-finite gradient norm itself
-    pending: list[StepFlags] = field(default_factory=list)
+    # (step, [loss summed over micro-batches, gradient norm, max - min of its rewards]) still on the device
+    pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     weights_finite: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step, finite after its update)
     collapsed_since: int | None = None  # the first step of a run of collapsed steps
 
@@ -67,23 +59,24 @@ class Health:
         """Keep a step's flags on the device; nothing is read here."""
         every = torch.cat(step_rewards).detach().float()
         spread = every.max() - every.min() if every.numel() else every.new_zeros(())
-        self.pending.append(StepFlags(step, torch.stack([loss.detach().float() for loss in losses]).sum(),
-                                      torch.as_tensor(grad_norm, dtype=torch.float32, device=every.device), spread))
+        loss_sum = torch.stack([loss.detach().float() for loss in losses]).sum()  # NaN or inf if any loss was
+        grad_norm = torch.as_tensor(grad_norm, dtype=torch.float32, device=every.device)
+        self.pending.append((step, torch.stack([loss_sum, grad_norm, spread])))
 
     def check(self, now: int) -> None:
         """Read every pending step's flags at once (one read, one sum over ranks) and stop at the first bad one;
         `now` is the step about to update."""
         if not self.pending:
             return
-        pending, self.pending = self.pending, []
-        table = torch.stack([torch.stack([f.loss_sum.float(), f.grad_norm.float(), f.reward_spread.float()])
-                             for f in pending]).cpu()  # (steps, 3): the one read
+        steps, flags = zip(*self.pending, strict=True)
+        self.pending = []
+        table = torch.stack(flags).cpu()  # (steps, 3): the one read
         local_loss_bad = table[:, 0].isfinite().logical_not().double()
         summed = distributed.sum_over_ranks(torch.cat([local_loss_bad, table[:, 2].double()]).tolist())
-        loss_bad_ranks, spreads = summed[: len(pending)], summed[len(pending) :]  # a spread is 0 only if 0 on all
-        for flags, (loss_sum, grad_norm, _), bad_ranks, spread in zip(pending, table.tolist(), loss_bad_ranks,
-                                                                      spreads, strict=True):
-            self.check_step(flags.step, loss_sum, grad_norm, bad_ranks > 0, spread, now)
+        loss_bad_ranks, spreads = summed[: len(steps)], summed[len(steps) :]  # a spread is 0 only if 0 on all
+        for step, (loss_sum, grad_norm, _), bad_ranks, spread in zip(steps, table.tolist(), loss_bad_ranks, spreads,
+                                                                     strict=True):
+            self.check_step(step, loss_sum, grad_norm, bad_ranks > 0, spread, now)
 
     def check_step(self, step: int, loss_sum: float, grad_norm: float, loss_bad: bool, spread: float,
                    now: int) -> None:
@@ -122,7 +115,7 @@ class Health:
                 raise
             # the update of `step` made the weights of checkpoint step-(step + 1): that one is bad, the rest good
             raise self.diverged(f"the update of step {step} overflowed ({error})", lr, bad_from=step + 1) from error
-        self.weights_finite.append((step, all_finite([p for g in optimizer.param_groups for p in g["params"]])))
+        self.weights_finite.append((step, all_finite(trained_parameters(optimizer))))
 
     def check_weights(self) -> None:
         """Read whether each update since the last read left finite weights (one read); stop at the first that did

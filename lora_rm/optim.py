@@ -58,13 +58,17 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
 
+def trained_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every parameter the optimizer updates (adapter and head), across its groups."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def clip_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                    max_grad_norm: float) -> torch.Tensor:
     """Unscale and clip the global gradient norm; returns the norm before clipping (the same on every rank), a
     0-dim tensor left on the device."""
     scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained_parameters(optimizer), max_grad_norm)
     return distributed.full_tensor(grad_norm)  # a DTensor under FSDP
 
 

@@ -279,16 +279,19 @@ def micro_batch(run: Run, rows: list[dict[str, Any]], sync: bool) -> tuple[torch
         backward(loss)
         return loss, rewards_better, rewards_worse
 
-    def forward_context(sync_run: bool) -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        stack.enter_context(distributed.no_sync(run.forward_model, sync_run))
-        stack.enter_context(autocast_context(config.precision, run.device))
-        return stack
-
     # a forward and a backward per packed run of the token budget (packing.py), with the same loss
+    context = functools.partial(forward_context, run.forward_model, config.precision, run.device)
     return packing.packed_micro_batch(run.forward_model, rows, run.packing_mode, config.max_tokens_per_batch,
-                                      run.tokenizer.pad_token_id, run.device, backward, forward_context, sync,
+                                      run.tokenizer.pad_token_id, run.device, backward, context, sync,
                                       config.center_rewards_coefficient, loss_fn=bradley_terry_loss)
+
+
+def forward_context(forward_model: nn.Module, precision: str, device, sync: bool) -> contextlib.ExitStack:
+    """What a training forward runs under: DDP's no_sync unless the micro-batch syncs, and the autocast."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(distributed.no_sync(forward_model, sync))
+    stack.enter_context(autocast_context(precision, device))
+    return stack
 
 
 def micro_batch_loss(forward_model: nn.Module, batch: dict[str, torch.Tensor], config: TrainConfig, device,
@@ -299,7 +302,7 @@ def micro_batch_loss(forward_model: nn.Module, batch: dict[str, torch.Tensor], c
     differ.
     """
     batch = data.to_device(batch, device)
-    with distributed.no_sync(forward_model, sync), autocast_context(config.precision, device):
+    with forward_context(forward_model, config.precision, device, sync):
         rewards = sequence_rewards(forward_model, batch)  # (N,) fp32, one per sequence
     if "group" in batch:  # K-way rows, position-major (ranking.collate_groups)
         loss = ranking_loss(config.ranking_loss, rewards, batch, config.center_rewards_coefficient)
