@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -22,6 +23,13 @@ def atomic_path(target: Path) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json(target: Path, value: object) -> None:
+    """Strict JSON (a NaN refused, never written as the non-standard NaN), atomically."""
+    text = json.dumps(value, indent=2, allow_nan=False)
+    with atomic_path(target) as tmp:
+        Path(tmp).write_text(text + "\n")
 
 
 def current_umask() -> int:

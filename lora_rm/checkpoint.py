@@ -117,7 +117,9 @@ def save_checkpoint(
         )
     if distributed.is_main():
         write_checkpoint(final, model, adapter, optimizer_state, rng, {**trainer_state, "step": step})
-        for old in list_checkpoints(folder)[:-keep]:
+        # The new one is unverified until a later step's loss from its weights is checked; the one before it is
+        # verified (its next steps passed health.check): never prune that, or a divergence leaves none good.
+        for old in list_checkpoints(folder)[:-max(keep, 2)]:
             shutil.rmtree(old)
     distributed.barrier()  # nobody goes on (or resumes) before the checkpoint is complete
     return final

@@ -261,7 +261,7 @@ def load_for_command(args: argparse.Namespace, settings: dict[str, Any]):
 
 def run_eval(args: argparse.Namespace) -> None:
     from .data import load_preference_dataset
-    from .eval_stats import read_sections
+    from .eval_stats import finite_or_none, read_sections
     from .evaluate import evaluate_dataset
 
     settings = given_or_default(args, EVAL_FIELDS)
@@ -283,17 +283,6 @@ def run_eval(args: argparse.Namespace) -> None:
     if finite_metrics != metrics:
         raise SystemExit("lora-rm: error: some metrics are NaN or inf (printed as null): the adapter's rewards are "
                          "not finite, e.g. saved from a diverged run")
-
-
-def finite_or_none(value: Any) -> Any:
-    """The value with every NaN or inf float (in nested dicts and lists) replaced by None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite_or_none(item) for item in value]
-    return value
 
 
 def read_score_inputs(path: str | None) -> list:

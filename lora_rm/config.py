@@ -214,7 +214,9 @@ class TrainConfig:
     log_every: int = option(10, "optimizer steps between log lines")
     eval_every: int | None = option(None, "optimizer steps between evaluations; always evaluated at the end")
     save_every: int | None = option(None, "optimizer steps between checkpoints; always saved at the end")
-    keep_checkpoints: int = option(2, "how many of the latest checkpoints to keep")
+    keep_checkpoints: int = option(
+        2, "how many of the latest checkpoints to keep; 1 still keeps the one before the newest, the newest being "
+        "unverified until the next steps are checked")
     resume: bool = option(False, "continue from the latest checkpoint in output/checkpoints")
     overwrite: bool = option(False, "replace a run already in output")
     device: str | None = option(None, "torch device; default cuda if available, else cpu")

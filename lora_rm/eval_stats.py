@@ -24,6 +24,7 @@ pairs within each subset (a stratified bootstrap: each subset keeps its size, as
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -217,3 +218,14 @@ def length_metrics(chosen: Tensor, rejected: Tensor, lengths_chosen: Tensor, len
         "n_longer_chosen": int(longer.sum()),
         "n_shorter_chosen": int(shorter.sum()),
     }
+
+
+def finite_or_none(value: Any) -> Any:
+    """The value with every NaN or inf float (in nested dicts and lists) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(item) for item in value]
+    return value

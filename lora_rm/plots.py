@@ -22,7 +22,6 @@ equally, so which side is longer does not change.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -30,7 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .eval_stats import accuracy_where, length_metrics
+from .atomic import write_json
+from .eval_stats import accuracy_where, finite_or_none, length_metrics
 from .loss import preference_metrics
 from .run_log import read_log
 
@@ -214,7 +214,7 @@ def write_report(
 
     extra = length_metrics(chosen, rejected, length_c, length_r)
     paths = [folder / "metrics.json"]
-    paths[0].write_text(json.dumps({**metrics, **extra}, indent=2))
+    write_json(paths[0], finite_or_none({**metrics, **extra}))  # rewards are finite; a metric may still be NaN
     paths.append(folder / "rewards_hist.png")
     plot_histogram(paths[-1], chosen, rejected)
     paths.append(folder / "accuracy_by_length.png")

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed
-from .atomic import atomic_path
+from .atomic import atomic_path, write_json
 from .config import TrainConfig
+from .eval_stats import finite_or_none
 
 LOCK_NAME = ".lock"  # in the output folder while a run writes there: {"pid", "host", "started"}
 TRAIN_CONFIG_NAME = "train_config.json"
@@ -202,3 +203,11 @@ def write_config(config: TrainConfig, output: Path) -> None:
         Path(tmp).write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
 
+def write_final_metrics(output: Path, final: dict[str, Any], write: bool) -> None:
+    """eval_metrics.json and reward_stats.json (NaN and inf as null, as eval prints them); then fail as eval does."""
+    if write:
+        write_json(output / "reward_stats.json", finite_or_none(final["reward_stats"]))
+        write_json(output / "eval_metrics.json", finite_or_none(final))
+    if finite_or_none(final) != final:
+        raise ValueError(f"the final evaluation's metrics are NaN or inf (null in {output}/eval_metrics.json): "
+                         "the adapter's rewards are not finite")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import random
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from .inject import add_lora, enable_gradient_checkpointing, format_parameter_co
 from .loss import bradley_terry_loss, ordered_pairs, ranking_loss, split_rewards
 from .model_io import autocast_context, load_model_and_tokenizer, save_tokenizer
 from .optim import build_optimizer, clip_gradients, learning_rate, optimizer_step, warmup_steps_for
-from .run_folder import output_lock, prepare_output, write_config
+from .run_folder import output_lock, prepare_output, write_config, write_final_metrics
 from .run_log import LogWindow, RunLog, summary_writer_class, truncate_log
 
 
@@ -329,9 +328,7 @@ def finish(run: Run, log: RunLog, window: LogWindow, started: float, train_secon
     final = dict(next(iter(finals.values())))  # the first eval set's at the top, as with one
     if len(finals) > 1:
         final["eval_datasets"] = {prefix.removeprefix("eval_"): metrics for prefix, metrics in finals.items()}
-    if distributed.is_main():
-        (run.output / "reward_stats.json").write_text(json.dumps(final["reward_stats"], indent=2))
-        (run.output / "eval_metrics.json").write_text(json.dumps(final, indent=2))
+    write_final_metrics(run.output, final, distributed.is_main())  # fails as eval does on a NaN or inf
     distributed.barrier()
     final["train_seconds"], final["total_seconds"] = train_seconds, time.perf_counter() - started
     all_pairs = distributed.sum_over_ranks([window.pairs_seen])[0]

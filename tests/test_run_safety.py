@@ -151,6 +151,29 @@ def test_diverged_run_names_only_a_checkpoint_that_evaluates_finite(tmp_path, ca
     assert metrics["mean_reward"] is None and metrics["n_pairs"] == 24
 
 
+def test_keeping_one_checkpoint_never_prunes_the_last_verified_one(tmp_path):
+    """keep_checkpoints=1 used to prune step-1 when step-2 was saved; step-2's weights then gave a NaN loss, so the
+    error said there was no good checkpoint though step-1 had been verified."""
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 2") as caught:
+        train(tiny_run(tmp_path, lr=1e38, warmup_ratio=0.5, save_every=1, keep_checkpoints=1))
+    assert f"The latest good checkpoint is {tmp_path / 'checkpoints' / 'step-000001'}." in str(caught.value)
+
+
+def test_final_metrics_that_are_not_finite_are_written_as_null_and_fail_the_run(tmp_path, monkeypatch):
+    """eval_metrics.json at the end of training used to be written with a bare NaN (invalid JSON) and exit 0."""
+    real_evaluate = train_module.evaluate
+
+    def nan_margin(*args, **kwargs):
+        return {**real_evaluate(*args, **kwargs), "mean_margin": float("nan")}
+
+    monkeypatch.setattr(train_module, "evaluate", nan_margin)
+    with pytest.raises(ValueError, match="final evaluation's metrics are NaN or inf"):
+        train(tiny_run(tmp_path))
+    written = json.loads((tmp_path / "eval_metrics.json").read_text(),
+                         parse_constant=lambda name: pytest.fail(f"{name} in eval_metrics.json"))
+    assert written["mean_margin"] is None and 0 <= written["accuracy"] <= 1
+
+
 def test_non_finite_gradient_or_weights_stop_the_run(tmp_path, monkeypatch):
     real_clip = train_module.clip_gradients
     calls = {"n": 0}
