@@ -327,21 +327,16 @@ def run_score(args: argparse.Namespace) -> None:
 
 def run_merge(args: argparse.Namespace) -> None:
     from .inject import merge_lora
-    from .model_io import save_tokenizer, torch_dtype
+    from .model_io import check_merge_output, save_merged, torch_dtype
     from .qlora import dequantize_4bit_layers
 
     settings = given_or_default(args, LOAD_FIELDS)
-    output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"merge --output {output} is a file; give a folder for the merged model")
-    if output.resolve() == Path(args.adapter).resolve():
-        raise ValueError(f"merge --output {output} is the adapter's own folder; give another folder")
+    check_merge_output(Path(args.output), Path(args.adapter))  # before the model loads
     model, tokenizer = load_for_command(args, settings)
     if settings["load_in_4bit"]:  # merge into dequantized fp32 weights, then store in base_dtype
         dequantize_4bit_layers(model, torch_dtype("fp32"))
     merged = merge_lora(model).to(torch_dtype(settings["base_dtype"]))
-    merged.save_pretrained(args.output)
-    save_tokenizer(tokenizer, args.output)  # plain tokenizer(text) then appends the EOS training appended
+    save_merged(merged, tokenizer, Path(args.output))  # plain tokenizer(text) then appends the EOS training appended
     print(f"merged model written to {args.output}")
 
 

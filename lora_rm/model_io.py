@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import json
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from . import encode
 from .adapter_io import load_adapter, read_adapter_config
+from .atomic import current_umask
 from .builtin import builtin_model, builtin_tokenizer
 from .config import BUILTIN, DTYPES
 from .qlora import prepare_4bit_model, quantization_config
@@ -165,6 +169,58 @@ def save_tokenizer(tokenizer, folder: str | Path) -> None:
                   "lora_rm.encode.encode_text to score them as training did")
             serving = tokenizer
     serving.save_pretrained(folder)
+
+
+# What a merged model's folder holds (save_pretrained + save_tokenizer); a merge replaces a folder of only these.
+MERGED_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+                "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*", "vocab.*",
+                "merges.txt", "*.model", "README.md")
+
+
+def check_merge_output(output: Path, adapter: Path) -> None:
+    """Refuse an --output a merge would lose data in: a file, the adapter's folder, a folder of other files."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"merge --output {output} is a file; give a folder for the merged model")
+    if output.resolve() == adapter.resolve():
+        raise ValueError(f"merge --output {output} is the adapter's own folder; give another folder")
+    if output.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise ValueError(f"merge --output {output} is the current folder or one of its parents; give a new folder")
+    if output.is_dir():
+        foreign = sorted(path.name for path in output.iterdir()
+                         if path.is_dir() or not any(fnmatch.fnmatch(path.name, kind) for kind in MERGED_FILES))
+        if foreign:
+            named = f"{', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}"
+            raise ValueError(f"merge --output {output} holds files that are not a merged model's ({named}); "
+                             "give a new or empty folder")
+
+
+def save_merged(model: PreTrainedModel, tokenizer, output: Path) -> None:
+    """Write the merged model and tokenizer to a new folder beside output, then swap it in.
+
+    No file of an older merge survives (a stale chat_template.jinja would change how texts are encoded), a crash
+    leaves the old folder whole, and the files follow the umask (save_pretrained writes model.safetensors 0600).
+    """
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise ValueError(f"the merged weights hold NaN or inf (first: {bad[0]}): the adapter is not finite, e.g. "
+                         f"saved from a diverged run; nothing was written to {output}")
+    output = output.resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
+    try:
+        model.save_pretrained(staging)
+        save_tokenizer(tokenizer, staging)
+        for path in staging.iterdir():
+            os.chmod(path, 0o666 & ~current_umask())
+        os.chmod(staging, 0o777 & ~current_umask())
+        previous = output.with_name(f".{output.name}.previous")
+        if output.exists():
+            os.replace(output, previous)
+        os.replace(staging, output)
+        shutil.rmtree(previous, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def autocast_context(precision: str, device: torch.device):

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -286,6 +287,46 @@ def test_merge_refuses_a_file_or_the_adapters_own_folder_as_output(trained, tmp_
     assert existing.read_text() == "keep me"
     with pytest.raises(SystemExit, match="is the adapter's own folder"):
         main(["merge", "--adapter", str(trained), "--output", str(trained)])
+
+
+def test_merge_replaces_an_older_merge_whole_and_refuses_other_folders(trained, tmp_path, monkeypatch):
+    """A stale chat_template.jinja used to survive a merge into an older merge's folder (it changes how texts are
+    encoded); model.safetensors was written 0600; a folder of notes, or the current folder, was merged into."""
+    merged = tmp_path / "merged"
+    main(["merge", "--adapter", str(trained), "--output", str(merged)])
+    (merged / "special_tokens_map.json").write_text("{}")  # as an older merge of another tokenizer left it
+    old = os.umask(0o022)
+    try:
+        main(["merge", "--adapter", str(trained), "--output", str(merged)])
+    finally:
+        os.umask(old)
+    assert not (merged / "special_tokens_map.json").exists()
+    assert stat.S_IMODE((merged / "model.safetensors").stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match=f"^lora-rm: error: merge --output {notes} holds files that are not a "
+                       r"merged model's \(todo.txt\)"):
+        main(["merge", "--adapter", str(trained), "--output", str(notes)])
+    assert (notes / "todo.txt").read_text() == "keep me"
+    monkeypatch.chdir(notes)
+    with pytest.raises(SystemExit, match="is the current folder or one of its parents"):
+        main(["merge", "--adapter", str(trained), "--output", ".."])
+
+
+def test_merge_of_a_nan_head_fails_and_writes_nothing(trained, tmp_path):
+    """A NaN in lora_B is refused by LoRALinear.merge; one in the score head used to be written as a model."""
+    broken = tmp_path / "broken"
+    shutil.copytree(trained, broken, ignore=shutil.ignore_patterns("checkpoints"))
+    weights = load_file(broken / "adapter_model.safetensors")
+    key = next(k for k in weights if k.endswith("score.weight"))
+    weights[key] = torch.full_like(weights[key], float("nan"))
+    save_file(weights, broken / "adapter_model.safetensors")
+    with pytest.raises(SystemExit, match="^lora-rm: error: the merged weights hold NaN or inf"):
+        main(["merge", "--adapter", str(broken), "--output", str(tmp_path / "merged")])
+    assert not (tmp_path / "merged").exists()
 
 
 def test_score_with_a_nan_adapter_fails_as_eval_does(trained, tmp_path, capsys):

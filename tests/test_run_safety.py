@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from runs import assert_replays, crash_at_micro_batch, read_log, tiny_run, train_losses
 
 import lora_rm.checkpoint as checkpoint_module
 import lora_rm.train as train_module
@@ -21,7 +22,6 @@ from lora_rm.health import COLLAPSE_STEPS, TrainingDiverged
 from lora_rm.inject import add_lora
 from lora_rm.run_folder import LOCK_NAME
 from lora_rm.train import train
-from runs import assert_replays, crash_at_micro_batch, read_log, tiny_run, train_losses
 
 
 @pytest.fixture(scope="module")
