@@ -86,7 +86,12 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
         raw = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{config_path} is not valid JSON: {error}") from error
-    return LoraConfig.from_peft_dict(raw)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_path} holds a JSON {type(raw).__name__}, not an object of PEFT's LoRA settings")
+    try:
+        return LoraConfig.from_peft_dict(raw)
+    except (TypeError, ValueError) as error:  # its field, not the --flag the CLI would name for LoraConfig.x
+        raise ValueError(f"{config_path}: {str(error).replace('LoraConfig.', '')}") from error
 
 
 def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:

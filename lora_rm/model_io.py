@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +121,22 @@ def load_reward_model(model_name: str, adapter: str | Path, **load_options):
 
     The adapter's config is read first: a wrong --adapter fails in a second, not after loading a large base.
     """
-    read_adapter_config(adapter)
+    check_adapter_base(model_name, adapter, read_adapter_config(adapter).base_model_name_or_path)
     model, tokenizer = load_model_and_tokenizer(model_name, **load_options)
     return load_adapter(model, adapter).eval(), tokenizer
+
+
+def check_adapter_base(model_name: str, adapter: str | Path, saved_base: str | None) -> None:
+    """Refuse the built-in base for an adapter its config says was trained on another (--model forgotten), and
+    warn when --model names another base than the one saved: the adapter may still fit, but was not trained there."""
+    if not saved_base or saved_base == model_name or (Path(saved_base).exists() and Path(model_name).exists()
+                                                      and Path(saved_base).resolve() == Path(model_name).resolve()):
+        return
+    if model_name == BUILTIN:
+        raise ValueError(f"{adapter} was trained on {saved_base!r} (its adapter_config.json's base_model_name_or_path)"
+                         f", but the model is the built-in one (the default without --model): add --model {saved_base}")
+    warnings.warn(f"{adapter} was trained on {saved_base!r} (its adapter_config.json), not on {model_name!r}; "
+                  "loading it there anyway", stacklevel=3)
 
 
 def _post_processor_with_eos(tokenizer) -> Any | None:

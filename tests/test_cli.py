@@ -329,6 +329,44 @@ def test_merge_of_a_nan_head_fails_and_writes_nothing(trained, tmp_path):
     assert not (tmp_path / "merged").exists()
 
 
+def adapter_copy_with_config(trained, folder, **changes) -> Path:
+    """The trained adapter (no checkpoints) in folder, its adapter_config.json changed."""
+    shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("checkpoints"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+def test_a_malformed_adapter_config_is_named_with_its_field(trained, tmp_path):
+    """A JSON list gave an AttributeError naming no file; "r": "16" named the flag --lora-r, never given."""
+    listed = tmp_path / "listed"
+    shutil.copytree(trained, listed, ignore=shutil.ignore_patterns("checkpoints"))
+    (listed / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match=f"^lora-rm: error: {listed / 'adapter_config.json'} holds a JSON list"):
+        main(["score", "--adapter", str(listed)])
+    for field, value in [("r", "16"), ("lora_alpha", "32"), ("lora_dropout", None)]:
+        folder = adapter_copy_with_config(trained, tmp_path / field, **{field: value})
+        with pytest.raises(SystemExit, match=f"^lora-rm: error: {folder / 'adapter_config.json'}: {field} must be") \
+                as caught:
+            main(["score", "--adapter", str(folder)])
+        assert "--" not in str(caught.value)
+
+
+def test_an_adapter_of_another_base_is_refused_without_model_and_warned_about_with_one(trained, tmp_path, capsys):
+    """Without --model, the 1,811-character list of missing modules used to be all the user saw."""
+    other = adapter_copy_with_config(trained, tmp_path / "other", base_model_name_or_path="Qwen/Qwen2.5-0.5B")
+    with pytest.raises(SystemExit, match="was trained on 'Qwen/Qwen2.5-0.5B' .* add --model Qwen/Qwen2.5-0.5B$"):
+        main(["score", "--adapter", str(other)])
+    base = tmp_path / "base"
+    builtin_model(builtin_tokenizer()).save_pretrained(base)
+    builtin_tokenizer().save_pretrained(base)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("hello\n")
+    with pytest.warns(UserWarning, match=f"trained on 'Qwen/Qwen2.5-0.5B' .*not on '{base}'"):
+        main(["score", "--model", str(base), "--adapter", str(other), "--input", str(texts)])
+    assert len(capsys.readouterr().out.split()) == 1
+
+
 def test_score_with_a_nan_adapter_fails_as_eval_does(trained, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(trained, broken, ignore=shutil.ignore_patterns("checkpoints"))
