@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[str]:
@@ -16,7 +18,10 @@ def atomic_path(target: Path) -> Iterator[str]:
     handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     os.close(handle)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except (OSError, SafetensorError) as error:  # a full disk says "No space left on device" but not where
+            raise OSError(f"writing {target} failed: {error}") from error
         # mkstemp (and safetensors' own temporary file) make 0600; other nodes of a shared filesystem must read it
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, target)

@@ -5,10 +5,13 @@ import json
 import pytest
 import torch
 from parity import paired_models, report_config, tiny_batch, tiny_model
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import lora_rm.adapter_io as adapter_io
 from lora_rm import LoraConfig, add_lora, load_adapter, merge_lora, save_adapter
 from lora_rm.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from lora_rm.builtin import builtin_model, builtin_tokenizer
 from lora_rm.inject import lora_layers
 
 
@@ -169,3 +172,16 @@ def test_adapter_of_fewer_layers_is_refused_on_a_deeper_base_and_the_reverse(tmp
     with pytest.raises(ValueError, match=r"4 of its 8 adapted modules are not in the base: model\.layers\.2\."):
         load_adapter(builtin_like_llama(2), tmp_path / "4")
     load_adapter(builtin_like_llama(4), tmp_path / "4")  # the base it was trained on still loads
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch):
+    """safetensors reported a full disk as SafetensorError "No space left on device", naming no path."""
+    model = add_lora(builtin_model(builtin_tokenizer()), LoraConfig(r=2, target_modules=["q_proj"]))
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(adapter_io, "save_file", full_disk)
+    with pytest.raises(OSError, match=f"writing {tmp_path / 'adapter_model.safetensors'} failed: .*No space left"):
+        save_adapter(model, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
