@@ -65,10 +65,15 @@ def _responses_and_scores(row: dict[str, Any], shape: str) -> tuple[Any, Any, st
         return None, None, f"{len(responses)} responses but {found}"
     for k, score in enumerate(scores):
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-            return None, None, f"scores[{k}] is not a finite number: {score!r}"
-    if len(set(scores)) == 1:
-        return None, None, "all scores are equal: the row prefers no response"
-    return responses, [float(score) for score in scores], None
+            shown = "null or NaN (the loader reads a JSON NaN as null)" if score is None else repr(score)
+            return None, None, f"scores[{k}] is not a finite number: {shown}"
+    stored = torch.tensor([float(score) for score in scores], dtype=torch.float32).tolist()  # as collate_groups
+    if not all(math.isfinite(score) for score in stored):
+        return None, None, f"scores {scores} overflow float32, the dtype they are trained in"
+    if len(set(stored)) == 1:  # 16777217 and 16777216 differ, but not in float32: no pair, a NaN loss
+        return None, None, "all scores are equal (in float32, the dtype they are trained in): the row prefers no "\
+                           "response"
+    return responses, stored, None
 
 
 def _row_problem(row: dict[str, Any], shape: str, conversational: bool) -> str | None:
