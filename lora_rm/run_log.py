@@ -56,12 +56,15 @@ def scalar_tags(record: dict[str, Any], eval_prefixes: tuple[str, ...]) -> dict[
 class RunLog:
     """Append records to log.jsonl (rank 0) and, with report_to="tensorboard", to TensorBoard events beside it."""
 
-    def __init__(self, path: Path, report_to: str = "none", eval_prefixes: tuple[str, ...] = ("eval",)) -> None:
+    def __init__(self, path: Path, report_to: str = "none", eval_prefixes: tuple[str, ...] = ("eval",),
+                 start_step: int = 0) -> None:
         self.path = path
         self.eval_prefixes = eval_prefixes
         self.writer = None
         if report_to == "tensorboard" and distributed.is_main():
-            self.writer = summary_writer_class()(log_dir=str(path.parent))
+            # A resume from step N redoes the steps after N: drop their points, as truncate_log drops their lines.
+            purge_step = start_step + 1 if start_step else None
+            self.writer = summary_writer_class()(log_dir=str(path.parent), purge_step=purge_step)
 
     def __call__(self, record: dict[str, Any]) -> None:
         log_line(self.path, record)

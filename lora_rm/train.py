@@ -160,7 +160,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         summary_writer_class()  # a missing extra fails before the output folder or the model is touched
     with output_lock(Path(config.output)):
         run = set_up(config, rank, world_size, device)
-        log = RunLog(run.log_path, config.report_to, tuple(run.eval_sets))
+        log = RunLog(run.log_path, config.report_to, tuple(run.eval_sets), run.start_step)
         window, started = LogWindow(start=run.start_step), time.perf_counter()
         train_seconds = train_steps(run, log, window, started)
         return finish(run, log, window, started, train_seconds)

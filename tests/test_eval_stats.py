@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from runs import crash_at_micro_batch, read_log, tiny_run
 
 from lora_rm.cli import build_parser, main, report_command, train_config_from_args
 from lora_rm.config import LoraConfig, TrainConfig
@@ -133,6 +134,23 @@ def test_tensorboard_scalars_are_readable(two_eval_run):
     beta = [(event.step, event.value) for event in events.Scalars("eval_beta/accuracy")]
     assert beta == [(r["step"], pytest.approx(r["eval_beta_accuracy"])) for r in records if "eval_beta_accuracy" in r]
     assert "eval_alpha/reward_stats/std" in events.Tags()["scalars"]
+
+
+def test_tensorboard_keeps_one_point_per_step_after_a_crash_and_resume(tmp_path, monkeypatch):
+    """Steps 4-5 ran, were logged, then the run crashed; the resume from step 3 used to log them a second time."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    undo = crash_at_micro_batch(monkeypatch, 11)  # 2 micro-batches a step: the crash is in step 6, after step 5
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_run(tmp_path, report_to="tensorboard"))
+    undo()
+    train(tiny_run(tmp_path, report_to="tensorboard", resume=True))
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    steps = [event.step for event in events.Scalars("train/loss")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    losses = {r["step"]: r["loss"] for r in read_log(tmp_path) if "loss" in r}
+    assert [event.value for event in events.Scalars("train/loss")] == pytest.approx([losses[s] for s in steps])
 
 
 def test_missing_tensorboard_names_the_extra(tmp_path, monkeypatch):
