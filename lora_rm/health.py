@@ -43,7 +43,11 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class Health:
-    """The checks of one run; each raises TrainingDiverged. Weights after N updates are checkpoint step-N's."""
+    """The checks of one run; each raises TrainingDiverged.
+
+    Steps count from 1, as log.jsonl does: step s's forward runs on the weights after s - 1 updates (checkpoint
+    step-(s-1)'s) and its update makes checkpoint step-s's weights.
+    """
 
     peak_lr: float  # --lr, named in the message
     checkpoints: Path
@@ -82,16 +86,16 @@ class Health:
                    now: int) -> None:
         """One step's flags on the host, in the order the step ran them: loss, gradient norm, collapse."""
         outcome = ("nothing was updated with it" if step == now else
-                   f"the steps up to {now} ran on with it and nothing after step {step} was saved (health is read "
-                   "on steps that log or save)")
+                   f"the steps up to {now} ran on with it before it was read (health is read on steps that log or "
+                   "save)")
         if loss_bad:  # on this rank or another: every rank stops at the same step
             value = loss_sum if not math.isfinite(loss_sum) else "not finite on another process"
-            # the weights after `step` updates (checkpoint step-N, N = step) gave this loss
+            # the weights after step - 1 updates (checkpoint step-(step-1)) gave this loss
             raise self.diverged(f"loss is {value} at step {step}; {outcome}",
-                                self.lr_of_update(step - 1), bad_from=step)
+                                self.lr_of_update(step - 1), bad_from=step - 1)
         if not math.isfinite(grad_norm) and not self.scaled:  # fp16's scaler skips such a step itself
             raise self.diverged(f"the gradient norm is {grad_norm} at step {step}; {outcome}",
-                                self.lr_of_update(step - 1), bad_from=step)
+                                self.lr_of_update(step - 1), bad_from=step - 1)
         if grad_norm != 0.0 and spread != 0.0:
             self.collapsed_since = None
             return
@@ -101,7 +105,7 @@ class Health:
             raise self.diverged(
                 f"the model collapsed: every reward the same or a zero gradient norm for {COLLAPSE_STEPS} "
                 f"consecutive steps ({self.collapsed_since}-{step}), so training cannot move it",
-                self.lr_of_update(self.collapsed_since - 1), bad_from=self.collapsed_since,
+                self.lr_of_update(self.collapsed_since - 1), bad_from=self.collapsed_since - 1,
             )
 
     @contextlib.contextmanager
@@ -113,8 +117,8 @@ class Health:
         except RuntimeError as error:  # AdamW's step size lr / (1 - beta1^t) overflows float32 at a huge lr
             if "overflow" not in str(error):
                 raise
-            # the update of `step` made the weights of checkpoint step-(step + 1): that one is bad, the rest good
-            raise self.diverged(f"the update of step {step} overflowed ({error})", lr, bad_from=step + 1) from error
+            # the update of `step` made the weights of checkpoint step-N, N = step: that one is bad, the rest good
+            raise self.diverged(f"the update of step {step} overflowed ({error})", lr, bad_from=step) from error
         self.weights_finite.append((step, all_finite(trained_parameters(optimizer))))
 
     def check_weights(self) -> None:
@@ -128,7 +132,7 @@ class Health:
         for step, bad in zip(steps, bad_ranks, strict=True):
             if bad:
                 raise self.diverged(f"the update of step {step} left NaN or inf in the adapter or head",
-                                    self.lr_of_update(step), bad_from=step + 1)
+                                    self.lr_of_update(step), bad_from=step)
 
     def diverged(self, what: str, lr: float, bad_from: int) -> TrainingDiverged:
         """The error: what happened, the learning rate that did it, the latest good checkpoint.

@@ -213,8 +213,8 @@ def train_steps(run: Run, log: RunLog, window: LogWindow, started: float) -> flo
     the loss and the gradient norm are read when a step logs or saves, before its update.
     """
     config, optimizer = run.config, run.optimizer
-    health = Health(config.lr, run.checkpoints, lambda s: learning_rate(
-        max(0, s), run.total_steps, run.warmup_steps, config.lr, config.lr_schedule), run.scaler.is_enabled())
+    health = Health(config.lr, run.checkpoints, lambda s: learning_rate(  # health counts steps from 1, as the log
+        max(0, s - 1), run.total_steps, run.warmup_steps, config.lr, config.lr_schedule), run.scaler.is_enabled())
     progress = tqdm(total=run.total_steps, initial=run.start_step, disable=not config.progress or not
                     distributed.is_main(), desc="train")
     for step in range(run.start_step, run.total_steps):
@@ -236,10 +236,10 @@ def train_steps(run: Run, log: RunLog, window: LogWindow, started: float) -> flo
 
         # clip, check, step: a run gone wrong stops before it is logged or saved
         grad_norm = clip_gradients(optimizer, run.scaler, config.max_grad_norm)
-        health.record(step, losses, grad_norm, step_rewards)
+        health.record(done, losses, grad_norm, step_rewards)
         if logs or saves:
-            health.check(step)  # every step since the last check: loss, gradient norm, collapse
-        with health.guard_update(step, lr, optimizer):
+            health.check(done)  # every step since the last check: loss, gradient norm, collapse
+        with health.guard_update(done, lr, optimizer):
             optimizer_step(optimizer, run.scaler)
         if logs or saves:
             health.check_weights()  # after every update since the last check

@@ -277,5 +277,5 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert done.returncode != 0, done.stdout
     stopped = sorted(line for line in done.stdout.splitlines() if " stopped: " in line)
     assert [line.split(" stopped")[0] for line in stopped] == ["rank 0", "rank 1"], done.stdout + done.stderr
-    assert "loss is nan at step 2" in stopped[1] and "loss is not finite on another process at step 2" in stopped[0]
+    assert "loss is nan at step 3" in stopped[1] and "loss is not finite on another process at step 3" in stopped[0]
     assert not (tmp_path / "adapter_model.safetensors").exists()

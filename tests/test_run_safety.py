@@ -110,7 +110,7 @@ def test_resume_refuses_changed_settings_and_records_what_ran(tmp_path):
 @pytest.mark.slow
 def test_collapsed_model_stops_instead_of_exiting_zero(tmp_path):
     """lr 1e6: after one huge update every reward is 0 and the gradient norm 0; this used to finish 'successfully'."""
-    with pytest.raises(TrainingDiverged, match=rf"collapsed: .* for {COLLAPSE_STEPS} consecutive steps \(3-7\).*"
+    with pytest.raises(TrainingDiverged, match=rf"collapsed: .* for {COLLAPSE_STEPS} consecutive steps \(4-8\).*"
                        r"update that led here was 1e\+06 \(peak --lr 1e\+06\)") as caught:
         # warmup_ratio 0.1: 2 warmup steps (ceil(1.2)), so step 2 updates with the peak lr
         train(tiny_run(tmp_path, lr=1e6, max_steps=12, warmup_ratio=0.1, save_every=1, keep_checkpoints=20))
@@ -123,14 +123,14 @@ def test_collapsed_model_stops_instead_of_exiting_zero(tmp_path):
 
 def test_overflowing_update_stops_with_training_diverged(tmp_path):
     """lr 1e38: AdamW's step size overflows float32; this used to escape as a bare RuntimeError."""
-    with pytest.raises(TrainingDiverged, match="update of step 1 overflowed.*1e\\+38.*There is no good checkpoint"):
+    with pytest.raises(TrainingDiverged, match="update of step 2 overflowed.*1e\\+38.*There is no good checkpoint"):
         train(tiny_run(tmp_path, lr=1e38, warmup_ratio=0.1))  # 1 warmup step (ceil(0.6)): step 1 uses 1e38
 
 
 def test_diverged_run_names_only_a_checkpoint_that_evaluates_finite(tmp_path, capsys):
     """lr 1e38 with warmup: step-2 is saved with finite but huge weights whose rewards are NaN; it used to be kept
     as the latest, with the error calling the folder 'the last good checkpoint'."""
-    with pytest.raises(TrainingDiverged, match="loss is nan at step 2") as caught:
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 3") as caught:
         train(tiny_run(tmp_path, lr=1e38, warmup_ratio=0.5, save_every=1))
     checkpoints = tmp_path / "checkpoints"
     assert [p.name for p in list_checkpoints(checkpoints)] == ["step-000001"]
@@ -154,7 +154,7 @@ def test_diverged_run_names_only_a_checkpoint_that_evaluates_finite(tmp_path, ca
 def test_keeping_one_checkpoint_never_prunes_the_last_verified_one(tmp_path):
     """keep_checkpoints=1 used to prune step-1 when step-2 was saved; step-2's weights then gave a NaN loss, so the
     error said there was no good checkpoint though step-1 had been verified."""
-    with pytest.raises(TrainingDiverged, match="loss is nan at step 2") as caught:
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 3") as caught:
         train(tiny_run(tmp_path, lr=1e38, warmup_ratio=0.5, save_every=1, keep_checkpoints=1))
     assert f"The latest good checkpoint is {tmp_path / 'checkpoints' / 'step-000001'}." in str(caught.value)
 
@@ -183,7 +183,7 @@ def test_non_finite_gradient_or_weights_stop_the_run(tmp_path, monkeypatch):
         return float("inf") if calls["n"] == 5 else real_clip(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "clip_gradients", inf_at_step_four)
-    with pytest.raises(TrainingDiverged, match="gradient norm is inf at step 4; nothing was updated"):
+    with pytest.raises(TrainingDiverged, match="gradient norm is inf at step 5; nothing was updated"):
         train(tiny_run(tmp_path / "grad"))
     monkeypatch.setattr(train_module, "clip_gradients", real_clip)
 
@@ -195,7 +195,7 @@ def test_non_finite_gradient_or_weights_stop_the_run(tmp_path, monkeypatch):
             optimizer.param_groups[1]["params"][0].data.fill_(float("nan"))
 
     monkeypatch.setattr(train_module, "optimizer_step", nan_weights_at_step_three)
-    with pytest.raises(TrainingDiverged, match="update of step 2 left NaN or inf"):
+    with pytest.raises(TrainingDiverged, match="update of step 3 left NaN or inf"):
         train(tiny_run(tmp_path / "weights"))
     assert list_checkpoints(tmp_path / "weights" / "checkpoints") == []  # step-3 held the NaN: never written
 

@@ -62,7 +62,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         return loss * float("nan") if calls["n"] >= 9 else loss
 
     monkeypatch.setattr(train_module, "bradley_terry_loss", nan_at_step_five)
-    with pytest.raises(TrainingDiverged, match="loss is nan at step 4"):
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 5"):
         train(tiny_run(tmp_path))
     checkpoints = list_checkpoints(tmp_path / "checkpoints")
     assert [p.name for p in checkpoints] == ["step-000003"]
