@@ -155,6 +155,8 @@ def test_v1_sections_prior_sets_and_overall_equal_the_oracle(oracle, with_prior_
             assert ours["sections"][section][rule] == pytest.approx(table[section], abs=TOLERANCE, rel=0)
         if with_prior_sets:
             assert ours["prior_sets"][rule] == pytest.approx(table["Prior Sets (0.5 weight)"], abs=TOLERANCE, rel=0)
+            without = np.mean([sections[name] for name in rewardbench.SUBSET_MAPPING])
+            assert ours["overall_without_prior_sets"][rule] == pytest.approx(without, abs=TOLERANCE, rel=0)
         else:
             assert "prior_sets" not in ours and np.isnan(table["Prior Sets (0.5 weight)"])
         assert ours["overall"][rule] == pytest.approx(table["average"], abs=TOLERANCE, rel=0)
