@@ -316,3 +316,13 @@ def test_benchmark_flags_that_cannot_apply_are_usage_errors(tmp_path):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["eval", "--adapter", str(tmp_path), "--benchmark", "rewardbench", *data, *flags])
         assert exit_info.value.code == 2
+
+
+def test_a_row_over_max_length_is_an_error_not_a_skip(adapter, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "rb2.jsonl", v2_rows())
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--adapter", str(adapter), "--benchmark", "rewardbench2", data, "--max-length", "6"])
+    assert "scores every row" in str(exit_info.value) and "truncate_left" in str(exit_info.value)
+    cli.main(["eval", "--adapter", str(adapter), "--benchmark", "rewardbench2", data, "--max-length", "6",
+              "--length-policy", "truncate_left"])
+    assert json.loads(capsys.readouterr().out)["rewardbench2"]["complete"]
