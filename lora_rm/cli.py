@@ -23,6 +23,8 @@ from typing import Any
 from .builtin import BUILTIN_TRAIN_DEFAULTS
 from .config import ALL_LINEAR, BUILTIN, LoraConfig, TrainConfig
 
+BENCHMARKS = ("rewardbench", "rewardbench2")  # eval --benchmark: lora_rm/rewardbench.py (imported lazily)
+
 LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora",  # LoraConfig flags
                "init_lora_weights", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")
 PATTERN_FIELDS = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")  # text, parse_pattern_flags
@@ -262,19 +264,27 @@ def load_for_command(args: argparse.Namespace, settings: dict[str, Any]):
 def run_eval(args: argparse.Namespace) -> None:
     from .data import load_preference_dataset
     from .eval_stats import finite_or_none, read_sections
-    from .evaluate import evaluate_dataset
+    from .evaluate import evaluate_benchmark, evaluate_dataset
 
     settings = given_or_default(args, EVAL_FIELDS)
+    if args.benchmark or args.data:
+        settings["dataset"] = benchmark_dataset(args)
     sections = read_sections(args.sections) if args.sections else None  # a bad file fails before the model loads
     if args.log and not Path(args.log).is_file():  # checked before the model loads, not after the whole eval
         raise ValueError(f"--log {args.log}: no such file (a training log.jsonl to plot the curves from)")
     model, tokenizer = load_for_command(args, settings)
     dataset = load_preference_dataset(settings["dataset"], settings["split"], settings["max_rows"], settings["rows"],
                                       seed=args.seed)
-    metrics, stats, written = evaluate_dataset(
-        model, tokenizer, dataset, settings["max_length"], settings["length_policy"], settings["skip_bad_rows"],
-        settings["batch_size"], args.report, args.log, sections, settings["packing"], settings["max_tokens_per_batch"],
-    )
+    if args.benchmark:
+        metrics, stats = evaluate_benchmark(model, tokenizer, dataset, args.benchmark, settings["max_length"],
+                                            settings["length_policy"], settings["batch_size"])
+        written = []
+    else:
+        metrics, stats, written = evaluate_dataset(
+            model, tokenizer, dataset, settings["max_length"], settings["length_policy"], settings["skip_bad_rows"],
+            settings["batch_size"], args.report, args.log, sections, settings["packing"],
+            settings["max_tokens_per_batch"],
+        )
     print(f"eval pairs: {stats}", file=sys.stderr)
     finite_metrics = finite_or_none(metrics)
     print(json.dumps(finite_metrics, allow_nan=False))  # strict JSON: a NaN would make the line unreadable
@@ -283,6 +293,21 @@ def run_eval(args: argparse.Namespace) -> None:
     if finite_metrics != metrics:
         raise SystemExit("lora-rm: error: some metrics are NaN or inf (printed as null): the adapter's rewards are "
                          "not finite, e.g. saved from a diverged run")
+
+
+def benchmark_dataset(args: argparse.Namespace) -> str:
+    """The data of `eval --benchmark NAME DATA` (DATA or --dataset); flags a benchmark's fixed rules forbid refused."""
+    if args.data and getattr(args, "dataset", args.data) != args.data:
+        usage_error(f"eval: DATA {args.data} and --dataset {args.dataset} disagree; give the data once")
+    data = args.data or getattr(args, "dataset", None)
+    if args.benchmark and not data:
+        usage_error(f"eval --benchmark {args.benchmark} needs the benchmark's data: a local file in its published "
+                    "schema (DATA or --dataset)")
+    for flag, given in (("--sections", args.sections), ("--report", args.report), ("--log", args.log),
+                        ("--skip-bad-rows", getattr(args, "skip_bad_rows", False))):
+        if args.benchmark and given:
+            usage_error(f"eval --benchmark takes no {flag}: the benchmark fixes its sections and scores every row")
+    return data
 
 
 def read_score_inputs(path: str | None) -> list:
@@ -368,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--log", default=None, help="a training log.jsonl to plot loss and accuracy curves from")
             sub.add_argument("--sections", default=None, help="JSON {section: [subsets]}: section scores weighted "
                              "by pairs, as RewardBench (needs a 'subset' column)")
+            sub.add_argument("--benchmark", default=None, choices=BENCHMARKS, help="RewardBench's official scores "
+                             "(sections, overall) on DATA in allenai/reward-bench's or reward-bench-2's schema")
+            sub.add_argument("data", nargs="?", default=None, metavar="DATA", help="the data (same as --dataset)")
         if name == "score":
             sub.add_argument("--input", default=None, help="JSONL ('text' or 'messages') or plain lines; default stdin")
         if name == "merge":

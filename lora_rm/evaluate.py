@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import data, distributed, encode, ranking
+from . import data, distributed, encode, ranking, rewardbench
 from .eval_stats import pair_report
 from .loss import ordered_pairs, preference_metrics, ranking_metrics, reward_stats, split_rewards
 from .model_io import autocast_context
@@ -116,6 +116,40 @@ def evaluate_dataset(
     if report:
         written = write_report(report, chosen, rejected, lengths_chosen, lengths_rejected, metrics, log)
     return metrics, stats, written
+
+
+def evaluate_benchmark(model, tokenizer, dataset, benchmark: str, max_length: int | None,
+                       length_policy: str = "drop", batch_size: int = 8) -> tuple[dict[str, Any], encode.DataStats]:
+    """`lora-rm eval --benchmark`: RewardBench's official scores (rewardbench.py) beside lora-rm's usual metrics.
+
+    Every row counts in an official score, so a row dropped for its length is an error, not a skip; scored padded.
+    """
+    v2 = benchmark == "rewardbench2"
+    (rewardbench.check_v2_rows if v2 else rewardbench.check_v1_rows)(dataset)
+    rows = rewardbench.as_model_inputs(dataset, benchmark, bool(getattr(tokenizer, "chat_template", None)))
+    tokenized, stats = data.tokenize_pairs(rows, tokenizer, max_length, length_policy)
+    if stats.n_kept != stats.n_rows:
+        raise ValueError(f"--benchmark {benchmark} scores every row, but {stats.n_dropped_too_long} rows are over "
+                         f"--max-length {max_length}: raise it or pass --length-policy truncate_left")
+    full = data.tokenize_pairs(rows, tokenizer, None)[0] if stats.n_truncated else tokenized  # lengths: whole sides
+    device = next(model.parameters()).device
+    subsets = list(dataset["subset"])
+    if v2:
+        collator = functools.partial(ranking.collate_groups, pad_token_id=tokenizer.pad_token_id)
+        kept = tokenized.to_list()
+        rewards = split_by_row(rewards_for_rows(model, kept, collator, batch_size, device), kept)
+        metrics = ranking_metrics(rewards, [row["scores"] for row in kept])
+        lengths = [[len(ids) for ids in row] for row in full["responses_ids"]]
+        metrics["rewardbench2"] = rewardbench.v2_report(rewards, lengths, subsets, [str(i) for i in dataset["id"]],
+                                                        list(dataset["num_correct"]))
+        return metrics, stats
+    chosen, rejected = rewards_for_pairs(model, tokenized.to_list(), pair_collator(tokenizer), batch_size, device)
+    metrics = eval_metrics(chosen, rejected)
+    lengths_chosen = [len(ids) for ids in full["chosen_ids"]]
+    lengths_rejected = [len(ids) for ids in full["rejected_ids"]]
+    metrics.update(pair_report(chosen, rejected, lengths_chosen, lengths_rejected))
+    metrics["rewardbench"] = rewardbench.v1_report(chosen, rejected, lengths_chosen, lengths_rejected, subsets)
+    return metrics, stats
 
 
 @torch.no_grad()

