@@ -4,7 +4,10 @@ import json
 
 import pytest
 import torch
+from parity import ARCHS, PAD, TARGETS, perturb_head, tiny_model
+from runs import assert_replays, crash_at_micro_batch, tiny_run, train_losses
 
+import lora_rm.optim as optim_module
 import lora_rm.packing as packing
 from lora_rm import LoraConfig, add_lora, load_adapter
 from lora_rm.builtin import builtin_model, builtin_tokenizer
@@ -15,8 +18,6 @@ from lora_rm.evaluate import batch_rewards
 from lora_rm.inject import lora_layers
 from lora_rm.loss import bradley_terry_loss, split_rewards
 from lora_rm.train import train
-from tests.parity import ARCHS, PAD, TARGETS, perturb_head, tiny_model
-from tests.runs import assert_replays, crash_at_micro_batch, tiny_run, train_losses
 
 EOS = PAD  # pad == EOS, as for Llama/GPT-2 tokenizers given EOS as their pad token
 
@@ -198,6 +199,28 @@ def test_training_in_each_packing_mode_gives_the_padded_adapter(tmp_path):
         packed = load_adapter(builtin_model(tokenizer), tmp_path / mode).state_dict()
         for key in padded:
             torch.testing.assert_close(packed[key], padded[key], atol=1e-5, rtol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_thirty_steps_of_shared_prompt_stay_on_the_padded_run(tmp_path, monkeypatch):
+    """The built-in defaults (r 16, lr 2e-3) for 30 steps: losses agree to rounding at every step. The adapter agrees
+    within 1e-5 once AdamW's eps is 1e-3: with its default 1e-8, an entry whose gradient is near zero turns a
+    rounding-level difference into a step of up to lr (g / sqrt(v) ~ sign(g)), which after 30 steps is the 8.0e-5
+    the issue measured; the same cause as tests/parity.py's PARITY_ADAMW."""
+
+    class AdamWEps(torch.optim.AdamW):
+        def __init__(self, params, **options):
+            super().__init__(params, **{**options, "eps": 1e-3})
+
+    monkeypatch.setattr(optim_module.torch.optim, "AdamW", AdamWEps)
+    for mode in ("none", "shared_prompt"):
+        main(["train", "--output", str(tmp_path / mode), "--packing", mode, "--max-steps", "30", "--no-progress"])
+    assert train_losses(tmp_path / "shared_prompt") == pytest.approx(train_losses(tmp_path / "none"), abs=1e-6)
+    tokenizer = builtin_tokenizer()
+    padded = load_adapter(builtin_model(tokenizer), tmp_path / "none").state_dict()
+    shared = load_adapter(builtin_model(tokenizer), tmp_path / "shared_prompt").state_dict()
+    for key in padded:
+        torch.testing.assert_close(shared[key], padded[key], atol=1e-5, rtol=0, msg=key)
 
 
 @pytest.mark.slow
