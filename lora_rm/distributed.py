@@ -28,7 +28,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -265,6 +265,21 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if not isinstance(like, DTensor):
         return full
     return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def local_rows(like: torch.Tensor) -> slice | None:
+    """The dim-0 rows of the full tensor that this rank holds of `like`: all of a plain tensor; None when `like`
+    is sharded otherwise than FSDP2's Shard(0) on one mesh dimension (then cut with shard_like).
+
+    Shard(0) splits as torch.chunk does: ceil(n / ranks) rows per rank, the last ranks' shorter or empty.
+    """
+    if not isinstance(like, DTensor):
+        return slice(None)
+    if tuple(like.placements) != (Shard(0),) or like.device_mesh.ndim != 1:
+        return None
+    rows, ranks = like.shape[0], like.device_mesh.size()
+    start = min(rows, like.device_mesh.get_local_rank() * -(-rows // ranks))
+    return slice(start, start + like.to_local().shape[0])
 
 
 def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

@@ -3,7 +3,8 @@
 from_pretrained on every rank would hold a full copy per process before fully_shard cuts it. Instead the model
 is built with its parameters on the meta device (no memory; buffers such as rotary tables stay real: they are
 computed at construction, not saved), LoRA goes in and FSDP shards it as usual, `to_empty` allocates only the
-local shards, and the pretrained model's safetensors tensors are read one at a time, each rank keeping its piece.
+local shards, and the pretrained model's safetensors tensors are read one at a time, each rank reading from disk
+only the rows of its FSDP shard (safetensors' get_slice).
 
 What the pretrained files lack is drawn as the one-process path draws it, from the global RNG in the same order
 (train() seeds it identically on every rank): the score head first (from_pretrained's normal(0,
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from . import distributed
 from .config import BUILTIN, TrainConfig
@@ -148,7 +150,13 @@ def refuse_weights_without_source(
     unknown = [names[0] for names in aliases.values()
                if not any(sources[key] in in_pretrained or key in drawn for key in names)]  # fmt: skip
     if unknown:
-        raise ValueError(f"{name}: the checkpoint has no weight for {', '.join(unknown)}; not training on empty memory")
+        shown = ", ".join(unknown[:3]) + (f" ... ({len(unknown)} in all)" if len(unknown) > 3 else "")
+        raise ValueError(
+            f"{name}: the checkpoint has no weight named {shown}. --fsdp reads the files by the model's own names, "
+            "without the renaming or fusing from_pretrained does for some checkpoints (older names, fused qkv or "
+            "expert weights): load it once with from_pretrained and save_pretrained it to a folder to use here, "
+            "or train without --fsdp"
+        )
 
 
 def allocate_shards(model: nn.Module, device: torch.device) -> None:
@@ -174,17 +182,27 @@ def fill_from_files(
                 continue
             # Open per tensor: a handle maps the file, and every page read stays resident until it is closed.
             with safe_open(file, framework="pt") as handle:
-                full = handle.get_tensor(key)
-            for model_key in targets[key]:
-                target = state[model_key]
-                if full.shape != target.shape:
-                    shapes = f"{tuple(full.shape)}, the model wants {tuple(target.shape)}"
-                    raise ValueError(f"{name}: {key} has shape {shapes}")
-                if id(target) not in filled:
-                    target.copy_(distributed.shard_like(full.to(device, target.dtype), target))
-                    filled.add(id(target))
-            del full
+                stored = handle.get_slice(key)
+                for model_key in targets[key]:
+                    target = state[model_key]
+                    if tuple(stored.get_shape()) != tuple(target.shape):
+                        shapes = f"{tuple(stored.get_shape())}, the model wants {tuple(target.shape)}"
+                        raise ValueError(f"{name}: {key} has shape {shapes}")
+                    if id(target) not in filled:
+                        copy_local_rows(stored, target, device)
+                        filled.add(id(target))
     return filled
+
+
+def copy_local_rows(stored, target: torch.Tensor, device: torch.device) -> None:
+    """Read from disk only the rows of a pretrained tensor this rank holds (its FSDP shard) and copy them in."""
+    rows = distributed.local_rows(target)
+    if rows is None:  # another sharding: read it whole and cut this rank's piece out
+        full = stored[:].to(device, target.dtype)
+        target.copy_(distributed.shard_like(full, target))
+        return
+    local = target.to_local() if isinstance(target, DTensor) else target
+    local.copy_(stored[rows].to(device, target.dtype))
 
 
 def refuse_empty_parameters(model: nn.Module, name: str, filled: set[int], drawn: set[str]) -> None:

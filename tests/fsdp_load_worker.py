@@ -2,7 +2,7 @@
 
 argv[1] is a folder for the results, argv[2:] the `lora-rm train` words (with --fsdp and --model FOLDER). Each rank
 writes rank{r}.json with its peak RSS growth (MB) while train's set-up (load_base, prepare_model) loaded the model
-and every local weight was read once;
+and every local weight was read once, and the tensor elements it read from the checkpoint files;
 rank 0 writes the (gathered) weights to weights.safetensors. Under torchrun the same words then train; as one plain
 process (no torchrun: from_pretrained, the oracle) it stops there.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+import lora_rm.sharded_load as sharded_load
 from lora_rm import distributed
 from lora_rm.cli import build_parser, train_config_from_args
 from lora_rm.train import load_base, prepare_model, train
@@ -23,6 +24,46 @@ from lora_rm.train import load_base, prepare_model, train
 def status_mb(field: str) -> float:
     """A /proc/self/status memory field (VmRSS, VmHWM), in MB."""
     return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) / 1024
+
+
+READ = {"elements": 0}  # tensor elements this rank read from the checkpoint through sharded_load
+
+
+class CountingReads:
+    """safe_open as sharded_load uses it (keys, get_slice, then indexing), counting the elements each read returns."""
+
+    def __init__(self, *args, **kwargs):
+        self.opened = real_safe_open(*args, **kwargs)
+
+    def __enter__(self):
+        self.handle = self.opened.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.opened.__exit__(*exc)
+
+    def keys(self):
+        return self.handle.keys()
+
+    def get_slice(self, key):
+        return CountingSlice(self.handle.get_slice(key))
+
+
+class CountingSlice:
+    def __init__(self, stored):
+        self.stored = stored
+
+    def get_shape(self):
+        return self.stored.get_shape()
+
+    def __getitem__(self, index):
+        tensor = self.stored[index]
+        READ["elements"] += tensor.numel()
+        return tensor
+
+
+real_safe_open = sharded_load.safe_open
+sharded_load.safe_open = CountingReads
 
 
 def main(results: Path, words: list[str]) -> None:
@@ -37,7 +78,8 @@ def main(results: Path, words: list[str]) -> None:
         for param in model.parameters():  # read every local weight once, as the first forward does: from_pretrained
             param.to_local().sum() if distributed.is_fsdp(model) else param.sum()  # maps the file, pages come lazily
         growth = status_mb("VmHWM") - before
-        (results / f"rank{rank}.json").write_text(json.dumps({"peak_rss_growth_mb": growth}))
+        measured = {"peak_rss_growth_mb": growth, "elements_read": READ["elements"]}
+        (results / f"rank{rank}.json").write_text(json.dumps(measured))
         full = distributed.full_tensors(model.state_dict())  # a collective
         if rank == 0:
             save_file({key: tensor.contiguous() for key, tensor in full.items()}, results / "weights.safetensors")
