@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from parity import FP32_TOL
 from runs import assert_replays, crash_at_micro_batch, read_log, tiny_run
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaForCausalLM
@@ -18,7 +19,7 @@ from lora_rm.data import collate_pairs
 from lora_rm.evaluate import rewards_for_pairs
 from lora_rm.inject import lora_layers
 from lora_rm.train import set_up, train
-from lora_rm.warm_start import RECORD_NAME, check_base, check_settings_match, read_init_config
+from lora_rm.warm_start import RECORD_NAME, check_base, check_settings_match, init_lora_config, read_init_config
 
 FLAGS = ["--max-rows", "96", "--max-steps", "3", "--max-length", "32", "--batch-size", "8", "--log-every", "1",
          "--no-progress"]  # fmt: skip
@@ -72,6 +73,29 @@ def test_step_zero_evaluation_is_eval_of_the_adapter(reward_adapter, tmp_path, c
     assert record["init_adapter"] == str(reward_adapter.resolve()) and len(record["sha256"]) == 64
     assert load_file(output / "adapter_model.safetensors").keys() == load_file(
         reward_adapter / "adapter_model.safetensors").keys()
+
+
+def test_a_peft_reward_adapter_starts_where_peft_scores(tmp_path):
+    """PEFT's own SEQ_CLS adapter (perturbed head included): the run's model at step 0 gives PEFT's rewards."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    tokenizer = builtin_tokenizer()
+    peft_model = get_peft_model(builtin_model(tokenizer), PeftLoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        peft_model.base_model.model.score.modules_to_save["default"].weight.mul_(3.0)
+    peft_model.save_pretrained(tmp_path / "peft")
+    peft_model.eval()
+
+    config = tiny_run(tmp_path / "run", init_adapter=str(tmp_path / "peft"), lora=init_lora_config(tmp_path / "peft"))
+    run = set_up(config, 0, 1, torch.device("cpu"))
+    pairs, device = run.eval_sets["eval"], torch.device("cpu")
+    ours = torch.cat(rewards_for_pairs(run.model, pairs, run.collate, 4, device))
+    theirs = torch.cat(rewards_for_pairs(peft_model, pairs, run.collate, 4, device))
+    base = torch.cat(rewards_for_pairs(builtin_model(tokenizer), pairs, run.collate, 4, device))
+    torch.testing.assert_close(ours, theirs, atol=FP32_TOL, rtol=0)  # the parity contract
+    assert (ours - base).abs().max() > 1e-2  # not vacuous: adapter and head moved the rewards
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -142,7 +166,7 @@ def test_merge_init_starts_from_the_base_with_the_sft_adapter_merged(tmp_path):
         return torch.cat([chosen, rejected])
 
     ours, peft_merged, unmerged = rewards(run.model), rewards(oracle(True)), rewards(oracle(False))
-    torch.testing.assert_close(ours, peft_merged, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ours, peft_merged, atol=FP32_TOL, rtol=0)
     assert (ours - unmerged).abs().max() > 1e-2  # not vacuous: the merge moved the rewards
 
 
