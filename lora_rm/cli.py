@@ -132,7 +132,10 @@ def lora_defaults(given: dict[str, Any]) -> LoraConfig:
         return TrainConfig().lora
     from .warm_start import init_lora_config
 
-    return init_lora_config(given["init_adapter"])
+    try:
+        return init_lora_config(given["init_adapter"])
+    except FileNotFoundError as error:  # a usage error, as a bad value is
+        raise ValueError(f"--init-adapter: {error}") from error
 
 
 def parse_pattern_flags(lora_given: dict[str, Any]) -> dict[str, Any]:

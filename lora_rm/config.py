@@ -306,13 +306,14 @@ class TrainConfig:
     def _check_init_adapter(self) -> None:
         """init_adapter's combinations: what warm_start.py cannot do is refused before anything loads."""
         if self.merge_init and not self.init_adapter:
-            raise ValueError("TrainConfig.merge_init needs init_adapter: the folder of the SFT (CAUSAL_LM) adapter")
+            raise ValueError("TrainConfig.merge_init needs TrainConfig.init_adapter: the SFT (CAUSAL_LM) "
+                             "adapter's folder")
         if self.init_adapter and self.fsdp:
-            raise ValueError("TrainConfig: init_adapter with fsdp is not supported (the base is loaded sharded, after "
-                             "the adapter would be applied); drop --fsdp (torchrun then trains with DDP)")
+            raise ValueError("TrainConfig.init_adapter with TrainConfig.fsdp is not supported (the base loads "
+                             "sharded, after the adapter is applied); drop --fsdp (torchrun then trains with DDP)")
         if self.merge_init and self.load_in_4bit:
-            raise ValueError("TrainConfig: merge_init with load_in_4bit is not supported (merging into 4-bit weights "
-                             "would round the SFT update away); merge on a full-precision base")
+            raise ValueError("TrainConfig.merge_init with TrainConfig.load_in_4bit is not supported (merging into "
+                             "4-bit weights would round the SFT update away); merge on a full-precision base")
         if self.init_adapter and not self.merge_init and is_weight_init(self.lora.init_lora_weights):
-            raise ValueError(f"TrainConfig: init_lora_weights={self.lora.init_lora_weights!r} with init_adapter: the "
-                             "adapter's weights replace any init; leave init_lora_weights at True")
+            raise ValueError(f"LoraConfig.init_lora_weights={self.lora.init_lora_weights!r} with "
+                             "TrainConfig.init_adapter: the adapter's weights replace any init; leave it at True")

@@ -32,7 +32,7 @@ from .adapter_io import (
     read_adapter_json,
     read_adapter_weights,
 )
-from .atomic import atomic_path
+from .atomic import write_json
 from .config import BUILTIN, TASK_TYPE, LoraConfig, TrainConfig, is_weight_init
 from .inject import add_lora, find_head_names, find_target_names, merge_lora, pattern_value, remove_lora
 
@@ -166,8 +166,11 @@ def check_unchanged(config: TrainConfig) -> None:
     record_path = Path(config.output) / RECORD_NAME
     if not (config.resume and record_path.is_file()):
         return
-    started = json.loads(record_path.read_text())
-    if init_record(config)["sha256"] != started["sha256"]:
+    try:
+        started = json.loads(record_path.read_text())["sha256"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"cannot resume: {record_path} is corrupt ({error!r})") from error
+    if init_record(config)["sha256"] != started:
         raise ValueError(f"--resume: the weights in --init-adapter {config.init_adapter} changed since this run "
                          f"started from them ({record_path}); restore them, or start a new run")
 
@@ -176,5 +179,4 @@ def record_init(config: TrainConfig, output: Path) -> None:
     """Write OUTPUT/init_adapter.json when the run starts from an adapter (rank 0)."""
     if config.init_adapter is None:
         return
-    with atomic_path(output / RECORD_NAME) as tmp:
-        Path(tmp).write_text(json.dumps(init_record(config), indent=2) + "\n")
+    write_json(output / RECORD_NAME, init_record(config))

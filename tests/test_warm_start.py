@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from lora_rm.builtin import builtin_model, builtin_preference_dataset, builtin_tokenizer
 from lora_rm.cli import main as cli_main
-from lora_rm.config import LoraConfig
+from lora_rm.config import LoraConfig, TrainConfig
 from lora_rm.data import collate_pairs
 from lora_rm.evaluate import rewards_for_pairs
 from lora_rm.inject import lora_layers
@@ -112,6 +112,18 @@ def test_a_mismatched_adapter_is_refused_in_one_line(reward_adapter, tmp_path, c
     # a usage error is printed (exit 2), a failure once the model is loaded is the exit message (exit 1)
     error = exit_info.value.code if isinstance(exit_info.value.code, str) else capsys.readouterr().err.strip()
     assert error.startswith("lora-rm: error:") and "\n" not in error and message in error
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"merge_init": True}, "merge_init needs TrainConfig.init_adapter"),
+    ({"init_adapter": "x", "fsdp": True}, "init_adapter with TrainConfig.fsdp is not supported"),
+    ({"init_adapter": "x", "merge_init": True, "load_in_4bit": True}, "merge_init with TrainConfig.load_in_4bit"),
+    ({"init_adapter": "x", "lora": LoraConfig(target_modules="all-linear", init_lora_weights="olora")},
+     "init_lora_weights='olora' with TrainConfig.init_adapter"),
+])  # fmt: skip
+def test_combinations_it_cannot_do_are_refused_before_anything_loads(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings)
 
 
 def test_another_base_or_task_is_refused(reward_adapter, tmp_path):
