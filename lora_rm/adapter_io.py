@@ -77,8 +77,8 @@ def save_adapter(
         Path(tmp).write_text(config_text + "\n")
 
 
-def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
-    """Parse adapter_config.json (ours or PEFT's), naming the file when it is missing or corrupt."""
+def read_adapter_json(path: str | os.PathLike) -> dict:
+    """adapter_config.json as a dict, any task type, naming the file when it is missing or corrupt."""
     config_path = Path(path) / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: not a saved adapter folder")
@@ -88,10 +88,20 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
         raise ValueError(f"{config_path} is not valid JSON: {error}") from error
     if not isinstance(raw, dict):
         raise ValueError(f"{config_path} holds a JSON {type(raw).__name__}, not an object of PEFT's LoRA settings")
+    return raw
+
+
+def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
+    """Parse adapter_config.json (ours or PEFT's), naming the file when it is missing or corrupt."""
+    return adapter_config_from(read_adapter_json(path), path)
+
+
+def adapter_config_from(raw: dict, path: str | os.PathLike) -> LoraConfig:
+    """LoraConfig.from_peft_dict, its errors naming path's adapter_config.json and the field."""
     try:
         return LoraConfig.from_peft_dict(raw)
     except (TypeError, ValueError) as error:  # its field, not the --flag the CLI would name for LoraConfig.x
-        raise ValueError(f"{config_path}: {str(error).replace('LoraConfig.', '')}") from error
+        raise ValueError(f"{Path(path) / CONFIG_NAME}: {str(error).replace('LoraConfig.', '')}") from error
 
 
 def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:

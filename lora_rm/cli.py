@@ -100,7 +100,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The flags the user gave over TrainConfig's defaults (over BUILTIN_TRAIN_DEFAULTS for the built-in model).
 
     With --resume, flags not given keep the saved run's values (OUTPUT/train_config.json): `lora-rm train --output
-    DIR --resume` continues the run as it was started.
+    DIR --resume` continues the run as it was started. With --init-adapter (no --merge-init), LoRA flags not given
+    take the adapter's values.
     """
     given = {name: value for name, value in vars(args).items() if name not in ("command", "debug")}
     lora_given = {name: given.pop(name) for name in LORA_FIELDS if name in given}
@@ -120,8 +121,21 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     if model == BUILTIN:
         given = {**BUILTIN_TRAIN_DEFAULTS, **given}
     base_name = None if model == BUILTIN else model
-    lora = dataclasses.replace(TrainConfig().lora, **lora_given, base_model_name_or_path=base_name)
+    lora = dataclasses.replace(lora_defaults(given), **lora_given, base_model_name_or_path=base_name)
     return TrainConfig(**given, lora=lora)
+
+
+def lora_defaults(given: dict[str, Any]) -> LoraConfig:
+    """TrainConfig's LoRA settings; from --init-adapter a reward adapter's own (flags given still win, and a
+    conflicting one is refused when the run starts)."""
+    if not given.get("init_adapter") or given.get("merge_init"):
+        return TrainConfig().lora
+    from .warm_start import init_lora_config
+
+    try:
+        return init_lora_config(given["init_adapter"])
+    except FileNotFoundError as error:  # a usage error, as a bad value is
+        raise ValueError(f"--init-adapter: {error}") from error
 
 
 def parse_pattern_flags(lora_given: dict[str, Any]) -> dict[str, Any]:

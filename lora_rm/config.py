@@ -219,6 +219,12 @@ class TrainConfig:
         2, "how many of the latest checkpoints to keep; 1 still keeps the one before the newest, the newest being "
         "unverified until the next steps are checked")
     resume: bool = option(False, "continue from the latest checkpoint in output/checkpoints")
+    init_adapter: str | None = option(
+        None, "start from this saved adapter folder, with a fresh optimizer and schedule (not resume): a reward "
+        "adapter (SEQ_CLS, head included; the CLI takes its LoRA settings unless flags are given), or with "
+        "merge_init an SFT adapter (CAUSAL_LM)")
+    merge_init: bool = option(False, "merge init_adapter, a CAUSAL_LM adapter of an SFT run, into the base first; "
+                              "the reward adapter and the head then start fresh on top")
     overwrite: bool = option(False, "replace a run already in output")
     device: str | None = option(None, "torch device; default cuda if available, else cpu")
     trust_remote_code: bool = option(False, "run model code from the hub (off unless asked)")
@@ -295,3 +301,19 @@ class TrainConfig:
             )
         if self.resume and self.overwrite:
             raise ValueError("TrainConfig: resume and overwrite exclude each other")
+        self._check_init_adapter()
+
+    def _check_init_adapter(self) -> None:
+        """init_adapter's combinations: what warm_start.py cannot do is refused before anything loads."""
+        if self.merge_init and not self.init_adapter:
+            raise ValueError("TrainConfig.merge_init needs TrainConfig.init_adapter: the SFT (CAUSAL_LM) "
+                             "adapter's folder")
+        if self.init_adapter and self.fsdp:
+            raise ValueError("TrainConfig.init_adapter with TrainConfig.fsdp is not supported (the base loads "
+                             "sharded, after the adapter is applied); drop --fsdp (torchrun then trains with DDP)")
+        if self.merge_init and self.load_in_4bit:
+            raise ValueError("TrainConfig.merge_init with TrainConfig.load_in_4bit is not supported (merging into "
+                             "4-bit weights would round the SFT update away); merge on a full-precision base")
+        if self.init_adapter and not self.merge_init and is_weight_init(self.lora.init_lora_weights):
+            raise ValueError(f"LoraConfig.init_lora_weights={self.lora.init_lora_weights!r} with "
+                             "TrainConfig.init_adapter: the adapter's weights replace any init; leave it at True")

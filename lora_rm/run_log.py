@@ -121,7 +121,8 @@ def truncate_log(path: Path, step: int, total_steps: int) -> None:
                 distributed.print_main(f"note: dropping the torn last line {number} of {path} (cut off mid-write)")
                 continue
             raise ValueError(f"cannot resume: {path}:{number} is not a log record ({error!r})") from error
-        final_eval = is_eval and record_step == step == total_steps  # evaluated again at the end of this run
+        # evaluated again by this run: at the end, or at step 0 (a run from --init-adapter evaluates where it starts)
+        final_eval = is_eval and record_step == step and step in (0, total_steps)
         if record_step <= step and not final_eval:
             kept.append(line)
     with atomic_path(path) as tmp:

@@ -33,12 +33,13 @@ from .checkpoint import resume_from_latest_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .evaluate import evaluate, sequence_rewards
 from .health import Health
-from .inject import add_lora, enable_gradient_checkpointing, format_parameter_counts
+from .inject import enable_gradient_checkpointing, format_parameter_counts
 from .loss import bradley_terry_loss, ordered_pairs, ranking_loss, split_rewards
 from .model_io import autocast_context, load_model_and_tokenizer, save_tokenizer
 from .optim import build_optimizer, clip_gradients, learning_rate, optimizer_step, warmup_steps_for
 from .run_folder import output_lock, prepare_output, write_config, write_final_metrics
 from .run_log import LogWindow, RunLog, summary_writer_class, truncate_log
+from .warm_start import add_lora_from_init, record_init
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -49,13 +50,14 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def prepare_model(model: nn.Module, config: TrainConfig, device: torch.device) -> nn.Module:
-    """Dropout off (TRL's default), LoRA in, checkpointing on, then DDP/FSDP; returns what the forward runs through.
+    """Dropout off (TRL's default), LoRA in (from --init-adapter's), checkpointing on, then DDP/FSDP; returns what
+    the forward runs through.
 
     `model` stays the plain module (sharded in place under FSDP) for evaluation and saving.
     """
     if config.disable_dropout:
         disable_dropout(model)
-    add_lora(model, config.lora)
+    add_lora_from_init(model, config)
     model.train()
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model, use_reentrant=config.reentrant_checkpointing)
@@ -161,6 +163,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     with output_lock(Path(config.output)):
         run = set_up(config, rank, world_size, device)
         log = RunLog(run.log_path, config.report_to, tuple(run.eval_sets), run.start_step)
+        if config.init_adapter and run.start_step == 0:  # where it starts: `lora-rm eval --adapter`'s numbers
+            run.evaluate(0, log)
         window, started = LogWindow(start=run.start_step), time.perf_counter()
         train_seconds = train_steps(run, log, window, started)
         return finish(run, log, window, started, train_seconds)
@@ -202,6 +206,7 @@ def set_up(config: TrainConfig, rank: int, world_size: int, device: torch.device
     if distributed.is_main():
         truncate_log(run.log_path, run.start_step, run.total_steps)
         write_config(config, output)
+        record_init(config, output)
     return run
 
 
