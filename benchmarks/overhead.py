@@ -8,7 +8,8 @@ A train step is the same code for every configuration, only the model differs: c
 as one batch of 2 * pairs sequences, the Bradley-Terry loss -logsigmoid(r_c - r_r).mean(), backward, an AdamW
 step on whatever is trainable, zero_grad(set_to_none=True). The floor is that step on a fully frozen model
 that backpropagates to its input embeddings only: the least any LoRA step can cost. Configurations run
-interleaved (A B C A B C ...) after warm-up, on the same batch, so a slow moment hits all of them alike;
+interleaved after warm-up, each round starting one configuration later (A B C, B C A, ...; paired.py), on the
+same batch, so a slow moment hits all of them alike and no configuration always follows the same neighbour;
 ratios to the floor are the headline, absolute times describe only this machine.
 
 Peak memory is measured in a fresh process per configuration, so peaks do not mix: CUDA
@@ -39,6 +40,7 @@ from lora_rm.inject import lora_layers
 from lora_rm.loss import bradley_terry_loss
 
 from . import report
+from .paired import rotation
 
 # Llama-family models built offline from a config: (hidden, intermediate, layers, heads, vocab); any other
 # --model is a hub id or a local path.
@@ -300,16 +302,17 @@ def run(args: argparse.Namespace) -> dict:
     built = {v.name: build(v, base, args) for v in rows}
     batch = make_batch(args, base.config.vocab_size)
     steps = {v.name: train_step if v.trains else forward_step for v in rows}
-    for _ in range(args.warmup):
-        for v in rows:
-            timed(steps[v.name], *built[v.name], batch, args)
+    names = [v.name for v in rows]
+    for k in range(args.warmup):
+        for name in rotation(names, k):
+            timed(steps[name], *built[name], batch, args)
     wall = {v.name: [] for v in rows}
     cpu = {v.name: [] for v in rows}
-    for _ in range(args.repeats):  # interleaved: A B C A B C ...
-        for v in rows:
-            w, c = timed(steps[v.name], *built[v.name], batch, args)
-            wall[v.name].append(w)
-            cpu[v.name].append(c)
+    for k in range(args.repeats):  # interleaved and rotated (paired.py): A B C, B C A, C A B, ...
+        for name in rotation(names, k):
+            w, c = timed(steps[name], *built[name], batch, args)
+            wall[name].append(w)
+            cpu[name].append(c)
     tokens = 2 * args.pairs * args.seq_len
     results = []
     for v in rows:
