@@ -33,7 +33,7 @@ LOAD_FIELDS = ("model", "base_dtype", "load_in_4bit", "bnb_4bit_compute_dtype", 
                "allow_pickle_weights")
 EVAL_FIELDS = (*LOAD_FIELDS, "dataset", "split", "rows", "max_rows", "max_length", "length_policy", "skip_bad_rows",
                "batch_size", "packing", "max_tokens_per_batch")
-SCORE_FIELDS = (*LOAD_FIELDS, "max_length", "batch_size", "packing")
+SCORE_FIELDS = (*LOAD_FIELDS, "max_length", "batch_size", "packing", "progress")
 REPEATABLE_FIELDS = ("eval_dataset",)  # a flag given more than once makes a list (one given once: its value)
 NEGATIVE_VALUE = re.compile(r"-\.?\d")  # "-512:" (a slice), "-1e-4": argparse takes them for flags
 USAGE_EXIT, FAILURE_EXIT = 2, 1
@@ -264,14 +264,19 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def load_for_command(args: argparse.Namespace, settings: dict[str, Any]):
-    """The base model with the saved adapter, on the requested device: (model, tokenizer)."""
+    """The base model with the saved adapter (none: the model as it is), on the requested device: (model, tokenizer)."""
     import torch
 
-    from .model_io import load_reward_model
+    from .model_io import load_model_and_tokenizer, load_reward_model
 
     device = settings["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     load_options = {name: settings[name] for name in LOAD_FIELDS if name != "model"}
-    model, tokenizer = load_reward_model(settings["model"], args.adapter, **{**load_options, "device": device})
+    load_options["device"] = device
+    if getattr(args, "adapter", None):
+        model, tokenizer = load_reward_model(settings["model"], args.adapter, **load_options)
+    else:  # a stock one-label AutoModelForSequenceClassification (or a merged folder)
+        model, tokenizer = load_model_and_tokenizer(settings["model"], **load_options)
+        model.eval()
     return (model if settings["load_in_4bit"] else model.to(device)), tokenizer
 
 
@@ -286,6 +291,8 @@ def run_eval(args: argparse.Namespace) -> None:
     sections = read_sections(args.sections) if args.sections else None  # a bad file fails before the model loads
     if args.log and not Path(args.log).is_file():  # checked before the model loads, not after the whole eval
         raise ValueError(f"--log {args.log}: no such file (a training log.jsonl to plot the curves from)")
+    if args.predictions and not Path(args.predictions).resolve().parent.is_dir():
+        raise ValueError(f"--predictions {args.predictions}: its folder does not exist")
     model, tokenizer = load_for_command(args, settings)
     dataset = load_preference_dataset(settings["dataset"], settings["split"], settings["max_rows"], settings["rows"],
                                       seed=args.seed)
@@ -297,13 +304,15 @@ def run_eval(args: argparse.Namespace) -> None:
         metrics, stats, written = evaluate_dataset(
             model, tokenizer, dataset, settings["max_length"], settings["length_policy"], settings["skip_bad_rows"],
             settings["batch_size"], args.report, args.log, sections, settings["packing"],
-            settings["max_tokens_per_batch"],
+            settings["max_tokens_per_batch"], args.predictions,
         )
     print(f"eval pairs: {stats}", file=sys.stderr)
     finite_metrics = finite_or_none(metrics)
     print(json.dumps(finite_metrics, allow_nan=False))  # strict JSON: a NaN would make the line unreadable
     if written:
         print(f"report: {', '.join(str(path) for path in written)}", file=sys.stderr)
+    if args.predictions:
+        print(f"predictions: {args.predictions}", file=sys.stderr)
     if finite_metrics != metrics:
         raise SystemExit("lora-rm: error: some metrics are NaN or inf (printed as null): the adapter's rewards are "
                          "not finite, e.g. saved from a diverged run")
@@ -321,38 +330,27 @@ def benchmark_dataset(args: argparse.Namespace) -> str:
                         ("--skip-bad-rows", getattr(args, "skip_bad_rows", False))):
         if args.benchmark and given:
             usage_error(f"eval --benchmark takes no {flag}: the benchmark fixes its sections and scores every row")
+    if args.benchmark and args.predictions:
+        usage_error("eval --benchmark does not write --predictions; run eval without --benchmark for them")
     return data
 
 
 def read_score_inputs(path: str | None) -> list:
-    """Texts to score: JSONL lines with "text" (a string) or "messages" (a chat), or plain text lines."""
-    lines = (Path(path).read_text() if path and path != "-" else sys.stdin.read()).splitlines()
-    items = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            items.append(line)
-            continue
-        if isinstance(record, dict) and ("text" in record or "messages" in record):
-            value = record["text"] if "text" in record else record["messages"]
-            if not (isinstance(value, str) if "text" in record else
-                    isinstance(value, list) and all(isinstance(m, dict) for m in value)):
-                raise ValueError(f"score input line {number}: 'text' must be a string and 'messages' a list of "
-                                 f"{{role, content}} messages, not {type(value).__name__} ({value!r:.40})")
-            items.append(value)
-        elif isinstance(record, dict):
-            raise ValueError(f"score input line {number}: a JSON object needs a 'text' or 'messages' field")
-        else:
-            items.append(line)  # e.g. "42": plain text that happens to parse as JSON
-    return items
+    """Texts to score: JSONL lines with "text", "messages" (a chat) or "prompt" and "response", or plain text lines."""
+    from .scoring import read_rows
+
+    text = Path(path).read_text() if path and path != "-" else sys.stdin.read()
+    return [item for _, _, item in read_rows(text.splitlines())]
 
 
 def run_score(args: argparse.Namespace) -> None:
     from .evaluate import score_texts
 
+    if args.output:
+        run_score_file(args)
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("under torchrun, score needs --input FILE and --output FILE (rank 0 writes the file)")
     settings = given_or_default(args, SCORE_FIELDS)
     model, tokenizer = load_for_command(args, settings)
     inputs = read_score_inputs(args.input)
@@ -362,6 +360,31 @@ def run_score(args: argparse.Namespace) -> None:
     if not all(math.isfinite(reward) for reward in rewards):
         raise SystemExit("lora-rm: error: some rewards are NaN or inf: the adapter's rewards are not finite, e.g. "
                          "saved from a diverged run")
+
+
+def run_score_file(args: argparse.Namespace) -> None:
+    """score --output: streamed, resumable, split over torchrun's processes (scoring.score_file)."""
+    import torch
+
+    from . import distributed
+    from .scoring import score_file
+
+    settings = given_or_default(args, SCORE_FIELDS)
+    if not args.input or args.input == "-":
+        raise ValueError("score --output needs --input FILE: a resumed run reads its input again from the start")
+    if args.window < 1:
+        usage_error(f"--window must be at least 1, got {args.window}")
+    with distributed.process_group():
+        device = torch.device(settings["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+        _, _, device = distributed.init_from_env(device)  # under torchrun: one GPU per process
+        model, tokenizer = load_for_command(args, {**settings, "device": str(device)})
+        done = score_file(model, tokenizer, args.input, args.output, settings["max_length"], settings["batch_size"],
+                          settings["packing"], args.window, settings["progress"])
+        distributed.print_main(f"scored {done['rows']} rows into {args.output} ({done['resumed']} already there)",
+                               file=sys.stderr)
+    if done["nonfinite"]:
+        raise SystemExit(f"lora-rm: error: {done['nonfinite']} rewards are NaN or inf (written as null): the model's "
+                         "rewards are not finite, e.g. saved from a diverged run")
 
 
 def run_merge(args: argparse.Namespace) -> None:
@@ -398,7 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("merge", "fold the adapter into a plain HF model", LOAD_FIELDS),
     ]:
         sub = commands.add_parser(name, help=help_text, argument_default=argparse.SUPPRESS)
-        sub.add_argument("--adapter", required=True, help="folder with adapter_config.json (ours or PEFT's)")
+        if name == "merge":
+            sub.add_argument("--adapter", required=True, help="folder with adapter_config.json (ours or PEFT's)")
+        else:
+            sub.add_argument("--adapter", default=None, help="folder with adapter_config.json (ours or PEFT's); "
+                             "without it --model is used as it is: any one-label AutoModelForSequenceClassification")
         add_field_flags(sub, TrainConfig, fields, defaults)
         sub.add_argument("--debug", action="store_true", help=debug_help)
         if name == "eval":
@@ -411,7 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "(sections, overall) on DATA in allenai/reward-bench's or reward-bench-2's schema")
             sub.add_argument("data", nargs="?", default=None, metavar="DATA", help="the data (same as --dataset)")
         if name == "score":
-            sub.add_argument("--input", default=None, help="JSONL ('text' or 'messages') or plain lines; default stdin")
+            sub.add_argument("--input", default=None, help="JSONL ('text', 'messages', or 'prompt' and 'response'; "
+                             "optional 'id') or plain lines; default stdin")
+            sub.add_argument("--output", default=None, help="JSONL file of {id, reward} lines in input order, "
+                             "streamed and resumable (rerun the same command after a kill); id is the row's 'id', "
+                             "else its 1-based line number in --input. Without it: one reward per line on stdout")
+            sub.add_argument("--window", type=int, default=1024, help="with --output: rows read, sorted by length "
+                             "and scored together; memory holds one window; a resumed run needs the same value "
+                             "(default: 1024)")
         if name == "merge":
             sub.add_argument("--output", required=True, help="folder for the merged model and its tokenizer")
     return parser

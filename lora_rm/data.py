@@ -45,6 +45,7 @@ from .encode import (
 
 MIN_EVAL_PAIRS = 20  # an automatic eval split smaller than this gets a warning: its accuracy moves in steps of 5%+
 TOKENIZED_COLUMNS = (("chosen_ids", "rejected_ids"), ("input_ids_chosen", "input_ids_rejected"))
+PAIR_ID = "_pair_id"  # eval --predictions: each pair's id as JSON text (evaluate.with_pair_ids), kept by tokenize_pairs
 
 
 def _select_rows(dataset: Dataset, rows: str) -> Dataset:
@@ -201,7 +202,7 @@ def tokenize_pairs(
         "length_policy": length_policy,
         "skip_bad_rows": skip_bad_rows,
     }
-    keep_columns = {"margin", "subset"}  # subset: per-subset evaluation (eval_stats.py)
+    keep_columns = {"margin", "subset", PAIR_ID}  # subset: per-subset evaluation (eval_stats.py)
     encoded = dataset.map(
         _encode_row,
         fn_kwargs=kwargs,

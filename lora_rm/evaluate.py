@@ -3,12 +3,15 @@
 The reward of a text is the score head's output at its last real token (lora_rm/data.py says which token
 that is). Pairs are scored in one forward: chosen rows first, then rejected rows, padded right as TRL does; K-way
 rows stack every response of a batch into one forward. evaluate() is what training logs; evaluate_dataset is
-`lora-rm eval` (with the length-only baselines and the report); score_texts is `lora-rm score`.
+`lora-rm eval` (with the length-only baselines, the report and the predictions file); score_texts is `lora-rm score`
+on a list (scoring.py streams a file through score_by_length).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import data, distributed, encode, ranking, rewardbench
+from .atomic import atomic_path
 from .eval_stats import pair_report
 from .loss import ordered_pairs, preference_metrics, ranking_metrics, reward_stats, split_rewards
 from .model_io import autocast_context
@@ -80,19 +84,25 @@ def evaluate_dataset(
     model, tokenizer, dataset, max_length: int | None, length_policy: str = "drop", skip_bad_rows: bool = False,
     batch_size: int = 8, report: str | Path | None = None, log: str | Path | None = None,
     sections: dict[str, list[str]] | None = None, packing: str = "auto", max_tokens_per_batch: int | None = None,
+    predictions: str | Path | None = None,
 ) -> tuple[dict[str, Any], encode.DataStats, list[Path]]:
     """Tokenize preference rows, score them and optionally write the reward report: (metrics, stats, report files).
 
     The metrics carry eval_stats.pair_report's length-only baselines and intervals; per subset, macro and per
-    section when the rows have a `subset` column (sections: {section: [subsets]}).
+    section when the rows have a `subset` column (sections: {section: [subsets]}). predictions: a JSONL file with
+    each scored pair's id and rewards (write_predictions).
     """
     if sections and "subset" not in dataset.column_names:
         raise ValueError(f"--sections needs a 'subset' column in the data; it has {dataset.column_names}")
+    if predictions:
+        dataset = with_pair_ids(dataset)
     tokenized, stats = data.tokenize_pairs(dataset, tokenizer, max_length, length_policy, skip_bad_rows)
     pairs = tokenized.to_list()
     device = next(model.parameters()).device
     k_way = ranking.is_ranking_rows(pairs)
     mode = resolve_packing(packing, model, print if not k_way else lambda message: None, k_way_rows=k_way)
+    if k_way and predictions:
+        raise ValueError("--predictions writes one line per pair; these rows are K-way rankings")
     if k_way:  # K-way rows, scored padded (an explicit packed mode was refused): top-1, pairwise, Kendall's tau
         metrics, written = evaluate_ranking_rows(model, tokenizer, pairs, batch_size, device, report, log)
         return metrics, stats, written
@@ -103,6 +113,8 @@ def evaluate_dataset(
                                          packing=mode, max_tokens_per_batch=max_tokens_per_batch,
                                          pad_token_id=tokenizer.pad_token_id)
     metrics = eval_metrics(chosen, rejected)
+    if predictions:
+        write_predictions(predictions, [pair[data.PAIR_ID] for pair in pairs], chosen, rejected)
     lengths_chosen = [len(pair["chosen_ids"]) for pair in pairs]
     lengths_rejected = [len(pair["rejected_ids"]) for pair in pairs]
     subsets = [pair["subset"] for pair in pairs] if "subset" in tokenized.column_names else None
@@ -152,28 +164,68 @@ def evaluate_benchmark(model, tokenizer, dataset, benchmark: str, max_length: in
     return metrics, stats
 
 
-@torch.no_grad()
+def with_pair_ids(dataset):
+    """The rows with data.PAIR_ID added: each row's `id` as JSON text, else its 0-based index in the data as loaded."""
+    ids = dataset["id"] if "id" in dataset.column_names else range(len(dataset))
+    return dataset.add_column(data.PAIR_ID, [json.dumps(pair_id, default=str) for pair_id in ids])
+
+
+def write_predictions(path: str | Path, ids: list[str], chosen: Tensor, rejected: Tensor) -> None:
+    """One JSON line per scored pair, {"id", "chosen_reward", "rejected_reward"} (null if not finite), atomically."""
+    def finite(value: float) -> float | None:
+        return value if math.isfinite(value) else None
+
+    with atomic_path(Path(path)) as tmp, open(tmp, "w") as handle:
+        for pair_id, reward_chosen, reward_rejected in zip(ids, chosen.tolist(), rejected.tolist(), strict=True):
+            record = {"id": json.loads(pair_id), "chosen_reward": finite(reward_chosen),
+                      "rejected_reward": finite(reward_rejected)}
+            handle.write(json.dumps(record, allow_nan=False) + "\n")
+
+
+def encode_item(tokenizer, item: Any) -> list[int]:
+    """Token ids of a text, a chat, or a (prompt, response) tuple, as training encodes one side (EOS included)."""
+    prompt, response = item if isinstance(item, tuple) else (None, item)
+    return encode.encode_text(tokenizer, prompt, response)
+
+
 def score_texts(model, tokenizer, items: list, max_length: int | None = None, batch_size: int = 8,
                 packing: str = "auto") -> list[float]:
-    """One reward per text (or chat), encoded exactly as training encoded each side (EOS included).
+    """One reward per text (or chat, or (prompt, response) tuple), encoded exactly as training encoded each side.
 
     Any packing mode but none scores the texts padding-free (texts share no prompt).
     """
+    sides = [encode_item(tokenizer, item) for item in items]
+    too_long = [i for i, ids in enumerate(sides) if max_length and len(ids) > max_length]
+    if too_long:
+        raise ValueError(f"texts {too_long} are longer than max_length={max_length} tokens")
     mode = resolve_packing(packing, model, lambda message: None)
+    return score_token_ids(model, tokenizer.pad_token_id, sides, batch_size, mode)
+
+
+@torch.no_grad()
+def score_token_ids(model, pad_token_id: int, sides: list[list[int]], batch_size: int, mode: str) -> list[float]:
+    """Rewards of encoded sides, batch_size at a time in the order given; mode is a resolved packing mode."""
     device = next(model.parameters()).device
     rewards = []
-    for start in range(0, len(items), batch_size):
-        sides = [encode.encode_text(tokenizer, None, item) for item in items[start : start + batch_size]]
-        too_long = [start + i for i, ids in enumerate(sides) if max_length and len(ids) > max_length]
-        if too_long:
-            raise ValueError(f"texts {too_long} are longer than max_length={max_length} tokens")
+    for start in range(0, len(sides), batch_size):
+        batch = sides[start : start + batch_size]
         if mode != "none":
-            packed = pack_groups([[ids] for ids in sides], tokenizer.pad_token_id, False, is_encoder(model))
+            packed = pack_groups([[ids] for ids in batch], pad_token_id, False, is_encoder(model))
             rewards.extend(packed_rewards(model, packed, device).tolist())
             continue
-        input_ids, attention_mask = encode.pad_sequences(sides, tokenizer.pad_token_id, "right")
+        input_ids, attention_mask = encode.pad_sequences(batch, pad_token_id, "right")
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
         rewards.extend(logits.squeeze(-1).float().tolist())
+    return rewards
+
+
+def score_by_length(model, pad_token_id: int, sides: list[list[int]], batch_size: int, mode: str) -> list[float]:
+    """score_token_ids over the sides sorted by length (less padding), the rewards given back in the sides' order."""
+    order = sorted(range(len(sides)), key=lambda i: len(sides[i]))  # stable: the same batches on every run
+    rewards = [0.0] * len(sides)
+    for i, reward in zip(order, score_token_ids(model, pad_token_id, [sides[i] for i in order], batch_size, mode),
+                         strict=True):
+        rewards[i] = reward
     return rewards
 
 
