@@ -82,8 +82,9 @@ def windows(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
         yield window
 
 
-def written_lines(output: Path) -> Iterator[tuple[Any, int]]:
-    """(id, byte offset just after the line) of each complete line of a score output; a torn last line ends it."""
+def written_lines(output: Path) -> Iterator[tuple[Any, float | None, int]]:
+    """(id, reward, byte offset just after the line) of each complete line of a score output; a torn last line ends
+    it."""
     with open(output, "rb") as handle:
         offset = 0
         for number, line in enumerate(handle, 1):
@@ -97,33 +98,35 @@ def written_lines(output: Path) -> Iterator[tuple[Any, int]]:
             if not (isinstance(record, dict) and record.keys() == {"id", "reward"}):
                 raise ValueError(f"--output {output} line {number} is not a score line ({line[:40]!r}): not a "
                                  "`lora-rm score` output; delete it or choose another --output")
-            yield record["id"], offset
+            yield record["id"], record["reward"], offset
 
 
-def resume_point(output: Path, input_windows: Iterator[list[Row]]) -> tuple[int, int, list[Row] | None]:
-    """(rows kept, bytes kept, first window to score) of an existing output; reads input_windows up to that window.
+def resume_point(output: Path, input_windows: Iterator[list[Row]]) -> tuple[int, int, int, list[Row] | None]:
+    """(rows kept, bytes kept, null rewards kept, first window to score) of an existing output; reads input_windows
+    up to that window.
 
     A window counts as done only when all its lines are there with the input's ids; the first other one is
     returned to be scored again whole (None: the input is done).
     """
     if not output.exists():
-        return 0, 0, None
+        return 0, 0, 0, None
     written = written_lines(output)
-    rows_kept = bytes_kept = 0
+    rows_kept = bytes_kept = nulls_kept = 0
     for window in input_windows:
         lines = list(itertools.islice(written, len(window)))
         if len(lines) < len(window):
-            return rows_kept, bytes_kept, window
-        for k, ((number, row_id, _), (written_id, _)) in enumerate(zip(window, lines, strict=True)):
+            return rows_kept, bytes_kept, nulls_kept, window
+        for k, ((number, row_id, _), (written_id, _, _)) in enumerate(zip(window, lines, strict=True)):
             if written_id != row_id:
                 raise ValueError(f"--output {output} line {rows_kept + k + 1} has id {written_id!r} where input "
                                  f"line {number} has id {row_id!r}: it was written from other input; delete it or "
                                  "choose another --output")
-        rows_kept, bytes_kept = rows_kept + len(window), lines[-1][1]
+        rows_kept, bytes_kept = rows_kept + len(window), lines[-1][2]
+        nulls_kept += sum(reward is None for _, reward, _ in lines)
     if next(written, None) is not None:
         raise ValueError(f"--output {output} has more lines than the input has rows ({rows_kept}): it was written "
                          "from other input; delete it or choose another --output")
-    return rows_kept, bytes_kept, None
+    return rows_kept, bytes_kept, nulls_kept, None
 
 
 def window_rewards(model, tokenizer, window: list[Row], max_length: int | None, batch_size: int,
@@ -188,13 +191,13 @@ def score_file(model, tokenizer, input_path: str | Path, output: str | Path, max
     mode = resolve_packing(packing, model, lambda message: None)
     with open(input_path, encoding="utf-8") as lines:
         input_windows = windows(read_rows(lines), window)
-        rows_kept, bytes_kept, pending = resume_point(output, input_windows)
+        rows_kept, bytes_kept, nonfinite, pending = resume_point(output, input_windows)
         distributed.barrier()  # every rank has read the old output before rank 0 cuts it
         handle = open_output(output, bytes_kept) if distributed.is_main() else None
         show = progress and distributed.is_main() and sys.stderr.isatty()
         bar = tqdm(total=count_rows(input_path) if show else None, initial=rows_kept, unit="rows", desc="score",
                    disable=not show)
-        n_rows, nonfinite = rows_kept, 0
+        n_rows = rows_kept
         try:
             for rows in itertools.chain([pending] if pending else [], input_windows):
                 rewards = window_rewards(model, tokenizer, rows, max_length, batch_size, mode)

@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from runs import torchrun
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import lora_rm.scoring as scoring
@@ -248,3 +250,18 @@ def test_grpo_scores_a_merged_folder_as_lora_rm_score_does(adapter, tmp_path):
     lora_rm = score_texts(load_adapter(builtin_model(tokenizer), adapter).eval(), tokenizer,
                           [p + c for p, c in zip(*texts, strict=True)])
     assert max(abs(a - b) for a, b in zip(theirs, lora_rm, strict=True)) > 1e-3  # the known gap, see the README
+
+
+def test_nan_rewards_are_written_as_null_and_fail_the_run_also_when_resumed(adapter, inputs, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter, broken)
+    weights = load_file(broken / "adapter_model.safetensors")
+    key = next(k for k in weights if "lora_B" in k)
+    weights[key] = torch.full_like(weights[key], float("nan"))
+    save_file(weights, broken / "adapter_model.safetensors")
+    output = tmp_path / "out.jsonl"
+    command = ["score", "--adapter", str(broken), "--input", str(inputs), "--output", str(output), *FLAGS]
+    for _ in range(2):  # the rerun scores nothing and still fails
+        with pytest.raises(SystemExit, match="^lora-rm: error: 19 rewards are NaN or inf"):
+            main(command)
+    assert {score["reward"] for score in read_scores(output.read_bytes())} == {None}
