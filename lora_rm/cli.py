@@ -274,6 +274,9 @@ def load_for_command(args: argparse.Namespace, settings: dict[str, Any]):
     load_options["device"] = device
     if getattr(args, "adapter", None):
         model, tokenizer = load_reward_model(settings["model"], args.adapter, **load_options)
+    elif settings["model"] == BUILTIN:
+        raise ValueError(f"{args.command} without --adapter scores --model as it is: give a one-label reward model "
+                         "(the built-in demo model is untrained), or an --adapter")
     else:  # a stock one-label AutoModelForSequenceClassification (or a merged folder)
         model, tokenizer = load_model_and_tokenizer(settings["model"], **load_options)
         model.eval()

@@ -167,6 +167,8 @@ def stock_model_folder(folder: Path) -> None:
 
 
 def test_a_stock_model_is_scored_and_evaluated_without_an_adapter(inputs, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="score without --adapter scores --model as it is: give a one-label"):
+        main(["score", "--input", str(inputs)])  # the built-in model, untrained
     stock = tmp_path / "stock"
     stock_model_folder(stock)
     output = tmp_path / "out.jsonl"
