@@ -377,6 +377,10 @@ def run_score_file(args: argparse.Namespace) -> None:
         raise ValueError("score --output needs --input FILE: a resumed run reads its input again from the start")
     if args.window < 1:
         usage_error(f"--window must be at least 1, got {args.window}")
+    if not Path(args.input).is_file():  # both checked before the model loads
+        raise ValueError(f"--input {args.input}: no such file")
+    if not Path(args.output).resolve().parent.is_dir():
+        raise ValueError(f"--output {args.output}: its folder does not exist")
     with distributed.process_group():
         device = torch.device(settings["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
         _, _, device = distributed.init_from_env(device)  # under torchrun: one GPU per process
