@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import torchrun
+from runs import torchrun_process
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -152,11 +152,16 @@ def test_an_output_from_other_input_or_another_file_is_refused(adapter, inputs, 
 @pytest.mark.slow
 def test_torchrun_splits_the_rows_and_writes_the_same_file(adapter, inputs, full_run, tmp_path):
     output = tmp_path / "out.jsonl"
-    torchrun("-m", "lora_rm", "score", "--adapter", str(adapter), "--input", str(inputs), "--output", str(output),
-             *FLAGS)
+    kept = b"".join(full_run.splitlines(keepends=True)[:10])  # two whole windows, then a torn third one
+    output.write_bytes(full_run[: len(kept) + 12])
+    done = torchrun_process("-m", "lora_rm", "score", "--adapter", str(adapter), "--input", str(inputs), "--output",
+                            str(output), *FLAGS)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stderr.count("(10 already there)") == 1  # resumed after the two whole windows; rank 0 says so
     ours, one_process = read_scores(output.read_bytes()), read_scores(full_run)
     assert [score["id"] for score in ours] == EXPECTED_IDS
     assert [score["reward"] for score in ours] == pytest.approx([s["reward"] for s in one_process], abs=1e-5)
+    assert output.read_bytes().startswith(kept)
 
 
 def stock_model_folder(folder: Path) -> None:
