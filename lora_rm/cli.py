@@ -441,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--log", default=None, help="a training log.jsonl to plot loss and accuracy curves from")
             sub.add_argument("--sections", default=None, help="JSON {section: [subsets]}: section scores weighted "
                              "by pairs, as RewardBench (needs a 'subset' column)")
+            sub.add_argument("--predictions", default=None, help="JSONL file: one line per scored pair, {id, "
+                             "chosen_reward, rejected_reward}; id is the row's 'id', else its 0-based row index")
             sub.add_argument("--benchmark", default=None, choices=BENCHMARKS, help="RewardBench's official scores "
                              "(sections, overall) on DATA in allenai/reward-bench's or reward-bench-2's schema")
             sub.add_argument("data", nargs="?", default=None, metavar="DATA", help="the data (same as --dataset)")
