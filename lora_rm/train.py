@@ -38,7 +38,8 @@ from .loss import bradley_terry_loss, ordered_pairs, ranking_loss, split_rewards
 from .model_io import autocast_context, load_model_and_tokenizer, save_tokenizer
 from .optim import build_optimizer, clip_gradients, learning_rate, optimizer_step, warmup_steps_for
 from .run_folder import output_lock, prepare_output, write_config, write_final_metrics
-from .run_log import LogWindow, RunLog, summary_writer_class, truncate_log
+from .run_log import LogWindow, RunLog, truncate_log
+from .trackers import check_installed, open_trackers
 from .warm_start import add_lora_from_init, record_init
 
 
@@ -158,16 +159,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Train a LoRA reward model as configured, holding OUTPUT/.lock throughout; returns the final eval metrics."""
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world_size, device = distributed.init_from_env(device)  # (0, 1, device) outside torchrun
-    if config.report_to == "tensorboard":
-        summary_writer_class()  # a missing extra fails before the output folder or the model is touched
+    check_installed(config.report_to)  # a missing extra fails before the output folder or the model is touched
     with output_lock(Path(config.output)):
         run = set_up(config, rank, world_size, device)
-        log = RunLog(run.log_path, config.report_to, tuple(run.eval_sets), run.start_step)
-        if config.init_adapter and run.start_step == 0:  # where it starts: `lora-rm eval --adapter`'s numbers
-            run.evaluate(0, log)
-        window, started = LogWindow(start=run.start_step), time.perf_counter()
-        train_seconds = train_steps(run, log, window, started)
-        return finish(run, log, window, started, train_seconds)
+        with RunLog(run.log_path, tuple(run.eval_sets), open_trackers(config, run.output, run.start_step)) as log:
+            if config.init_adapter and run.start_step == 0:  # where it starts: `lora-rm eval --adapter`'s numbers
+                run.evaluate(0, log)
+            window, started = LogWindow(start=run.start_step), time.perf_counter()
+            train_seconds = train_steps(run, log, window, started)
+            return finish(run, log, window, started, train_seconds)  # the trackers close after it, failed on error
 
 
 def set_up(config: TrainConfig, rank: int, world_size: int, device: torch.device) -> Run:
