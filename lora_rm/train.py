@@ -35,6 +35,7 @@ from .evaluate import evaluate, sequence_rewards
 from .health import Health
 from .inject import enable_gradient_checkpointing, format_parameter_counts
 from .loss import bradley_terry_loss, ordered_pairs, ranking_loss, split_rewards
+from .model_card import write_adapter_card
 from .model_io import autocast_context, load_model_and_tokenizer, save_tokenizer
 from .optim import build_optimizer, clip_gradients, learning_rate, optimizer_step, warmup_steps_for
 from .run_folder import output_lock, prepare_output, write_config, write_final_metrics
@@ -334,6 +335,8 @@ def finish(run: Run, log: RunLog, window: LogWindow, started: float, train_secon
     if len(finals) > 1:
         final["eval_datasets"] = {prefix.removeprefix("eval_"): metrics for prefix, metrics in finals.items()}
     write_final_metrics(run.output, final, distributed.is_main())  # fails as eval does on a NaN or inf
+    if distributed.is_main():
+        write_adapter_card(run.output, run.config)  # README.md, from the files just written
     distributed.barrier()
     final["train_seconds"], final["total_seconds"] = train_seconds, time.perf_counter() - started
     all_pairs = distributed.sum_over_ranks([window.pairs_seen])[0]
