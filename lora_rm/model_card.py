@@ -24,7 +24,7 @@ from .atomic import atomic_path
 from .config import BUILTIN, TrainConfig
 
 CARD_NAME = "README.md"
-TAGS = ["reward-model", "lora-rm"]
+TAGS = ["reward-model", "lora-rm", "lora"]  # an adapter folder adds "peft"
 # What `lora-rm push` uploads: the weights, configs, tokenizer, card and the run's small JSON files and log; never
 # checkpoints/ (optimizer and RNG state for --resume), TensorBoard events, the report's PNGs or hidden files.
 PUSHED = ("README.md", WEIGHTS_NAME, CONFIG_NAME, "config.json", "model.safetensors", "model-*.safetensors",
@@ -55,7 +55,7 @@ def front_matter(base: str | None, library: str, datasets: list[str | None]) -> 
     """The YAML block between --- lines, written by huggingface_hub as the hub reads it; local names left out."""
     from huggingface_hub import ModelCardData
 
-    tags = [*TAGS, "lora", "peft"] if library == "peft" else [*TAGS, "lora"]
+    tags = [*TAGS, "peft"] if library == "peft" else TAGS
     hub_datasets = list(dict.fromkeys(name for name in map(hub_id, datasets) if name))
     data = ModelCardData(base_model=hub_id(base), library_name=library, pipeline_tag="text-classification",
                          tags=tags, datasets=hub_datasets or None)
@@ -63,10 +63,12 @@ def front_matter(base: str | None, library: str, datasets: list[str | None]) -> 
 
 
 def number(value: Any) -> str:
+    """A metric as the card prints it: 4 decimals, n/a when absent."""
     return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def interval(metrics: dict[str, Any], key: str) -> str:
+    """The bootstrap interval of metrics[key] as [low, high]."""
     low_high = metrics.get(f"{key}_ci")
     return f"[{number(low_high[0])}, {number(low_high[1])}]" if low_high else "n/a"
 
@@ -86,6 +88,7 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 
 
 def evaluation_section(metrics: dict[str, Any] | None, eval_data: str, source: str) -> str:
+    """The final accuracy of each eval set beside the length-only rules, with intervals."""
     if not metrics:
         return "## Evaluation\n\nNo lora-rm evaluation was found beside the adapter.\n"
     sets = metrics.get("eval_datasets") or {None: metrics}
@@ -98,6 +101,7 @@ def evaluation_section(metrics: dict[str, Any] | None, eval_data: str, source: s
 
 
 def normalising_section(stats: dict[str, Any] | None) -> str:
+    """reward_stats: the mean and std a policy trainer normalises rewards with."""
     if not stats:
         return ""
     return (f"## Normalising rewards\n\nOn the eval pairs (both sides) the rewards have mean {stats['mean']!r} and "
@@ -115,6 +119,7 @@ def base_lines(base: str) -> str:
 
 
 def adapter_loading(base: str) -> str:
+    """Loading a trained folder three ways: PEFT, lora-rm, merged into plain transformers."""
     return f"""## Loading
 
 `ADAPTER` is this folder (from the hub: `huggingface_hub.snapshot_download(REPO_ID)`).
@@ -156,7 +161,9 @@ tokenizer = AutoTokenizer.from_pretrained("merged")
 """
 
 
-def merged_loading(adapter: Path) -> str:
+def merged_loading(adapter: Path, base: str) -> str:
+    """Loading a merged folder with plain transformers."""
+    score = shlex.join(["lora-rm", "score", "--model", base, "--adapter", str(adapter)])
     return f"""## Loading
 
 A plain transformers model (`MODEL` is this folder, or its hub id); no PEFT or lora-rm needed:
@@ -171,8 +178,8 @@ with torch.no_grad():
     reward = model(**tokenizer("a conversation", return_tensors="pt")).logits[0, 0].item()
 ```
 
-With lora-rm: `lora-rm score --model MODEL --adapter ...` needs the adapter (`{adapter}` when this was merged);
-the merged model gives the same rewards up to rounding.
+lora-rm scores with the adapter it was merged from (`{score}`); the merged model gives the same rewards up to
+rounding.
 """
 
 
@@ -189,16 +196,19 @@ DIFFERENCES = """## Differences from PEFT that matter
 
 
 def made_by_section(command: str) -> str:
+    """The command that made the folder (and the number of processes under torchrun)."""
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     under = f"\nRun under torchrun, {processes} processes.\n" if processes > 1 else ""
     return f"## How it was made\n\n```bash\n{command}\n```\n{under}"
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file of the run, or None when the folder has none (a PEFT adapter merged by lora-rm)."""
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def eval_data_of(config: TrainConfig) -> str:
+    """Which rows the final evaluation scored, in words."""
     if config.eval_dataset is None:
         return f"the held-out last {config.eval_fraction:g} of `{config.dataset}`'s training rows"
     names = [config.eval_dataset] if isinstance(config.eval_dataset, str) else config.eval_dataset
@@ -240,7 +250,7 @@ def write_merged_card(output: Path, adapter: Path, base: str) -> None:
     datasets = dataset_names(read_json(adapter / "train_config.json") or {})
     write_card(output, front_matter(base, "transformers", datasets), f"a reward model of {base}, its adapter merged", [
         intro, made_by_section(command_line()), evaluation_section(metrics, "the adapter's eval data", source),
-        normalising_section(read_json(adapter / "reward_stats.json")), merged_loading(adapter), DIFFERENCES])
+        normalising_section(read_json(adapter / "reward_stats.json")), merged_loading(adapter, base), DIFFERENCES])
 
 
 def files_to_push(folder: Path) -> list[str]:

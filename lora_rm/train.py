@@ -329,8 +329,7 @@ def finish(run: Run, log: RunLog, window: LogWindow, started: float, train_secon
     if distributed.is_main():
         save_adapter(run.model, run.output, state=adapter)
         save_tokenizer(run.tokenizer, run.output)  # plain tokenizer(text) appends the EOS training did
-    finals = run.evaluate(run.total_steps, log)
-    log.close()
+    finals = run.evaluate(run.total_steps, log)  # train()'s `with` closes the trackers after this returns
     final = dict(next(iter(finals.values())))  # the first eval set's at the top, as with one
     if len(finals) > 1:
         final["eval_datasets"] = {prefix.removeprefix("eval_"): metrics for prefix, metrics in finals.items()}

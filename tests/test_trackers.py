@@ -8,7 +8,7 @@ import struct
 import sys
 
 import pytest
-from runs import crash_at_micro_batch, read_log, tiny_run
+from runs import FLAGS, TWO, crash_at_micro_batch, read_log, tiny_run, torchrun
 
 from lora_rm import distributed, trackers
 from lora_rm.cli import build_parser, train_config_from_args
@@ -167,6 +167,17 @@ def test_report_to_takes_several_names_comma_separated(tmp_path):
     assert trackers.report_targets(["wandb", "none"]) == ["wandb"]
     with pytest.raises(ValueError, match="report_to must be one or more of .*comma-separated, got 'wandb,comet'"):
         TrainConfig(report_to="wandb,comet")
+
+
+@pytest.mark.slow
+def test_under_torchrun_one_tracker_run_logs_what_rank_zero_logs(offline_trackers):
+    folder, client = offline_trackers
+    torchrun("-m", "lora_rm", "train", "--output", str(folder / "run"), *FLAGS, *TWO, "--report-to", "mlflow")
+    run = mlflow_run(client)  # exactly one run: rank 1 opened none
+    assert run.info.status == "FINISHED"
+    logged = [(r["step"], r["loss"]) for r in read_log(folder / "run") if "loss" in r]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")] == logged
+    assert "Run under torchrun, 2 processes." in (folder / "run" / "README.md").read_text()
 
 
 def test_only_rank_zero_opens_trackers(tmp_path, monkeypatch):
