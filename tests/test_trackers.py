@@ -132,7 +132,7 @@ def test_every_tracker_gets_the_log_values_at_their_steps_and_the_settings(offli
 @pytest.mark.slow
 def test_a_diverged_and_a_crashed_run_close_their_trackers_as_failed(offline_trackers, monkeypatch):
     folder, client = offline_trackers
-    with pytest.raises(TrainingDiverged, match="loss is nan at step 2"):  # lr 1e38 (as test_run_safety)
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 3"):  # lr 1e38 (as test_run_safety)
         train(tiny_run(folder / "diverged", lr=1e38, warmup_ratio=0.5, report_to="wandb,mlflow"))
     records = wandb_records(folder)
     assert wandb_exit_code(records) == 1
