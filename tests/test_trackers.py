@@ -41,8 +41,10 @@ def offline_trackers(tmp_path, monkeypatch):
 def wandb_records(folder):
     """Every record of the one offline W&B run under folder: the .wandb file is a LevelDB-style log (a 7-byte
     header ':W&B', 0xBEE1, version; then 32 KiB blocks of chunks: crc32c, length, type) of protobuf Records."""
+    import wandb
     from wandb.proto.wandb_internal_pb2 import Record
 
+    wandb.teardown()  # stops W&B's service process, so that everything it buffered is in the file
     (path,) = folder.glob("wandb/offline-run-*/run-*.wandb")
     data, block = path.read_bytes(), 32768
     assert data[:4] == b":W&B"
