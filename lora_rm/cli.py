@@ -1,4 +1,4 @@
-"""The `lora-rm` command: flags generated from TrainConfig's fields -> train / eval / score / merge.
+"""The `lora-rm` command: flags generated from TrainConfig's fields -> train / eval / score / merge / push.
 
 Every flag of `train` is a TrainConfig (or LoraConfig) field with that field's default and help text, so the
 two cannot drift. torch, transformers and the training code are imported by the command that needs them, so
@@ -186,7 +186,7 @@ def check_settings(args: argparse.Namespace) -> None:
     try:
         if args.command == "train":
             train_config_from_args(args)
-        else:
+        elif args.command != "push":
             fields = {"eval": EVAL_FIELDS, "score": SCORE_FIELDS, "merge": LOAD_FIELDS}[args.command]
             TrainConfig(**given_or_default(args, fields))  # the same rules as training, e.g. --batch-size >= 1
     except ValueError as error:
@@ -396,6 +396,7 @@ def run_score_file(args: argparse.Namespace) -> None:
 
 def run_merge(args: argparse.Namespace) -> None:
     from .inject import merge_lora
+    from .model_card import write_merged_card
     from .model_io import check_merge_output, save_merged, torch_dtype
     from .qlora import dequantize_4bit_layers
 
@@ -406,7 +407,15 @@ def run_merge(args: argparse.Namespace) -> None:
         dequantize_4bit_layers(model, torch_dtype("fp32"))
     merged = merge_lora(model).to(torch_dtype(settings["base_dtype"]))
     save_merged(merged, tokenizer, Path(args.output))  # plain tokenizer(text) then appends the EOS training appended
+    write_merged_card(Path(args.output), Path(args.adapter), settings["model"])
     print(f"merged model written to {args.output}")
+
+
+def run_push(args: argparse.Namespace) -> None:
+    from .model_card import push
+
+    url = push(Path(args.folder), args.repo, args.private)
+    print(f"pushed {args.folder} to {url}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -457,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: 1024)")
         if name == "merge":
             sub.add_argument("--output", required=True, help="folder for the merged model and its tokenizer")
+    push = commands.add_parser("push", help="upload a trained or merged folder to the Hugging Face hub")
+    push.add_argument("folder", help="a folder `lora-rm train` or `lora-rm merge` wrote")
+    push.add_argument("--repo", required=True, help="hub repo id, e.g. you/my-reward-model (created if missing)")
+    push.add_argument("--private", action="store_true", default=False, help="create the repo private")
+    push.add_argument("--debug", action="store_true", help=debug_help)
     return parser
 
 
@@ -469,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help()
         return
     check_settings(args)
-    run = {"train": run_train, "eval": run_eval, "score": run_score, "merge": run_merge}[command]
+    run = {"train": run_train, "eval": run_eval, "score": run_score, "merge": run_merge, "push": run_push}[command]
     if args.debug or os.environ.get("LORA_RM_DEBUG", "0") not in ("", "0"):
         run(args)
         return

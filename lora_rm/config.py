@@ -15,7 +15,7 @@ BUILTIN = "builtin"  # --model/--dataset value for the offline demo task (lora_r
 LENGTH_POLICIES = ("drop", "truncate_left")  # what to do with a pair longer than max_length
 RANKING_LOSSES = ("all_pairs", "plackett_luce")  # losses of K-way rows (lora_rm/ranking.py)
 PRECISIONS = ("fp32", "bf16", "fp16")
-REPORT_TO = ("none", "tensorboard")  # where training logs go besides log.jsonl
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")  # where training logs go besides log.jsonl (trackers.py)
 PACKING_MODES = ("none", "padding_free", "shared_prompt", "auto")  # lora_rm/packing.py
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch.<name>, without importing torch here
 
@@ -23,6 +23,12 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch.<na
 def is_weight_init(init: bool | str) -> bool:
     """True for PiSSA/OLoRA: inits that read A and B off the base weight and replace it with W - s B A (inits.py)."""
     return isinstance(init, str) and re.fullmatch(r"pissa|pissa_niter_\d+|olora", init) is not None
+
+
+def report_targets(report_to: str | list[str]) -> list[str]:
+    """The trackers --report-to names: comma-separated text or a list, "none" dropped, each named once."""
+    names = report_to.split(",") if isinstance(report_to, str) else list(report_to)
+    return [name for name in dict.fromkeys(part.strip() for part in names) if name != "none"]
 
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -230,8 +236,9 @@ class TrainConfig:
     trust_remote_code: bool = option(False, "run model code from the hub (off unless asked)")
     allow_pickle_weights: bool = option(False, "load a base that has only pickle weights (pytorch_model.bin)")
     progress: bool = option(True, "show a tqdm progress bar")
-    report_to: str = option("none", "also log to TensorBoard event files beside log.jsonl "
-                            "(pip install 'lora-rm[tensorboard]')", REPORT_TO)
+    report_to: str | list[str] = option(
+        "none", "also log to these trackers, comma-separated: tensorboard (event files beside log.jsonl), wandb, "
+        "mlflow; each needs its extra, e.g. pip install 'lora-rm[wandb]'")
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):  # read back from train_config.json
@@ -262,7 +269,8 @@ class TrainConfig:
             "precision": (self.precision in PRECISIONS, f"one of {PRECISIONS}"),
             "base_dtype": (self.base_dtype in PRECISIONS, f"one of {PRECISIONS}"),
             "bnb_4bit_compute_dtype": (self.bnb_4bit_compute_dtype in PRECISIONS, f"one of {PRECISIONS}"),
-            "report_to": (self.report_to in REPORT_TO, f"one of {REPORT_TO}"),
+            "report_to": (all(name in REPORT_TO for name in report_targets(self.report_to)),
+                          f"one or more of {REPORT_TO}, comma-separated"),
             "packing": (self.packing in PACKING_MODES, f"one of {PACKING_MODES}"),
             "max_tokens_per_batch": (self.max_tokens_per_batch is None or self.max_tokens_per_batch >= 2,
                                      "at least 2 (unset: no limit)"),

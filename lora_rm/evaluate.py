@@ -282,7 +282,8 @@ def evaluate_ranking_rows(model, tokenizer, rows, batch_size: int, device, repor
 
 def evaluate(model, pairs, collator, batch_size: int, device, precision: str = "fp32",
              **packed: Any) -> dict[str, Any]:
-    """Metrics over every eval pair (rewards concatenated first, so the means are exact, not batch means).
+    """Metrics over every eval pair (rewards concatenated first, so the means are exact, not batch means), with
+    the length-only baselines and bootstrap intervals.
 
     Under torchrun each rank scores its contiguous shard and the rewards are gathered in order before the means.
     Shards are padded to equal length and the padding's rewards dropped: under FSDP every forward is a collective.
@@ -291,4 +292,7 @@ def evaluate(model, pairs, collator, batch_size: int, device, precision: str = "
         return evaluate_rows(model, pairs, collator, batch_size, device, precision)
     mine, n_real = distributed.equal_shard(pairs)
     chosen, rejected = rewards_for_pairs(model, mine, collator, batch_size, device, precision, **packed)
-    return eval_metrics(distributed.gather_cat(chosen[:n_real]), distributed.gather_cat(rejected[:n_real]))
+    chosen, rejected = distributed.gather_cat(chosen[:n_real]), distributed.gather_cat(rejected[:n_real])
+    # the length-only baselines and intervals of `lora-rm eval`, on the sides as scored (after any truncate_left cut)
+    lengths = [len(pair["chosen_ids"]) for pair in pairs], [len(pair["rejected_ids"]) for pair in pairs]
+    return {**eval_metrics(chosen, rejected), **pair_report(chosen, rejected, *lengths)}

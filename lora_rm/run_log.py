@@ -1,7 +1,6 @@
 """Everything about a run's log.jsonl: the window each line averages, appending, truncating on resume, reading;
-with --report-to tensorboard, TensorBoard event files beside it.
+each record's numbers also go to the --report-to trackers (trackers.py) as tags.
 
-`tensorboard --logdir runs/` then shows every run under its folder, live: the writer flushes after each record.
 Tags: training keys as train/<key>; an eval key as <prefix>/<metric> with its log prefix ("eval", or
 "eval_<name>" for each of several --eval-dataset), nested dicts flattened (eval/reward_stats/mean).
 """
@@ -20,18 +19,6 @@ import torch
 from . import distributed
 from .atomic import atomic_path
 from .loss import preference_metrics
-
-TENSORBOARD_EXTRA = "pip install 'lora-rm[tensorboard]'"
-
-
-def summary_writer_class():
-    """torch's SummaryWriter; an ImportError naming the extra when tensorboard is not installed."""
-    try:
-        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it, and says less clearly what to install)
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as error:
-        raise ImportError(f"--report-to tensorboard needs the tensorboard package: {TENSORBOARD_EXTRA}") from error
-    return SummaryWriter
 
 
 def scalar_tags(record: dict[str, Any], eval_prefixes: tuple[str, ...]) -> dict[str, float]:
@@ -54,28 +41,32 @@ def scalar_tags(record: dict[str, Any], eval_prefixes: tuple[str, ...]) -> dict[
 
 
 class RunLog:
-    """Append records to log.jsonl (rank 0) and, with report_to="tensorboard", to TensorBoard events beside it."""
+    """Append records to log.jsonl (rank 0) and hand their numbers to the trackers; a context manager that closes
+    them as failed when the run ends with an error (a crash, a divergence stop)."""
 
-    def __init__(self, path: Path, report_to: str = "none", eval_prefixes: tuple[str, ...] = ("eval",),
-                 start_step: int = 0) -> None:
+    def __init__(self, path: Path, eval_prefixes: tuple[str, ...] = ("eval",), trackers: list | tuple = ()) -> None:
         self.path = path
         self.eval_prefixes = eval_prefixes
-        self.writer = None
-        if report_to == "tensorboard" and distributed.is_main():
-            # A resume from step N redoes the steps after N: drop their points, as truncate_log drops their lines.
-            purge_step = start_step + 1 if start_step else None
-            self.writer = summary_writer_class()(log_dir=str(path.parent), purge_step=purge_step)
+        self.trackers = list(trackers)  # trackers.open_trackers: empty on ranks > 0
 
     def __call__(self, record: dict[str, Any]) -> None:
         log_line(self.path, record)
-        if self.writer is not None:
-            for tag, value in scalar_tags(record, self.eval_prefixes).items():
-                self.writer.add_scalar(tag, value, global_step=record["step"])
-            self.writer.flush()  # watched live: SummaryWriter would otherwise wait up to 120 s
+        if self.trackers:
+            tags = scalar_tags(record, self.eval_prefixes)
+            for tracker in self.trackers:
+                tracker.log(tags, record["step"])
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def close(self, failed: bool = False) -> None:
+        """Close every tracker once (a second call does nothing)."""
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close(failed)
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close(failed=kind is not None)
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:

@@ -35,10 +35,12 @@ from .evaluate import evaluate, sequence_rewards
 from .health import Health
 from .inject import enable_gradient_checkpointing, format_parameter_counts
 from .loss import bradley_terry_loss, ordered_pairs, ranking_loss, split_rewards
+from .model_card import write_adapter_card
 from .model_io import autocast_context, load_model_and_tokenizer, save_tokenizer
 from .optim import build_optimizer, clip_gradients, learning_rate, optimizer_step, warmup_steps_for
 from .run_folder import output_lock, prepare_output, write_config, write_final_metrics
-from .run_log import LogWindow, RunLog, summary_writer_class, truncate_log
+from .run_log import LogWindow, RunLog, truncate_log
+from .trackers import check_installed, open_trackers
 from .warm_start import add_lora_from_init, record_init
 
 
@@ -158,16 +160,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Train a LoRA reward model as configured, holding OUTPUT/.lock throughout; returns the final eval metrics."""
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world_size, device = distributed.init_from_env(device)  # (0, 1, device) outside torchrun
-    if config.report_to == "tensorboard":
-        summary_writer_class()  # a missing extra fails before the output folder or the model is touched
+    check_installed(config.report_to)  # a missing extra fails before the output folder or the model is touched
     with output_lock(Path(config.output)):
         run = set_up(config, rank, world_size, device)
-        log = RunLog(run.log_path, config.report_to, tuple(run.eval_sets), run.start_step)
-        if config.init_adapter and run.start_step == 0:  # where it starts: `lora-rm eval --adapter`'s numbers
-            run.evaluate(0, log)
-        window, started = LogWindow(start=run.start_step), time.perf_counter()
-        train_seconds = train_steps(run, log, window, started)
-        return finish(run, log, window, started, train_seconds)
+        with RunLog(run.log_path, tuple(run.eval_sets), open_trackers(config, run.output, run.start_step)) as log:
+            if config.init_adapter and run.start_step == 0:  # where it starts: `lora-rm eval --adapter`'s numbers
+                run.evaluate(0, log)
+            window, started = LogWindow(start=run.start_step), time.perf_counter()
+            train_seconds = train_steps(run, log, window, started)
+            return finish(run, log, window, started, train_seconds)  # the trackers close after it, failed on error
 
 
 def set_up(config: TrainConfig, rank: int, world_size: int, device: torch.device) -> Run:
@@ -328,12 +329,13 @@ def finish(run: Run, log: RunLog, window: LogWindow, started: float, train_secon
     if distributed.is_main():
         save_adapter(run.model, run.output, state=adapter)
         save_tokenizer(run.tokenizer, run.output)  # plain tokenizer(text) appends the EOS training did
-    finals = run.evaluate(run.total_steps, log)
-    log.close()
+    finals = run.evaluate(run.total_steps, log)  # train()'s `with` closes the trackers after this returns
     final = dict(next(iter(finals.values())))  # the first eval set's at the top, as with one
     if len(finals) > 1:
         final["eval_datasets"] = {prefix.removeprefix("eval_"): metrics for prefix, metrics in finals.items()}
     write_final_metrics(run.output, final, distributed.is_main())  # fails as eval does on a NaN or inf
+    if distributed.is_main():
+        write_adapter_card(run.output, run.config)  # README.md, from the files just written
     distributed.barrier()
     final["train_seconds"], final["total_seconds"] = train_seconds, time.perf_counter() - started
     all_pairs = distributed.sum_over_ranks([window.pairs_seen])[0]
