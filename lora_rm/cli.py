@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .builtin import BUILTIN_TRAIN_DEFAULTS
-from .config import ALL_LINEAR, BUILTIN, LoraConfig, TrainConfig
+from .config import ALL_LINEAR, BUILTIN, LoraConfig, ServeConfig, TrainConfig
 
 LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora",  # LoraConfig flags
                "init_lora_weights", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")
@@ -32,6 +32,7 @@ LOAD_FIELDS = ("model", "base_dtype", "load_in_4bit", "bnb_4bit_compute_dtype", 
 EVAL_FIELDS = (*LOAD_FIELDS, "dataset", "split", "rows", "max_rows", "max_length", "length_policy", "skip_bad_rows",
                "batch_size", "packing", "max_tokens_per_batch")
 SCORE_FIELDS = (*LOAD_FIELDS, "max_length", "batch_size", "packing")
+SERVE_FIELDS = (*LOAD_FIELDS, "max_length", "packing")  # score's, with batching by ServeConfig's fields instead
 REPEATABLE_FIELDS = ("eval_dataset",)  # a flag given more than once makes a list (one given once: its value)
 NEGATIVE_VALUE = re.compile(r"-\.?\d")  # "-512:" (a slice), "-1e-4": argparse takes them for flags
 USAGE_EXIT, FAILURE_EXIT = 2, 1
@@ -39,7 +40,8 @@ USAGE_EXIT, FAILURE_EXIT = 2, 1
 
 def one_line_error(message: str) -> str:
     """`lora-rm: error: ...` on one line, with config field names written as the flags that set them."""
-    message = re.sub(r"\b(?:TrainConfig|LoraConfig)\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
+    message = re.sub(r"\b(?:TrainConfig|LoraConfig|ServeConfig)\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"),
+                     message)
     message = message.replace("--r ", "--lora-r ")
     return "lora-rm: error: " + " ".join(message.split())
 
@@ -171,8 +173,10 @@ def check_settings(args: argparse.Namespace) -> None:
         if args.command == "train":
             train_config_from_args(args)
         else:
-            fields = {"eval": EVAL_FIELDS, "score": SCORE_FIELDS, "merge": LOAD_FIELDS}[args.command]
-            TrainConfig(**given_or_default(args, fields))  # the same rules as training, e.g. --batch-size >= 1
+            fields = {"eval": EVAL_FIELDS, "score": SCORE_FIELDS, "merge": LOAD_FIELDS, "serve": SERVE_FIELDS}
+            TrainConfig(**given_or_default(args, fields[args.command]))  # training's rules, e.g. --batch-size >= 1
+            if args.command == "serve":
+                serve_config_from_args(args)
     except ValueError as error:
         usage_error(str(error))
     if getattr(args, "precision", None) == "fp16" and not on_cuda(getattr(args, "device", None)):
@@ -356,6 +360,38 @@ def run_merge(args: argparse.Namespace) -> None:
     print(f"merged model written to {args.output}")
 
 
+def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """ServeConfig from the flags given; the API key from --api-key, else $LORA_RM_API_KEY (unset or empty: none)."""
+    names = [f.name for f in dataclasses.fields(ServeConfig)]
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    given["api_key"] = given.get("api_key") or os.environ.get("LORA_RM_API_KEY") or None
+    return ServeConfig(**given)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from . import serve
+    from .packing import resolve_packing
+
+    serve.require_web_stack()  # before the model loads: a missing extra fails in a second
+    config = serve_config_from_args(args)
+    normalization = serve.read_reward_stats(args.adapter) if config.normalize else None
+    settings = given_or_default(args, SERVE_FIELDS)
+    model, tokenizer = load_for_command(args, settings)
+    packing = resolve_packing(settings["packing"], model, lambda message: print(message, file=sys.stderr))
+    serve.serve(model, tokenizer, config, settings["max_length"], packing, normalization)
+
+
+def add_serve_parser(commands: Any, defaults: TrainConfig, debug_help: str) -> None:
+    """`lora-rm serve`: score's loading flags, --adapter optional (a stock one-label model serves as it is)."""
+    sub = commands.add_parser("serve", help="serve rewards over HTTP (needs lora-rm[serve])",
+                              argument_default=argparse.SUPPRESS)
+    sub.add_argument("--adapter", default=None, help="folder with adapter_config.json (ours or PEFT's); default: "
+                     "none, the --model as it is (a one-label *ForSequenceClassification, e.g. a merged one)")
+    add_field_flags(sub, TrainConfig, SERVE_FIELDS, defaults)
+    add_field_flags(sub, ServeConfig, [f.name for f in dataclasses.fields(ServeConfig)], ServeConfig())
+    sub.add_argument("--debug", action="store_true", help=debug_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="lora-rm", description="LoRA reward models in plain PyTorch",
                            argument_default=argparse.SUPPRESS)
@@ -388,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--input", default=None, help="JSONL ('text' or 'messages') or plain lines; default stdin")
         if name == "merge":
             sub.add_argument("--output", required=True, help="folder for the merged model and its tokenizer")
+    add_serve_parser(commands, defaults, debug_help)
     return parser
 
 
@@ -400,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help()
         return
     check_settings(args)
-    run = {"train": run_train, "eval": run_eval, "score": run_score, "merge": run_merge}[command]
+    run = {"train": run_train, "eval": run_eval, "score": run_score, "merge": run_merge, "serve": run_serve}[command]
     if args.debug or os.environ.get("LORA_RM_DEBUG", "0") not in ("", "0"):
         run(args)
         return
