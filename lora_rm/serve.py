@@ -200,6 +200,7 @@ class Batcher:
         self.metrics = metrics
         self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.stopping = False
+        self.arriving = 0  # requests being parsed and tokenized, not yet submitted (counted on the event loop)
         self.thread = threading.Thread(target=self.run, name="lora-rm-batcher", daemon=True)
 
     def start(self) -> None:
@@ -223,7 +224,8 @@ class Batcher:
                 self.run_batch(batch)
 
     def gather(self) -> list[Job]:
-        """The first waiting job, then others until its wait is over or max_size texts are in hand."""
+        """The first waiting job, then others until its wait is over, none is on its way, or max_size texts are in
+        hand."""
         first = self.jobs.get()
         if first is None:
             self.stopping = True
@@ -231,8 +233,11 @@ class Batcher:
         jobs, waiting = [first], len(first.items)
         while waiting < self.max_size:
             remaining = first.arrived + self.wait_s - time.monotonic()
-            try:  # past the wait: still take what is already queued
-                job = self.jobs.get(timeout=remaining) if remaining > 0 else self.jobs.get_nowait()
+            # Wait only while another request is being parsed or tokenized: a lone client pays no wait. Past the
+            # wait, or with nothing on its way, still take what is already queued.
+            try:
+                wait = remaining > 0 and self.arriving > 0
+                job = self.jobs.get(timeout=remaining) if wait else self.jobs.get_nowait()
             except queue.Empty:
                 break
             if job is None:
@@ -397,8 +402,13 @@ class RewardService:
 
     async def rewards(self, body: bytes, path: str) -> dict[str, Any]:
         """The answer to a reward request, in input order."""
-        items, ids, lengths = await asyncio.to_thread(self.prepare, body, path)
-        rewards = await asyncio.wrap_future(self.batcher.submit(items, lengths))
+        self.batcher.arriving += 1
+        try:
+            items, ids, lengths = await asyncio.to_thread(self.prepare, body, path)
+            submitted = self.batcher.submit(items, lengths)
+        finally:
+            self.batcher.arriving -= 1
+        rewards = await asyncio.wrap_future(submitted)
         if not all(math.isfinite(reward) for reward in rewards):
             raise RuntimeError("some rewards are NaN or inf: the model's rewards are not finite (an adapter saved "
                                "from a diverged run?)")
@@ -495,7 +505,12 @@ def bind(host: str, port: int) -> tuple[socket.socket, str]:
     """A listening socket (port 0: a free one, chosen by the OS) and its URL; bound here, before uvicorn starts, so
     the URL printed is the one connections already queue on."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=2048)
+    # proto IPPROTO_TCP, not create_server's 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say TCP,
+    # and with Nagle on, a response written as headers then body waits ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
     address, bound_port = sock.getsockname()[:2]
     return sock, f"http://{f'[{address}]' if family == socket.AF_INET6 else address}:{bound_port}"
 

@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -60,9 +61,10 @@ def start_server(*args: str, env: dict[str, str] | None = None) -> tuple[subproc
             return process, line.split("listening on ")[1].split()[0], lines
 
 
-def stop_server(process: subprocess.Popen, lines: queue.Queue, sig: int) -> tuple[int, str]:
-    """Send the signal; (exit code, what the server printed after listening)."""
-    process.send_signal(sig)
+def stop_server(process: subprocess.Popen, lines: queue.Queue, sig: int | None) -> tuple[int, str]:
+    """Send the signal (None: it was sent); (exit code, what the server printed after listening)."""
+    if sig is not None:
+        process.send_signal(sig)
     code = process.wait(timeout=120)
     said = []
     while (line := lines.get(timeout=30)) is not None:
@@ -227,29 +229,42 @@ def test_the_api_key_guards_everything_but_health(server):
 
 @pytest.mark.slow
 def test_sigterm_answers_the_request_in_flight_then_exits_0(tmp_path):
-    """A stock one-label model (no --adapter); a request held in the batcher's wait (3 s) when SIGTERM arrives is
-    answered with `score`'s rewards, then the server exits 0."""
+    """A stock one-label model (no --adapter). A request whose body is half sent when SIGTERM arrives is still
+    answered, with `score`'s rewards, when the rest arrives after the server stopped accepting; then it exits 0.
+    No timing: the test waits for /metrics to show the request in flight, then for connections to be refused."""
     folder = tmp_path / "stock-rm"
     tokenizer = builtin_tokenizer()
     builtin_model(tokenizer, seed=3).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    process, url, lines = start_server("--model", str(folder), "--max-length", "32", "--batch-wait-ms", "3000")
-    answers = []
-    in_flight = threading.Thread(target=lambda: answers.append(request(url, "POST", "/get_reward",
-                                                                       {"query": TEXTS[:3]}, key=None)))
-    in_flight.start()
-    for _ in range(6000):  # until the server holds the request (bounded: 6000 polls)
+    process, url, lines = start_server("--model", str(folder), "--max-length", "32")
+    parts = urlsplit(url)
+    body = json.dumps({"query": TEXTS[:3]}).encode()
+    held = socket.create_connection((parts.hostname, parts.port), timeout=120)
+    held.sendall(b"POST /get_reward HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+    for _ in range(6000):  # until the server is reading that request (bounded: 6000 polls)
         if "lora_rm_reward_requests_in_flight 1" in request(url, "GET", "/metrics", key=None)[1]:
             break
     else:
         raise AssertionError("the request never showed as in flight")
-    code, said = stop_server(process, lines, signal.SIGTERM)
-    in_flight.join(timeout=120)
+    process.send_signal(signal.SIGTERM)
+    for _ in range(6000):  # until the server has stopped accepting: it is shutting down, the request still open
+        try:
+            socket.create_connection((parts.hostname, parts.port), timeout=120).close()
+        except ConnectionRefusedError:
+            break
+    else:
+        raise AssertionError("the server kept accepting connections after SIGTERM")
+    held.sendall(body[10:])
+    response = http.client.HTTPResponse(held)
+    response.begin()
+    answer = json.loads(response.read())
+    held.close()
+    code, said = stop_server(process, lines, None)
     assert code == 0 and "stopped by SIGTERM" in said, said
     model, tokenizer = load_model_and_tokenizer(str(folder))
-    status, answer = answers[0]
-    assert status == 200 and answer["rewards"] == pytest.approx(score_texts(model.eval(), tokenizer, TEXTS[:3]),
-                                                                abs=1e-5)
+    assert response.status == 200
+    assert answer["rewards"] == pytest.approx(score_texts(model.eval(), tokenizer, TEXTS[:3]), abs=1e-5)
 
 
 @pytest.mark.parametrize("packing", ["none", "auto"])
