@@ -1,13 +1,16 @@
 """`lora-rm serve` under 1, 8 and 32 concurrent clients, beside a loop calling score_texts once per request.
 
-    python -m benchmarks.serve                      # the protocol below
-    python -m benchmarks.serve --smoke              # the built-in model and a few requests: checks the script
+    python -m benchmarks.serve --threads 1                      # the protocol below
+    python -m benchmarks.serve --threads 1 --backbone builtin   # the built-in 2-layer model on short sums
+    python -m benchmarks.serve --smoke                          # built-in, a few requests: checks the script
 
-Protocol: a Llama-shaped decoder of MiniLM's size (hidden 384, 6 layers, 12 heads, intermediate 1536, random init,
-MiniLM's tokenizer), saved as a stock one-label model folder and served without an adapter, fp32, default batching
-flags (--max-batch-size 64, --max-batch-tokens 16384, --batch-wait-ms 5). Texts: the `chosen` sides of HH-RLHF
-harmless-base test, in file order, those of at most --max-length 256 tokens; each request carries
---texts-per-request of them (default 1: a caller scoring one sample at a time, as verl and best-of-N filters do).
+Protocol (--backbone decoder): a Llama-shaped decoder of MiniLM's size (hidden 384, 6 layers, 12 heads,
+intermediate 1536, random init, MiniLM's tokenizer), saved as a stock one-label model folder and served without an
+adapter, fp32, default batching flags (--max-batch-size 64, --max-batch-tokens 16384, --batch-wait-ms 5). Texts:
+the `chosen` sides of HH-RLHF harmless-base test, in file order, those of at most --max-length 256 tokens; each
+request carries --texts-per-request of them (default 1: a caller scoring one sample at a time, as verl and best-of-N
+filters do). --backbone builtin serves the built-in 2-layer model (hidden 64) on "What is a + b ? c" texts (~9
+tokens), --max-length 32: there the per-call overhead, not the arithmetic, dominates a forward.
 The same requests go through:
   - loop: this process calls evaluate.score_texts(model, tokenizer, request_texts) for one request after another
     (what a caller does without a server; no HTTP);
@@ -40,16 +43,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "serve"
+BACKBONES = {"decoder": "Llama-shaped decoder (hidden 384, 6 layers)",
+             "builtin": "built-in model (hidden 64, 2 layers)"}
 HH_RLHF = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 
-def build_model(folder: Path, smoke: bool) -> tuple[str, list[str]]:
+def build_model(folder: Path, builtin: bool) -> tuple[str, list[str]]:
     """The served model's folder (random init, saved as a plain one-label model) and a pool of texts."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
 
     from lora_rm.builtin import builtin_model, builtin_tokenizer
 
-    if smoke:
+    if builtin:
         tokenizer = builtin_tokenizer()
         builtin_model(tokenizer).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -174,20 +179,23 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="the built-in model and a few requests")
+    parser.add_argument("--backbone", choices=["decoder", "builtin"], default="decoder")
     parser.add_argument("--requests", type=int, default=256, help="requests per run")
     parser.add_argument("--texts-per-request", type=int, default=1)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the loop and of the server")
-    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/serve (-builtin for that backbone)")
     args = parser.parse_args()
     if args.smoke:
-        args.requests, args.clients, args.max_length = 16, [1, 4], 32
+        args.backbone, args.requests, args.clients = "builtin", 16, [1, 4]
+    if args.backbone == "builtin":
+        args.max_length = 32
     torch.set_num_threads(args.threads)
     from lora_rm.model_io import load_model_and_tokenizer
 
     with tempfile.TemporaryDirectory() as folder:
-        model_folder, pool = build_model(Path(folder) / "model", args.smoke)
+        model_folder, pool = build_model(Path(folder) / "model", args.backbone == "builtin")
         model, tokenizer = load_model_and_tokenizer(model_folder)
         model.eval()
         texts = texts_within(model, tokenizer, pool, args.max_length, args.requests * args.texts_per_request)
@@ -211,12 +219,12 @@ def main() -> None:
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
                    f"{os.getloadavg()[0]:.1f} at the end; torch {torch.__version__}, {args.threads} threads",
-        "setup": f"{'built-in model' if args.smoke else 'Llama-shaped decoder (hidden 384, 6 layers), fp32'}, "
+        "setup": f"{BACKBONES[args.backbone]}, fp32, "
                  f"{len(requests)} requests of {args.texts_per_request} text(s) per run, texts of "
                  f"{min(lengths)}-{max(lengths)} characters (<= {args.max_length} tokens)",
         "texts_per_request": args.texts_per_request, "loop": loop, "server": server, "command": sys.argv,
     }
-    out = Path(args.out)
+    out = Path(args.out or f"{DEFAULT_OUT}{'-builtin' if args.backbone == 'builtin' else ''}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(result))

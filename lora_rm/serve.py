@@ -405,10 +405,9 @@ class RewardService:
         self.batcher.arriving += 1
         try:
             items, ids, lengths = await asyncio.to_thread(self.prepare, body, path)
-            submitted = self.batcher.submit(items, lengths)
         finally:
-            self.batcher.arriving -= 1
-        rewards = await asyncio.wrap_future(submitted)
+            self.batcher.arriving -= 1  # before submitting: the worker never waits for the very job it holds
+        rewards = await asyncio.wrap_future(self.batcher.submit(items, lengths))
         if not all(math.isfinite(reward) for reward in rewards):
             raise RuntimeError("some rewards are NaN or inf: the model's rewards are not finite (an adapter saved "
                                "from a diverged run?)")
@@ -434,8 +433,38 @@ async def read_body(request, limit_bytes: int) -> bytes:
     return bytes(body)
 
 
+class KeyAndCount:
+    """ASGI middleware: the API key on every path but /health (401 otherwise), and every answer counted by path and
+    status. Plain ASGI, not FastAPI's @app.middleware("http"), which costs every request a task and a stream."""
+
+    def __init__(self, app, service: RewardService):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from fastapi.responses import JSONResponse
+
+        status = {"code": 500}
+
+        async def send_counted(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1") or None
+        if scope["path"] in OPEN_PATHS or authorized(header, self.service.config.api_key):
+            await self.app(scope, receive, send_counted)
+        else:
+            refusal = JSONResponse({"error": "missing or wrong API key: send 'Authorization: Bearer <key>'"}, 401,
+                                   headers={"WWW-Authenticate": "Bearer"})
+            await refusal(scope, receive, send_counted)
+        self.service.metrics.observe_request(scope["path"] if scope["path"] in PATHS else "other", status["code"])
+
+
 def build_app(service: RewardService):
-    """The FastAPI app: auth and counting in one middleware, the two reward routes, /health and /metrics.
+    """The FastAPI app: KeyAndCount around it, the two reward routes, /health and /metrics.
 
     Routes are plain Starlette routes (the handler takes the request): the body is parsed and checked here, so that
     every bad input gets the same one-line {"error"} answer and 400, not FastAPI's 422 list.
@@ -447,17 +476,7 @@ def build_app(service: RewardService):
     app = FastAPI(title="lora-rm", docs_url=None, redoc_url=None, openapi_url=None)
     limit_bytes = int(service.config.max_request_mb * 2**20)
 
-    @app.middleware("http")
-    async def check_key_and_count(request, call_next):
-        if request.url.path in OPEN_PATHS or authorized(request.headers.get("authorization"),
-                                                        service.config.api_key):
-            response = await call_next(request)
-        else:
-            response = JSONResponse({"error": "missing or wrong API key: send 'Authorization: Bearer <key>'"}, 401,
-                                    headers={"WWW-Authenticate": "Bearer"})
-        path = request.url.path if request.url.path in PATHS else "other"
-        service.metrics.observe_request(path, response.status_code)
-        return response
+    app.add_middleware(KeyAndCount, service=service)
 
     @app.exception_handler(HTTPException)
     async def one_line_http_error(request, error: HTTPException):  # 404, 405: the same {"error"} shape
