@@ -102,6 +102,25 @@ def run_loop(model, tokenizer, requests: list[list[str]], max_length: int) -> di
     return summary(latencies, time.perf_counter() - started, len(requests[0]))
 
 
+def model_alone(model, tokenizer, texts: list[str], max_length: int, size: int = 16, repeats: int = 3) -> dict:
+    """What batching buys the model itself, without HTTP: `size` texts of about the median length scored one by one
+    vs in one score_texts call (best of `repeats` each)."""
+    from lora_rm.evaluate import score_texts
+
+    middle = sorted(texts, key=len)[len(texts) // 2 - size // 2:][:size]
+    one_by_one, together = [], []
+    for _ in range(repeats):
+        begun = time.perf_counter()
+        for text in middle:
+            score_texts(model, tokenizer, [text], max_length)
+        one_by_one.append(time.perf_counter() - begun)
+        begun = time.perf_counter()
+        score_texts(model, tokenizer, middle, max_length, batch_size=size)
+        together.append(time.perf_counter() - begun)
+    return {"texts": size, "one_by_one_s": min(one_by_one), "together_s": min(together),
+            "speedup": min(one_by_one) / min(together)}
+
+
 def start_server(model: str, max_length: int, threads: int) -> tuple[subprocess.Popen, str, str]:
     """`lora-rm serve --port 0` in a child process: (process, host, port) once it listens."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "LORA_RM_API_KEY": ""}
@@ -173,6 +192,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| lora-rm serve | {row['clients']} | {row['requests_per_s']:.1f} | {row['texts_per_s']:.1f} | "
                      f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['texts_per_forward']:.1f} | "
                      f"{row['texts_per_s'] / loop['texts_per_s']:.2f}x |")
+    alone = result["model_alone"]
+    lines.append(f"\nThe model alone (no HTTP): {alone['texts']} texts of about the median length in one score_texts "
+                 f"call take {alone['together_s']:.3f} s, one by one {alone['one_by_one_s']:.3f} s: batching "
+                 f"itself is worth {alone['speedup']:.2f}x on this machine.")
     return "\n".join(lines) + "\n"
 
 
@@ -192,6 +215,7 @@ def main() -> None:
     if args.backbone == "builtin":
         args.max_length = 32
     torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()[0]
     from lora_rm.model_io import load_model_and_tokenizer
 
     with tempfile.TemporaryDirectory() as folder:
@@ -201,6 +225,7 @@ def main() -> None:
         texts = texts_within(model, tokenizer, pool, args.max_length, args.requests * args.texts_per_request)
         requests = [texts[i : i + args.texts_per_request] for i in range(0, len(texts), args.texts_per_request)]
         loop = run_loop(model, tokenizer, requests, args.max_length)
+        alone = model_alone(model, tokenizer, texts, args.max_length)
         del model
         process, host, port = start_server(model_folder, args.max_length, args.threads)
         try:
@@ -218,11 +243,13 @@ def main() -> None:
     lengths = [len(text) for text in texts]
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
-                   f"{os.getloadavg()[0]:.1f} at the end; torch {torch.__version__}, {args.threads} threads",
+                   f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; torch {torch.__version__}, "
+                   f"{args.threads} threads",
         "setup": f"{BACKBONES[args.backbone]}, fp32, "
                  f"{len(requests)} requests of {args.texts_per_request} text(s) per run, texts of "
                  f"{min(lengths)}-{max(lengths)} characters (<= {args.max_length} tokens)",
-        "texts_per_request": args.texts_per_request, "loop": loop, "server": server, "command": sys.argv,
+        "texts_per_request": args.texts_per_request, "loop": loop, "server": server, "model_alone": alone,
+        "command": sys.argv, "load_average_at_start": load_at_start,
     }
     out = Path(args.out or f"{DEFAULT_OUT}{'-builtin' if args.backbone == 'builtin' else ''}")
     out.parent.mkdir(parents=True, exist_ok=True)

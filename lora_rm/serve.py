@@ -438,14 +438,16 @@ class KeyAndCount:
     status. Plain ASGI, not FastAPI's @app.middleware("http"), which costs every request a task and a stream."""
 
     def __init__(self, app, service: RewardService):
+        from fastapi.responses import JSONResponse
+
         self.app, self.service = app, service
+        self.refusal = JSONResponse({"error": "missing or wrong API key: send 'Authorization: Bearer <key>'"}, 401,
+                                    headers={"WWW-Authenticate": "Bearer"})
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        from fastapi.responses import JSONResponse
-
         status = {"code": 500}
 
         async def send_counted(message) -> None:
@@ -457,9 +459,7 @@ class KeyAndCount:
         if scope["path"] in OPEN_PATHS or authorized(header, self.service.config.api_key):
             await self.app(scope, receive, send_counted)
         else:
-            refusal = JSONResponse({"error": "missing or wrong API key: send 'Authorization: Bearer <key>'"}, 401,
-                                   headers={"WWW-Authenticate": "Bearer"})
-            await refusal(scope, receive, send_counted)
+            await self.refusal(scope, receive, send_counted)
         self.service.metrics.observe_request(scope["path"] if scope["path"] in PATHS else "other", status["code"])
 
 
