@@ -137,20 +137,28 @@ def row_items(body: dict[str, Any], limit: int) -> tuple[list, list]:
     return items, ids
 
 
-def token_lengths(tokenizer, items: list, max_length: int | None, where: str) -> list[int]:
-    """Each item's length as score encodes it; a text over max_length is refused as `lora-rm score` refuses it."""
+def longest_text(model, max_length: int | None) -> tuple[int | None, str]:
+    """The most tokens a text may have, and its name for error messages: --max-length, or the model's position table
+    when that is shorter (learned positions would fail the whole batch with an IndexError)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and (max_length is None or positions < max_length):
+        return positions, f"the model's max_position_embeddings ({positions}; --max-length is {max_length})"
+    return max_length, f"--max-length {max_length}"
+
+
+def token_lengths(tokenizer, items: list, limit: int | None, limit_name: str, where: str) -> list[int]:
+    """Each item's length as score encodes it; a text over the limit is refused as `lora-rm score` refuses it."""
     lengths = []
     for index, item in enumerate(items):
         try:
             lengths.append(len(encode_text(tokenizer, None, item)))
         except Exception as error:  # a chat the template cannot render, say
             raise RequestError(400, f"{where}[{index}] cannot be encoded: {type(error).__name__}: {error}") from None
-    too_long = [index for index, length in enumerate(lengths) if max_length and length > max_length]
+    too_long = [index for index, length in enumerate(lengths) if limit and length > limit]
     if too_long:
         first = too_long[0]
-        raise RequestError(400, f"{len(too_long)} text(s) over --max-length {max_length} tokens, the first "
-                           f"{where}[{first}] with {lengths[first]}: refused, as `lora-rm score` refuses them (no "
-                           "truncation)")
+        raise RequestError(400, f"{len(too_long)} text(s) over {limit_name} tokens, the first {where}[{first}] with "
+                           f"{lengths[first]}: refused, as `lora-rm score` refuses them (no truncation)")
     return lengths
 
 
@@ -382,7 +390,8 @@ class RewardService:
 
     def __init__(self, model, tokenizer, config: ServeConfig, max_length: int | None, packing: str,
                  normalization: dict[str, float] | None):
-        self.tokenizer, self.config, self.max_length, self.normalization = tokenizer, config, max_length, normalization
+        self.tokenizer, self.config, self.normalization = tokenizer, config, normalization
+        self.limit, self.limit_name = longest_text(model, max_length)
         self.metrics = Metrics()
 
         def score(items: list) -> list[float]:
@@ -398,7 +407,7 @@ class RewardService:
             items, ids, where = query_items(parsed, limit, self.tokenizer.pad_token), [], "query"
         else:
             (items, ids), where = row_items(parsed, limit), "rows"
-        return items, ids, token_lengths(self.tokenizer, items, self.max_length, where)
+        return items, ids, token_lengths(self.tokenizer, items, self.limit, self.limit_name, where)
 
     async def rewards(self, body: bytes, path: str) -> dict[str, Any]:
         """The answer to a reward request, in input order."""

@@ -278,6 +278,17 @@ def test_a_reward_does_not_depend_on_its_batch_companions(trained, expected, pac
         assert rewards == pytest.approx([expected[text] for text in order], abs=1e-5, rel=0)
 
 
+def test_a_text_longer_than_the_position_table_is_refused_before_it_reaches_a_batch(trained):
+    """The built-in model has 64 positions; with --max-length 512 a 70-token text would fail its whole batch."""
+    tokenizer = builtin_tokenizer()
+    model = load_adapter(builtin_model(tokenizer), trained).eval()
+    service = serve.RewardService(model, tokenizer, ServeConfig(), 512, "auto", None)
+    body = json.dumps({"query": [TEXTS[0], "What is" + " 1 +" * 33 + " 1 ? 34"]}).encode()
+    with pytest.raises(serve.RequestError, match=r"^1 text\(s\) over the model's max_position_embeddings \(64; "
+                                                 r"--max-length is 512\) tokens, the first query\[1\] with 73"):
+        service.prepare(body, "/get_reward")
+
+
 def test_batches_are_sorted_by_length_within_both_budgets():
     job = serve.Job(items=list("abcdefg"), lengths=[5, 1, 9, 3, 3, 30, 2])
     texts = [serve.Text(job, index, length) for index, length in enumerate(job.lengths)]
