@@ -126,7 +126,9 @@ def row_item(row: Any, where: str) -> str | list[dict]:
             if problem:
                 raise RequestError(400, f"{where}: {problem} (prompt and response: both text or both messages)")
         return row["prompt"] + row["response"]  # encode_text(prompt, response) is encode_text(None, prompt + response)
-    raise RequestError(400, f"{where} needs 'text', 'messages', or 'prompt' and 'response'; it has {sorted(row)}")
+    keys = sorted(map(str, row))
+    raise RequestError(400, f"{where} needs 'text', 'messages', or 'prompt' and 'response'; it has {keys[:8]}"
+                       + (f" and {len(keys) - 8} more" if len(keys) > 8 else ""))
 
 
 def row_items(body: dict[str, Any], limit: int) -> tuple[list, list]:
