@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .builtin import BUILTIN_TRAIN_DEFAULTS
-from .config import ALL_LINEAR, BUILTIN, LoraConfig, TrainConfig
+from .config import ALL_LINEAR, BUILTIN, LoraConfig, ServeConfig, TrainConfig
 
 BENCHMARKS = ("rewardbench", "rewardbench2")  # eval --benchmark: lora_rm/rewardbench.py (imported lazily)
 
@@ -34,6 +34,7 @@ LOAD_FIELDS = ("model", "base_dtype", "load_in_4bit", "bnb_4bit_compute_dtype", 
 EVAL_FIELDS = (*LOAD_FIELDS, "dataset", "split", "rows", "max_rows", "max_length", "length_policy", "skip_bad_rows",
                "batch_size", "packing", "max_tokens_per_batch")
 SCORE_FIELDS = (*LOAD_FIELDS, "max_length", "batch_size", "packing", "progress")
+SERVE_FIELDS = (*LOAD_FIELDS, "max_length", "packing")  # score's, with batching by ServeConfig's fields instead
 REPEATABLE_FIELDS = ("eval_dataset",)  # a flag given more than once makes a list (one given once: its value)
 NEGATIVE_VALUE = re.compile(r"-\.?\d")  # "-512:" (a slice), "-1e-4": argparse takes them for flags
 USAGE_EXIT, FAILURE_EXIT = 2, 1
@@ -41,7 +42,8 @@ USAGE_EXIT, FAILURE_EXIT = 2, 1
 
 def one_line_error(message: str) -> str:
     """`lora-rm: error: ...` on one line, with config field names written as the flags that set them."""
-    message = re.sub(r"\b(?:TrainConfig|LoraConfig)\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
+    message = re.sub(r"\b(?:TrainConfig|LoraConfig|ServeConfig)\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"),
+                     message)
     message = message.replace("--r ", "--lora-r ")
     return "lora-rm: error: " + " ".join(message.split())
 
@@ -187,8 +189,10 @@ def check_settings(args: argparse.Namespace) -> None:
         if args.command == "train":
             train_config_from_args(args)
         elif args.command != "push":
-            fields = {"eval": EVAL_FIELDS, "score": SCORE_FIELDS, "merge": LOAD_FIELDS}[args.command]
-            TrainConfig(**given_or_default(args, fields))  # the same rules as training, e.g. --batch-size >= 1
+            fields = {"eval": EVAL_FIELDS, "score": SCORE_FIELDS, "merge": LOAD_FIELDS, "serve": SERVE_FIELDS}
+            TrainConfig(**given_or_default(args, fields[args.command]))  # training's rules, e.g. --batch-size >= 1
+            if args.command == "serve":
+                serve_config_from_args(args)
     except ValueError as error:
         usage_error(str(error))
     if getattr(args, "precision", None) == "fp16" and not on_cuda(getattr(args, "device", None)):
@@ -267,19 +271,16 @@ def load_for_command(args: argparse.Namespace, settings: dict[str, Any]):
     """The base model with the saved adapter (none: the model as it is), on the requested device: (model, tokenizer)."""
     import torch
 
-    from .model_io import load_model_and_tokenizer, load_reward_model
+    from .model_io import load_reward_model
 
     device = settings["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     load_options = {name: settings[name] for name in LOAD_FIELDS if name != "model"}
     load_options["device"] = device
-    if getattr(args, "adapter", None):
-        model, tokenizer = load_reward_model(settings["model"], args.adapter, **load_options)
-    elif settings["model"] == BUILTIN:
+    adapter = getattr(args, "adapter", None)
+    if not adapter and settings["model"] == BUILTIN:
         raise ValueError(f"{args.command} without --adapter scores --model as it is: give a one-label reward model "
                          "(the built-in demo model is untrained), or an --adapter")
-    else:  # a stock one-label AutoModelForSequenceClassification (or a merged folder)
-        model, tokenizer = load_model_and_tokenizer(settings["model"], **load_options)
-        model.eval()
+    model, tokenizer = load_reward_model(settings["model"], adapter, **load_options)  # no adapter: the model as it is
     return (model if settings["load_in_4bit"] else model.to(device)), tokenizer
 
 
@@ -418,6 +419,38 @@ def run_push(args: argparse.Namespace) -> None:
     print(f"pushed {args.folder} to {url}")
 
 
+def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """ServeConfig from the flags given; the API key from --api-key, else $LORA_RM_API_KEY (unset or empty: none)."""
+    names = [f.name for f in dataclasses.fields(ServeConfig)]
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    given["api_key"] = given.get("api_key") or os.environ.get("LORA_RM_API_KEY") or None
+    return ServeConfig(**given)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from . import serve
+    from .packing import resolve_packing
+
+    serve.require_web_stack()  # before the model loads: a missing extra fails in a second
+    config = serve_config_from_args(args)
+    normalization = serve.read_reward_stats(args.adapter) if config.normalize else None
+    settings = given_or_default(args, SERVE_FIELDS)
+    model, tokenizer = load_for_command(args, settings)
+    packing = resolve_packing(settings["packing"], model, lambda message: print(message, file=sys.stderr))
+    serve.serve(model, tokenizer, config, settings["max_length"], packing, normalization)
+
+
+def add_serve_parser(commands: Any, defaults: TrainConfig, debug_help: str) -> None:
+    """`lora-rm serve`: score's loading flags, --adapter optional (a stock one-label model serves as it is)."""
+    sub = commands.add_parser("serve", help="serve rewards over HTTP (needs lora-rm[serve])",
+                              argument_default=argparse.SUPPRESS)
+    sub.add_argument("--adapter", default=None, help="folder with adapter_config.json (ours or PEFT's); default: "
+                     "none, the --model as it is (a one-label *ForSequenceClassification, e.g. a merged one)")
+    add_field_flags(sub, TrainConfig, SERVE_FIELDS, defaults)
+    add_field_flags(sub, ServeConfig, [f.name for f in dataclasses.fields(ServeConfig)], ServeConfig())
+    sub.add_argument("--debug", action="store_true", help=debug_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="lora-rm", description="LoRA reward models in plain PyTorch",
                            argument_default=argparse.SUPPRESS)
@@ -471,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--repo", required=True, help="hub repo id, e.g. you/my-reward-model (created if missing)")
     push.add_argument("--private", action="store_true", default=False, help="create the repo private")
     push.add_argument("--debug", action="store_true", help=debug_help)
+    add_serve_parser(commands, defaults, debug_help)
     return parser
 
 
@@ -483,7 +517,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help()
         return
     check_settings(args)
-    run = {"train": run_train, "eval": run_eval, "score": run_score, "merge": run_merge, "push": run_push}[command]
+    run = {"train": run_train, "eval": run_eval, "score": run_score, "merge": run_merge, "push": run_push,
+           "serve": run_serve}[command]
     if args.debug or os.environ.get("LORA_RM_DEBUG", "0") not in ("", "0"):
         run(args)
         return

@@ -1,5 +1,5 @@
-"""The two dataclasses: a LoRA adapter (serialised as PEFT's adapter_config.json) and a training run (the CLI's
-flags, saved as train_config.json)."""
+"""The dataclasses: a LoRA adapter (serialised as PEFT's adapter_config.json), a training run (the CLI's flags, saved
+as train_config.json) and the reward server's settings (`lora-rm serve`)."""
 
 from __future__ import annotations
 
@@ -325,3 +325,35 @@ class TrainConfig:
         if self.init_adapter and not self.merge_init and is_weight_init(self.lora.init_lora_weights):
             raise ValueError(f"LoraConfig.init_lora_weights={self.lora.init_lora_weights!r} with "
                              "TrainConfig.init_adapter: the adapter's weights replace any init; leave it at True")
+
+
+@dataclass
+class ServeConfig:
+    """`lora-rm serve` beyond the loading flags it shares with score: where it listens, how it batches, its limits."""
+
+    host: str = option("127.0.0.1", "address to bind; loopback by default (anything else warns without an api key)")
+    port: int = option(8000, "port to bind; 0 picks a free one (the URL is printed)")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on every endpoint but /health; default: "
+                                 "$LORA_RM_API_KEY (prefer it: a flag shows in ps)")
+    max_batch_size: int = option(64, "most texts in one forward")
+    max_batch_tokens: int = option(16384, "most tokens in one forward, counted padded (texts x longest); a text "
+                                   "longer than this runs alone")
+    batch_wait_ms: float = option(5.0, "how long a text waits for companions before its batch runs")
+    max_request_texts: int = option(4096, "most texts in one request (more: 413)")
+    max_request_mb: float = option(64.0, "largest request body in MiB (larger: 413)")
+    normalize: bool = option(False, "return (reward - mean) / std with the mean and std of the --adapter run "
+                             "folder's reward_stats.json (written by lora-rm train)")
+
+    def __post_init__(self) -> None:
+        rules = {  # field: (holds, what it must be)
+            "port": (0 <= self.port <= 65535, "in [0, 65535]"),
+            "max_batch_size": (self.max_batch_size >= 1, "at least 1"),
+            "max_batch_tokens": (self.max_batch_tokens >= 1, "at least 1"),
+            "batch_wait_ms": (self.batch_wait_ms >= 0, "at least 0"),
+            "max_request_texts": (self.max_request_texts >= 1, "at least 1"),
+            "max_request_mb": (self.max_request_mb > 0, "positive"),
+            "api_key": (self.api_key is None or self.api_key.strip() != "", "non-empty (unset: no key)"),
+        }
+        for name, (holds, rule) in rules.items():
+            if not holds:
+                raise ValueError(f"ServeConfig.{name} must be {rule}, got {getattr(self, name)!r}")

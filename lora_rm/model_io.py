@@ -116,14 +116,16 @@ def load_pretrained(
     return model
 
 
-def load_reward_model(model_name: str, adapter: str | Path, **load_options):
+def load_reward_model(model_name: str, adapter: str | Path | None, **load_options):
     """Base model (load_model_and_tokenizer's options) + saved adapter, in eval mode: (model, tokenizer).
 
     The adapter's config is read first: a wrong --adapter fails in a second, not after loading a large base.
+    adapter None: the model as it is (a stock one-label reward model, or a merged one).
     """
-    check_adapter_base(model_name, adapter, read_adapter_config(adapter).base_model_name_or_path)
+    if adapter is not None:
+        check_adapter_base(model_name, adapter, read_adapter_config(adapter).base_model_name_or_path)
     model, tokenizer = load_model_and_tokenizer(model_name, **load_options)
-    return load_adapter(model, adapter).eval(), tokenizer
+    return (model if adapter is None else load_adapter(model, adapter)).eval(), tokenizer
 
 
 def check_adapter_base(model_name: str, adapter: str | Path, saved_base: str | None) -> None:

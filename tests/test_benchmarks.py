@@ -247,3 +247,18 @@ def test_overhead_variant_rows_train_the_same_parameters_as_peft(variant):
             lrs = {g["lr"] for g in optimizer.param_groups if g["params"]}
             assert lrs == {overhead.LR, overhead.LR * overhead.LORAPLUS_RATIO}
     assert shapes["lora-rm"] == shapes["peft"]
+
+
+@pytest.mark.slow
+def test_serve_benchmark_end_to_end(tmp_path):
+    """benchmarks/serve.py --smoke: the loop, the server at 1 and 4 clients and the model-alone ratio, all finite."""
+    out = tmp_path / "serve"
+    command = [sys.executable, "-m", "benchmarks.serve", "--smoke", "--threads", "1", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [row["clients"] for row in result["server"]] == [1, 4] and "| lora-rm serve | 4 |" in done.stdout
+    for row in [result["loop"], *result["server"]]:
+        assert all(math.isfinite(row[key]) and row[key] > 0 for key in ("requests_per_s", "texts_per_s", "p50_ms"))
+    assert math.isfinite(result["model_alone"]["speedup"])
