@@ -31,16 +31,17 @@ from .packing import resolve_packing
 Row = tuple[int, Any, Any]  # (1-based input line number, id, item): item as evaluate.encode_item takes it
 
 
-def row_item(record: dict[str, Any], number: int) -> Any:
-    """The text, chat or (prompt, response) tuple of one JSON input object, checked."""
-    where = f"score input line {number}"
-    if "text" in record or "messages" in record:
-        value = record["text"] if "text" in record else record["messages"]
-        if not (isinstance(value, str) if "text" in record else
-                isinstance(value, list) and all(isinstance(m, dict) for m in value)):
-            raise ValueError(f"{where}: 'text' must be a string and 'messages' a list of {{role, content}} "
-                             f"messages, not {type(value).__name__} ({value!r:.40})")
-        return value
+def row_item(record: dict[str, Any], where: str) -> Any:
+    """The text, chat or (prompt, response) tuple of one JSON input object, checked; `where` names it in errors."""
+    if "text" in record:
+        if not isinstance(record["text"], str):
+            raise ValueError(f"{where}: 'text' must be a string, not {type(record['text']).__name__} "
+                             f"({record['text']!r:.40})")
+        return record["text"]
+    if "messages" in record:
+        if problem := encode.side_problem("messages", record["messages"], conversational=True):
+            raise ValueError(f"{where}: {problem}")
+        return record["messages"]
     if "prompt" in record and "response" in record:
         conversational = encode.is_messages(record["response"])
         for name in ("prompt", "response"):
@@ -65,7 +66,7 @@ def parse_line(line: str, number: int) -> Row | None:
         return number, number, text
     if not isinstance(record, dict):  # e.g. "42": plain text that happens to parse as JSON
         return number, number, text
-    return number, record.get("id", number), row_item(record, number)
+    return number, record.get("id", number), row_item(record, f"score input line {number}")
 
 
 def read_rows(lines: Iterable[str]) -> Iterator[Row]:

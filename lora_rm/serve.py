@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import scoring
 from .config import ServeConfig
-from .encode import encode_text, side_problem
-from .evaluate import score_texts
+from .evaluate import encode_item, score_texts
 
 EXTRA_HINT = "pip install 'lora-rm[serve]'"
 OPEN_PATHS = ("/health",)  # answered without the API key: a load balancer probes it
@@ -104,31 +104,16 @@ def query_items(body: dict[str, Any], limit: int, pad_token: str | None) -> list
     return [strip_padding(query, pad_token) for query in queries]
 
 
-def row_item(row: Any, where: str) -> str | list[dict]:
-    """One row as score_texts' item: a text, or a chat; prompt + response are joined as encode_text joins them."""
+def row_item(row: Any, where: str) -> Any:
+    """One row as score_texts' item, checked as `lora-rm score` checks an input line (scoring.row_item)."""
     if isinstance(row, str):
         return row
     if not isinstance(row, dict):
         raise RequestError(400, f"{where} must be a string or an object, not {type(row).__name__}")
-    if "text" in row:
-        if not isinstance(row["text"], str):
-            raise RequestError(400, f"{where}.text must be a string, not {type(row['text']).__name__}")
-        return row["text"]
-    if "messages" in row:
-        problem = side_problem("messages", row["messages"], conversational=True)
-        if problem:
-            raise RequestError(400, f"{where}: {problem}")
-        return row["messages"]
-    if "prompt" in row and "response" in row:
-        conversational = isinstance(row["response"], list)
-        for name in ("prompt", "response"):
-            problem = side_problem(name, row[name], conversational)
-            if problem:
-                raise RequestError(400, f"{where}: {problem} (prompt and response: both text or both messages)")
-        return row["prompt"] + row["response"]  # encode_text(prompt, response) is encode_text(None, prompt + response)
-    keys = sorted(map(str, row))
-    raise RequestError(400, f"{where} needs 'text', 'messages', or 'prompt' and 'response'; it has {keys[:8]}"
-                       + (f" and {len(keys) - 8} more" if len(keys) > 8 else ""))
+    try:
+        return scoring.row_item(row, where)
+    except ValueError as error:
+        raise RequestError(400, str(error)) from None
 
 
 def row_items(body: dict[str, Any], limit: int) -> tuple[list, list]:
@@ -153,7 +138,7 @@ def token_lengths(tokenizer, items: list, limit: int | None, limit_name: str, wh
     lengths = []
     for index, item in enumerate(items):
         try:
-            lengths.append(len(encode_text(tokenizer, None, item)))
+            lengths.append(len(encode_item(tokenizer, item)))
         except Exception as error:  # a chat the template cannot render, say
             raise RequestError(400, f"{where}[{index}] cannot be encoded: {type(error).__name__}: {error}") from None
     too_long = [index for index, length in enumerate(lengths) if limit and length > limit]

@@ -268,7 +268,7 @@ def test_score_input_of_the_wrong_type_is_named_by_its_line(tmp_path):
     with pytest.raises(ValueError, match=r"^score input line 2: 'text' must be a string .* not int \(5\)"):
         read_score_inputs(str(path))
     path.write_text('{"messages": "hello"}\n')
-    with pytest.raises(ValueError, match=r"^score input line 1: .* not str"):
+    with pytest.raises(ValueError, match=r"^score input line 1: messages is not a list of \{role, content\} messages"):
         read_score_inputs(str(path))
 
 
