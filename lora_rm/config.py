@@ -228,6 +228,7 @@ class TrainConfig:
         if isinstance(self.lora, dict):  # read back from train_config.json
             self.lora = LoraConfig(**self.lora)
         rules = {  # field: (holds, what it must be)
+            "output": (self.output.strip() != "", "a folder's name, not empty (that would mean the current folder)"),
             "batch_size": (self.batch_size >= 1, "at least 1"),
             "grad_accum": (self.grad_accum >= 1, "at least 1"),
             "lr": (self.lr > 0, "positive"),

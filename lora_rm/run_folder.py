@@ -7,6 +7,10 @@ and log.jsonl.
         log.jsonl             one JSON record per log line and per evaluation
         checkpoints/          checkpoint.py's step-N folders
         adapter_model.safetensors, adapter_config.json, tokenizer files, eval_metrics.json, reward_stats.json
+        events.out.tfevents.*  with --report-to tensorboard
+        report/               `lora-rm eval --report OUTPUT/report`, the command a run prints at its end (plots.py)
+
+--overwrite deletes only these (RUN_ENTRIES): a folder holding anything else is refused, naming what is there.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import fnmatch
 import json
 import os
+import re
 import shutil
 import socket
 from collections.abc import Iterator
@@ -28,6 +34,19 @@ from .config import TrainConfig
 
 LOCK_NAME = ".lock"  # in the output folder while a run writes there: {"pid", "host", "started"}
 TRAIN_CONFIG_NAME = "train_config.json"
+# What a run (or its report) writes into its output folder, as fnmatch patterns: all --overwrite may delete.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+RUN_ENTRIES = {
+    "": (LOCK_NAME, TRAIN_CONFIG_NAME, "log.jsonl", "checkpoints", "adapter_model.safetensors",
+         "adapter_config.json", "eval_metrics.json", "reward_stats.json", "events.out.tfevents.*", "report",
+         "additional_chat_templates", *TOKENIZER_FILES),
+    "checkpoints": ("step-[0-9]*", ".tmp-step-[0-9]*", "diverged-step-[0-9]*"),
+    "report": ("metrics.json", "*.png"),
+    "additional_chat_templates": ("*.jinja",),
+}
+ATOMIC_LEFTOVER = re.compile(r"\.(.+)\.\w{8}")  # atomic.py's temporary name `.NAME.XXXXXXXX`, left by a kill
 
 # What a resume may change, each on purpose; any other changed setting is refused (it would not be what ran).
 RESUME_MAY_CHANGE = {
@@ -131,17 +150,50 @@ def output_lock(output: Path) -> Iterator[None]:
             release_output_lock(lock)
 
 
+def is_run_entry(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a file or folder name is one a run writes (or atomic.py's leftover of one)."""
+    leftover = ATOMIC_LEFTOVER.fullmatch(name)
+    return any(fnmatch.fnmatchcase(leftover.group(1) if leftover else name, pattern) for pattern in patterns)
+
+
+def foreign_entries(output: Path, folder: str = "") -> list[str]:
+    """Paths under `output` that no run writes (notes, data, .git...), relative to it: what --overwrite must keep."""
+    foreign = []
+    for entry in sorted((output / folder).iterdir()):
+        name = f"{folder}/{entry.name}" if folder else entry.name
+        if not is_run_entry(entry.name, RUN_ENTRIES[folder]):
+            foreign.append(name)
+        elif entry.is_dir() and not entry.is_symlink() and name in RUN_ENTRIES:
+            foreign += foreign_entries(output, name)
+    return foreign
+
+
+def check_overwrite(output: Path, has_run: bool) -> None:
+    """Refuse --overwrite on the current folder or one above it, and a run's folder holding anything a run did not
+    write: it would be deleted with the run."""
+    if Path.cwd().resolve().is_relative_to(output.resolve()):
+        raise ValueError(f"--overwrite --output {str(output)!r} is the current folder or one above it; give the "
+                         "run's own folder")
+    foreign = foreign_entries(output) if has_run else []
+    if foreign:
+        shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+        raise FileExistsError(f"--overwrite: {output} holds files no run writes ({shown}); move them away or "
+                              "choose another --output (nothing was deleted)")
+
+
 def prepare_output(config: TrainConfig) -> Path:
     """Refuse to mix a new run into an old one unless told to resume or overwrite; rank 0 alone touches disk."""
     output = Path(config.output)
     has_run = output.is_dir() and any(
         (output / name).exists() for name in ("log.jsonl", "adapter_config.json", "checkpoints")
     )
+    if config.overwrite:
+        check_overwrite(output, has_run)
     if has_run and not (config.resume or config.overwrite):
         raise FileExistsError(f"{output} already holds a run; pass --resume to continue it or --overwrite")
     distributed.barrier()  # every rank has looked before rank 0 deletes anything
     if has_run and config.overwrite and distributed.is_main():
-        for entry in output.iterdir():
+        for entry in output.iterdir():  # check_overwrite found only a run's entries
             if entry.name != LOCK_NAME:  # the lock stays: this run holds it
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     if distributed.is_main():

@@ -321,3 +321,47 @@ def test_sides_longer_than_the_models_positions_are_refused_before_training(tmp_
                                          r"max_position_embeddings \(64\); lower --max-length to 64 or less"):
         train(tiny_run(tmp_path / "run", dataset=str(data_file), max_rows=None, max_length=100))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# -- Hardening 2: --overwrite deletes only what a run wrote
+
+
+def test_overwrite_refuses_a_folder_holding_anything_but_a_run_and_deletes_nothing(tmp_path):
+    output = tmp_path / "run"
+    train(tiny_run(output, max_steps=1, report_to="tensorboard"))
+    (output / "notes.txt").write_text("my notes")
+    (output / "data").mkdir()
+    (output / "data" / "pairs.jsonl").write_text("{}\n")
+    (output / ".git").mkdir()
+    (output / "checkpoints" / "keep.txt").write_text("mine")
+    before = sorted(str(p.relative_to(output)) for p in output.rglob("*"))
+    with pytest.raises(FileExistsError, match=r"--overwrite: .*run.* holds files no run writes \(\.git, "
+                                              r"checkpoints/keep\.txt, data, notes\.txt\)"):
+        train(tiny_run(output, max_steps=1, overwrite=True))
+    assert sorted(str(p.relative_to(output)) for p in output.rglob("*")) == before
+    for path in ("notes.txt", "data/pairs.jsonl", "checkpoints/keep.txt"):
+        (output / path).unlink()
+    (output / "data").rmdir()
+    (output / ".git").rmdir()
+    train(tiny_run(output, max_steps=1, overwrite=True))  # a run's own files (tensorboard's too) are replaced
+    assert not list(output.glob("events.out.tfevents.*")) and len(train_losses(output)) == 1
+
+
+@pytest.mark.parametrize("output", [".", "..", "./"])
+def test_overwrite_refuses_the_current_folder_and_its_parents(tmp_path, monkeypatch, output):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("my notes")
+    monkeypatch.chdir(work)
+    with pytest.raises(ValueError, match="--overwrite .*the current folder"):
+        train(tiny_run(output, max_steps=1, overwrite=True))
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]
+
+
+def test_empty_output_is_refused(capsys):
+    """`--output ""` (an unset shell variable, say) would mean the current folder."""
+    with pytest.raises(ValueError, match="TrainConfig.output must be a folder's name, not empty"):
+        tiny_run("")
+    with pytest.raises(SystemExit):
+        main(["train", "--output", "", "--overwrite"])
+    assert "lora-rm: error: --output must be a folder's name, not empty" in capsys.readouterr().err
