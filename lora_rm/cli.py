@@ -150,13 +150,13 @@ def parse_pattern_flags(lora_given: dict[str, Any]) -> dict[str, Any]:
 
 def saved_train_config(given: dict[str, Any]) -> TrainConfig | None:
     """The TrainConfig a run in --output saved, or None when there is none to read."""
-    from .run_folder import read_saved_config
+    from .run_folder import NOT_SAVED, read_saved_config
 
     saved = read_saved_config(Path(given.get("output", TrainConfig().output)))
     if saved is None:
         return None
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{name: value for name, value in saved.items() if name in known})
+    return TrainConfig(**{name: value for name, value in saved.items() if name in known and name not in NOT_SAVED})
 
 
 def given_or_default(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:

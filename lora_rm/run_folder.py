@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ RUN_ENTRIES = {
 }
 ATOMIC_LEFTOVER = re.compile(r"\.(.+)\.\w{8}")  # atomic.py's temporary name `.NAME.XXXXXXXX`, left by a kill
 
+# How a process was started, not what it trains: left out of train_config.json, and ignored where an older run saved
+# it (a saved overwrite=true would otherwise make every later --resume "resume and overwrite exclude each other").
+NOT_SAVED = ("overwrite",)
 # What a resume may change, each on purpose; any other changed setting is refused (it would not be what ran).
 RESUME_MAY_CHANGE = {
     "max_steps": "extends (or shortens) the run; the schedule follows the new total from here on",
@@ -133,9 +137,10 @@ def release_output_lock(lock: Path) -> None:
 
 
 @contextlib.contextmanager
-def output_lock(output: Path) -> Iterator[None]:
-    """Hold OUTPUT/.lock for the whole run; rank 0 takes it, and every rank stops if it could not."""
-    lock, error = None, None
+def output_lock(output: Path) -> Iterator[bool]:
+    """Hold OUTPUT/.lock for the whole run; rank 0 takes it, and every rank stops if it could not. Yields whether
+    the folder existed before (taking the lock creates it)."""
+    lock, error, existed = None, None, output.is_dir()
     if distributed.is_main():
         try:
             lock = take_output_lock(output)
@@ -144,7 +149,7 @@ def output_lock(output: Path) -> Iterator[None]:
     if distributed.sum_over_ranks([float(error is not None)])[0]:  # a collective: every rank learns the outcome
         raise error or FileExistsError(f"{output} is in use by another run (see rank 0's message)")
     try:
-        yield
+        yield existed
     finally:
         if lock is not None:
             release_output_lock(lock)
@@ -181,8 +186,11 @@ def check_overwrite(output: Path, has_run: bool) -> None:
                               "choose another --output (nothing was deleted)")
 
 
-def prepare_output(config: TrainConfig) -> Path:
-    """Refuse to mix a new run into an old one unless told to resume or overwrite; rank 0 alone touches disk."""
+def prepare_output(config: TrainConfig, existed: bool = True) -> Path:
+    """Refuse to mix a new run into an old one unless told to resume or overwrite; rank 0 alone touches disk.
+
+    existed: whether the folder was there before the lock created it (output_lock), for --resume's message.
+    """
     output = Path(config.output)
     has_run = output.is_dir() and any(
         (output / name).exists() for name in ("log.jsonl", "adapter_config.json", "checkpoints")
@@ -200,7 +208,9 @@ def prepare_output(config: TrainConfig) -> Path:
         output.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
     if config.resume and not has_run:  # e.g. a preemptible job's first start: not an error, but never silent
-        distributed.print_main(f"--resume: {output} holds no run yet; starting a new one there")
+        found = ("holds no run (no log.jsonl, adapter or checkpoints/)" if existed else
+                 "does not exist, so there is no run to resume")
+        distributed.print_main(f"--resume: {output} {found}; starting a new one there", file=sys.stderr)
     if config.resume:
         check_resumed_config(config, output / TRAIN_CONFIG_NAME)
     return output
@@ -250,7 +260,8 @@ def check_resumed_config(config: TrainConfig, saved_path: Path) -> None:
 
 def write_config(config: TrainConfig, output: Path) -> None:
     """train_config.json: the settings that run (after check_resumed_config), written atomically."""
+    settings = {name: value for name, value in dataclasses.asdict(config).items() if name not in NOT_SAVED}
     with atomic_path(output / TRAIN_CONFIG_NAME) as tmp:
-        Path(tmp).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        Path(tmp).write_text(json.dumps(settings, indent=2))
 
 

@@ -159,17 +159,17 @@ def train(config: TrainConfig) -> dict[str, Any]:
     rank, world_size, device = distributed.init_from_env(device)  # (0, 1, device) outside torchrun
     if config.report_to == "tensorboard":
         summary_writer_class()  # a missing extra fails before the output folder or the model is touched
-    with output_lock(Path(config.output)):
-        run = set_up(config, rank, world_size, device)
+    with output_lock(Path(config.output)) as existed:
+        run = set_up(config, rank, world_size, device, existed)
         log = RunLog(run.log_path, config.report_to, tuple(run.eval_sets))
         window, started = LogWindow(start=run.start_step), time.perf_counter()
         train_seconds = train_steps(run, log, window, started)
         return finish(run, log, window, started, train_seconds)
 
 
-def set_up(config: TrainConfig, rank: int, world_size: int, device: torch.device) -> Run:
+def set_up(config: TrainConfig, rank: int, world_size: int, device: torch.device, existed: bool = True) -> Run:
     """Output folder, seeds, model, data, optimizer, the run's length, and a resumed run's weights and position."""
-    output = prepare_output(config)
+    output = prepare_output(config, existed)
     random.seed(config.seed)
     torch.manual_seed(config.seed)  # the same on every rank: identical adapter init
     model, tokenizer = load_base(config, device)

@@ -305,10 +305,29 @@ def test_cli_resume_keeps_the_saved_settings_for_flags_not_given(tmp_path):
 
 
 def test_resume_on_a_folder_without_a_run_says_it_starts_a_new_one(tmp_path, capsys):
-    """A preemptible job passes --resume from its first start: allowed, but said, never silent."""
+    """A preemptible job passes --resume from its first start: allowed, but said on stderr, never silent."""
     train(tiny_run(tmp_path / "new", max_steps=1, resume=True))
-    assert f"--resume: {tmp_path / 'new'} holds no run yet; starting a new one there" in capsys.readouterr().out
+    assert (f"--resume: {tmp_path / 'new'} does not exist, so there is no run to resume; starting a new one there"
+            in capsys.readouterr().err)
     assert list_checkpoints(tmp_path / "new" / "checkpoints")
+    (tmp_path / "empty").mkdir()
+    train(tiny_run(tmp_path / "empty", max_steps=1, resume=True))
+    assert (f"--resume: {tmp_path / 'empty'} holds no run (no log.jsonl, adapter or checkpoints/); starting a new "
+            "one there" in capsys.readouterr().err)
+
+
+def test_resume_after_an_overwrite_run(tmp_path):
+    """--overwrite is how a run started, not a setting: it is not saved, and an old folder that saved it resumes."""
+    output = str(tmp_path / "run")
+    flags = ["--max-rows", "80", "--batch-size", "4", "--lora-r", "4", "--save-every", "1", "--no-progress"]
+    main(["train", "--output", output, *flags, "--max-steps", "1"])
+    main(["train", "--output", output, *flags, "--max-steps", "1", "--overwrite"])
+    assert "overwrite" not in json.loads((tmp_path / "run" / "train_config.json").read_text())
+    main(["train", "--output", output, "--resume", "--max-steps", "2"])
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    (tmp_path / "run" / "train_config.json").write_text(json.dumps({**saved, "overwrite": True}))  # as older ones
+    main(["train", "--output", output, "--resume", "--max-steps", "3"])
+    assert [r["step"] for r in read_log(tmp_path / "run") if "loss" in r] == [1, 2, 3]
 
 
 def test_sides_longer_than_the_models_positions_are_refused_before_training(tmp_path):
