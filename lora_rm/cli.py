@@ -211,7 +211,7 @@ def report_command(config: TrainConfig) -> str:
         words += ["--dataset", first, "--split", config.eval_split]
         words += [f"--rows={config.eval_rows}"] if config.eval_rows else []
         words += ["--max-rows", str(config.max_eval_rows)] if config.max_eval_rows else []
-    else:  # the built-in task draws unseen pairs with eval's default seed; other data: the training rows
+    else:  # the training data: eval leaves out the rows the adapter trained on (data.without_training_rows)
         words += ["--dataset", config.dataset, "--split", config.split]
         words += [f"--rows={config.rows}"] if config.rows else []
     words += ["--max-length", str(config.max_length), "--length-policy", config.length_policy]
@@ -260,7 +260,7 @@ def load_for_command(args: argparse.Namespace, settings: dict[str, Any]):
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from .data import load_preference_dataset
+    from .data import load_preference_dataset, without_training_rows
     from .eval_stats import read_sections
     from .evaluate import evaluate_dataset
 
@@ -271,6 +271,7 @@ def run_eval(args: argparse.Namespace) -> None:
     model, tokenizer = load_for_command(args, settings)
     dataset = load_preference_dataset(settings["dataset"], settings["split"], settings["max_rows"], settings["rows"],
                                       seed=args.seed)
+    dataset = without_training_rows(dataset, settings["dataset"], args.adapter)
     metrics, stats, written = evaluate_dataset(
         model, tokenizer, dataset, settings["max_length"], settings["length_policy"], settings["skip_bad_rows"],
         settings["batch_size"], args.report, args.log, sections, settings["packing"], settings["max_tokens_per_batch"],

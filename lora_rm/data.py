@@ -20,7 +20,9 @@ reading, so a merged model served by plain transformers scores exactly what was 
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ from .encode import (
     pad_sequences,
     side_problem,
 )
+from .run_folder import TRAIN_CONFIG_NAME, read_saved_config
 
 MIN_EVAL_PAIRS = 20  # an automatic eval split smaller than this gets a warning: its accuracy moves in steps of 5%+
 TOKENIZED_COLUMNS = (("chosen_ids", "rejected_ids"), ("input_ids_chosen", "input_ids_rejected"))
@@ -315,18 +318,65 @@ def load_pairs(config: TrainConfig, tokenizer) -> tuple[list[dict[str, Any]], li
             eval_sources(config)[0], config.eval_split, config.max_eval_rows, config.eval_rows
         )
     else:
-        n_eval = max(1, int(len(train_data) * config.eval_fraction))
-        n_train = len(train_data) - n_eval
-        train_data, eval_data = train_data.select(range(n_train)), train_data.select(range(n_train, len(train_data)))
+        n_rows = len(train_data)
+        train_data, eval_data = split_off_eval(train_data, config.eval_fraction)
     train_pairs = tokenize(train_data, tokenizer, config, "train")
     eval_pairs = tokenize(eval_data, tokenizer, config, "eval")
     if config.eval_dataset is None and len(eval_pairs) < MIN_EVAL_PAIRS:
         distributed.print_main(
             f"warning: the automatic eval split holds only {len(eval_pairs)} pairs (eval_fraction="
-            f"{config.eval_fraction} of {len(train_data) + len(eval_data)} rows): its accuracy is noise; raise "
-            "--eval-fraction or pass --eval-dataset"
+            f"{config.eval_fraction} of {n_rows} rows): its accuracy is noise; raise --eval-fraction or pass "
+            "--eval-dataset"
         )
     return train_pairs, eval_pairs
+
+
+def split_off_eval(rows: Dataset, eval_fraction: float) -> tuple[Dataset, Dataset]:
+    """(train, eval): the last eval_fraction of the rows held out, less every row that is also a training row
+    (a duplicate pair would be scored on what was trained: the built-in task repeats many)."""
+    n_train = len(rows) - max(1, int(len(rows) * eval_fraction))
+    train_rows, held_out = rows.select(range(n_train)), rows.select(range(n_train, len(rows)))
+    eval_rows, n_seen = without_rows_of(held_out, train_rows)
+    if n_seen:
+        distributed.print_main(f"eval split: {n_seen} of its {len(held_out)} rows are also training rows; left out",
+                               file=sys.stderr)
+    if not len(eval_rows):
+        raise ValueError(f"every one of the {len(held_out)} held-out rows (eval_fraction {eval_fraction}) is also a "
+                         "training row: nothing unseen to evaluate; pass --eval-dataset or raise --eval-fraction")
+    return train_rows, eval_rows
+
+
+def row_key(row: dict[str, Any]) -> str:
+    """A row's content (every column but where it was read), to find the same pair among other rows."""
+    return json.dumps({name: value for name, value in row.items() if name != ROW_SOURCE}, sort_keys=True, default=str)
+
+
+def without_rows_of(dataset: Dataset, other: Dataset) -> tuple[Dataset, int]:
+    """The rows of `dataset` that are not rows of `other`, and how many were left out."""
+    seen = {row_key(row) for row in other}
+    kept = [index for index, row in enumerate(dataset) if row_key(row) not in seen]
+    return dataset.select(kept), len(dataset) - len(kept)
+
+
+def without_training_rows(dataset: Dataset, source: str, adapter: str | Path) -> Dataset:
+    """Eval rows less those the adapter trained on, when its run (train_config.json beside it) trained on `source`:
+    `lora-rm eval --dataset builtin` draws 'unseen' pairs that the built-in task's training rows repeat."""
+    run = Path(adapter).parent.parent if Path(adapter).parent.name == "checkpoints" else Path(adapter)  # step-N
+    saved = read_saved_config(run) or {}
+    saved_path = run / TRAIN_CONFIG_NAME
+    if saved.get("dataset") != source:
+        return dataset
+    trained = load_preference_dataset(source, saved.get("split", "train"), saved.get("max_rows"), saved.get("rows"),
+                                      seed=saved.get("seed", 0))
+    if saved.get("eval_dataset") is None:
+        trained = split_off_eval(trained, saved.get("eval_fraction", 0.1))[0]
+    kept, n_seen = without_rows_of(dataset, trained)
+    if n_seen:
+        print(f"eval: {n_seen} of the {len(dataset)} rows are rows the adapter trained on ({saved_path}); left out",
+              file=sys.stderr)
+    if not len(kept):
+        raise ValueError(f"every eval row is a row the adapter trained on ({saved_path}): nothing unseen to evaluate")
+    return kept
 
 
 def eval_sources(config: TrainConfig) -> list[str]:

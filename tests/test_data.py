@@ -20,6 +20,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from lora_rm import data, data_files, encode, model_io
 from lora_rm.builtin import builtin_model, builtin_preference_dataset, builtin_tokenizer
+from lora_rm.config import TrainConfig
 
 HH_TEST = (
     Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
@@ -617,5 +618,32 @@ def test_tiny_automatic_eval_split_warns(tmp_path, capsys):
     assert (len(train_pairs), len(eval_pairs)) == (45, 5)
     out = capsys.readouterr().out
     assert "warning: the automatic eval split holds only 5 pairs" in out and "--eval-dataset" in out
-    load_pairs(TrainConfig(max_rows=200, eval_fraction=0.1), builtin_tokenizer())
+    load_pairs(TrainConfig(max_rows=400, eval_fraction=0.1), builtin_tokenizer())  # 40 held out, 35 unseen
     assert "warning" not in capsys.readouterr().out
+
+
+# ---- Hardening 2: an eval set holds no training pair --------------------------------------------------------
+
+
+def sides(pairs):
+    return [(tuple(p["chosen_ids"]), tuple(p["rejected_ids"])) for p in pairs]
+
+
+def test_automatic_eval_split_of_the_builtin_task_holds_no_training_pair(capsys):
+    """The built-in task repeats pairs: 146 of the last 200 of its 2,000 rows were also among the first 1,800."""
+    config = TrainConfig(output="unused", max_length=32)
+    train_pairs, eval_pairs = data.load_pairs(config, builtin_tokenizer())
+    assert not set(sides(eval_pairs)) & set(sides(train_pairs))
+    assert (len(train_pairs), len(eval_pairs)) == (1800, 200 - 146)
+    assert "eval split: 146 of its 200 rows are also training rows; left out" in capsys.readouterr().err
+
+
+def test_automatic_eval_split_of_a_file_holds_no_training_pair(tmp_path):
+    rows = [{"chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(8)]
+    write_rows(tmp_path / "pairs.jsonl", rows + [rows[1], {"chosen": "good 9", "rejected": "bad 9"}])
+    config = TrainConfig(output="unused", dataset=str(tmp_path / "pairs.jsonl"), eval_fraction=0.2)
+    train_pairs, eval_pairs = data.load_pairs(config, word_tokenizer(["good bad"] + [str(i) for i in range(10)]))
+    assert len(train_pairs) == 8 and len(eval_pairs) == 1 and not set(sides(eval_pairs)) & set(sides(train_pairs))
+    write_rows(tmp_path / "pairs.jsonl", rows + rows[:2])
+    with pytest.raises(ValueError, match="every one of the 2 held-out rows .* is also a training row"):
+        data.load_pairs(config, word_tokenizer(["good bad"] + [str(i) for i in range(10)]))
