@@ -204,11 +204,14 @@ def settings_in_force(config: TrainConfig) -> str:
 
 def report_command(config: TrainConfig) -> str:
     """The `lora-rm eval` command that writes the reward report of this run, on its eval data."""
+    from .data import hub_or_local_split
+
     output = Path(config.output)
     words = ["lora-rm", "eval", "--model", config.model, "--adapter", str(output)]
     if config.eval_dataset is not None:  # several: the first (each is logged in log.jsonl)
         first = config.eval_dataset if isinstance(config.eval_dataset, str) else config.eval_dataset[0]
-        words += ["--dataset", first, "--split", config.eval_split]
+        split = hub_or_local_split(first, config.eval_split, "test")
+        words += ["--dataset", first, *(["--split", split] if split else [])]
         words += [f"--rows={config.eval_rows}"] if config.eval_rows else []
         words += ["--max-rows", str(config.max_eval_rows)] if config.max_eval_rows else []
     else:  # the training data: eval leaves out the rows the adapter trained on (data.without_training_rows)

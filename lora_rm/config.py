@@ -162,7 +162,8 @@ class TrainConfig:
         None, "held-out preferences (repeat the flag for several, each logged apart); default: the last eval_fraction "
         "of dataset")
     split: str = option("train", "split of dataset: a hub split or a slice such as 'train[:1800]'")
-    eval_split: str = option("test", "split of eval_dataset")
+    eval_split: str | None = option(None, "split of eval_dataset, slices too ('test[:500]'); unset: 'test' of a hub "
+                                    "id, all of a local file")
     eval_fraction: float = option(0.1, "held-out share of the training rows when no eval_dataset is named")
     rows: str | None = option(None, "a slice of the training rows as text, e.g. ':1800' (applied before max_rows)")
     eval_rows: str | None = option(None, "a slice of the eval rows as text, e.g. '-512:' for the last 512")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset, load_dataset
+from datasets import Dataset, ReadInstruction, load_dataset
 from transformers import PreTrainedTokenizerBase
 
 from . import distributed, ranking
@@ -63,12 +63,13 @@ def _select_rows(dataset: Dataset, rows: str) -> Dataset:
 
 
 def load_preference_dataset(
-    source: str, split: str = "train", max_rows: int | None = None, rows: str | None = None, seed: int = 0
+    source: str, split: str | None = "train", max_rows: int | None = None, rows: str | None = None, seed: int = 0
 ) -> Dataset:
     """Load a local .json/.jsonl(.gz)/.parquet/.csv file or folder of them, a hub id with `split`, or "builtin".
 
-    `rows` is a Python slice as text applied first ("-512:" keeps the last 512 rows, "100:200" a window), then
-    `max_rows` keeps the first N of what is left. Local files form a single split; `split` is then ignored.
+    `split` is datasets' split spec, slices included ('train[:20]', 'train[10%:]'); local files and the built-in
+    task form one split, 'train' (None: all of it; a hub id: 'train'). `rows` is a Python slice as text applied
+    next ("-512:" keeps the last 512 rows, "100:200" a window), then `max_rows` keeps the first N of what is left.
     `seed` draws the built-in task's questions (lora_rm/builtin.py).
     """
     dataset = _builtin_or_file_or_hub(source, split, seed)
@@ -83,16 +84,38 @@ def _builtin_or_file_or_hub(source: str, split: str, seed: int) -> Dataset:
     """The whole dataset `source` names, before any row selection."""
     if source == BUILTIN:
         dataset = builtin_preference_dataset(BUILTIN_PAIRS, seed=seed)
-        return dataset.add_column(ROW_SOURCE, [f"builtin row index {i}" for i in range(len(dataset))])
+        dataset = dataset.add_column(ROW_SOURCE, [f"builtin row index {i}" for i in range(len(dataset))])
+        return _local_split(dataset, split, source)
     files = find_preference_files(source)
     if files:
-        return read_preference_files(source, files)
+        return _local_split(read_preference_files(source, files), split, source)
+    split = split or "train"
     try:
         dataset = load_dataset(source, split=split)
     except Exception as err:
         message = f"{source!r} is not a local file or folder and did not load from the hub: {err}"
         raise ValueError(message) from err
     return dataset.add_column(ROW_SOURCE, [f"{source} split {split!r} row index {i}" for i in range(len(dataset))])
+
+
+def _local_split(dataset: Dataset, split: str | None, source: str) -> Dataset:
+    """The rows of a local file's (or the built-in task's) one split, 'train', that `split` selects, as datasets reads
+    a split spec: 'train', 'train[:20]', 'train[10%:]'; None: all of them."""
+    if split is None:
+        return dataset
+    try:
+        instructions = ReadInstruction.from_spec(split).to_absolute({"train": len(dataset)})
+    except (ValueError, AssertionError) as error:
+        raise ValueError(f"--split {split!r} does not select rows of {source} ({error}): local data and the built-in "
+                         "task form one split, 'train', sliced as 'train[:20]' or 'train[10%:]'") from None
+    return dataset.select([i for part in instructions for i in range(part.from_, part.to)])
+
+
+def hub_or_local_split(source: str, split: str | None, hub_default: str) -> str | None:
+    """`split`, or when it is unset `hub_default` for a hub id and None (all rows) for local data."""
+    if split is not None or source == BUILTIN or find_preference_files(source):
+        return split
+    return hub_default
 
 
 def detect_format(dataset: Dataset) -> str:
@@ -314,9 +337,9 @@ def load_pairs(config: TrainConfig, tokenizer) -> tuple[list[dict[str, Any]], li
     """Tokenized (train, eval) pairs; without an eval dataset, the last eval_fraction of the training rows."""
     train_data = load_preference_dataset(config.dataset, config.split, config.max_rows, config.rows, config.seed)
     if config.eval_dataset is not None:  # several: the first here, the others in named_eval_sets
-        eval_data = load_preference_dataset(
-            eval_sources(config)[0], config.eval_split, config.max_eval_rows, config.eval_rows
-        )
+        source = eval_sources(config)[0]
+        eval_data = load_preference_dataset(source, hub_or_local_split(source, config.eval_split, "test"),
+                                            config.max_eval_rows, config.eval_rows)
     else:
         n_rows = len(train_data)
         train_data, eval_data = split_off_eval(train_data, config.eval_fraction)
@@ -410,7 +433,8 @@ def named_eval_sets(config: TrainConfig, tokenizer, first: list[dict[str, Any]])
                          "rename the files so that each is logged under its own name")
     sets = {f"eval_{names[0]}": first}
     for source, name in zip(sources[1:], names[1:], strict=True):
-        rows = load_preference_dataset(source, config.eval_split, config.max_eval_rows, config.eval_rows)
+        split = hub_or_local_split(source, config.eval_split, "test")
+        rows = load_preference_dataset(source, split, config.max_eval_rows, config.eval_rows)
         sets[f"eval_{name}"] = tokenize(rows, tokenizer, config, f"eval {name}")
     return sets
 

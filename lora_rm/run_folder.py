@@ -237,9 +237,12 @@ def read_saved_config(output: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        saved = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"cannot resume: {path} is not valid JSON ({error})") from error
+    if isinstance(saved, dict) and saved.get("eval_split") == "test":  # exactly what unset means: a hub id's 'test',
+        saved["eval_split"] = None  # and all of a local file (which runs before eval_split could be unset read whole)
+    return saved
 
 
 def check_resumed_config(config: TrainConfig, saved_path: Path) -> None:

@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -647,3 +648,38 @@ def test_automatic_eval_split_of_a_file_holds_no_training_pair(tmp_path):
     write_rows(tmp_path / "pairs.jsonl", rows + rows[:2])
     with pytest.raises(ValueError, match="every one of the 2 held-out rows .* is also a training row"):
         data.load_pairs(config, word_tokenizer(["good bad"] + [str(i) for i in range(10)]))
+
+
+# ---- Hardening 2: --split slices local files and the built-in task as datasets slices a hub split -------------
+
+
+def test_split_slices_local_files_and_the_builtin_task(tmp_path, monkeypatch):
+    write_rows(tmp_path / "pairs.jsonl", [{"chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(10)])
+    source = str(tmp_path / "pairs.jsonl")
+
+    def chosen(split, **selection):
+        return list(data.load_preference_dataset(source, split, **selection)["chosen"])
+
+    assert chosen("train[:3]") == ["good 0", "good 1", "good 2"]
+    assert chosen("train[80%:]") == ["good 8", "good 9"]
+    assert chosen("train[2:6]", rows="-2:") == ["good 4", "good 5"]  # the split first, then --rows
+    assert chosen("train") == chosen(None) == [f"good {i}" for i in range(10)]
+    assert len(data.load_preference_dataset("builtin", "train[:20]")) == 20
+    for split in ("nonsense", "test", "train[:3"):
+        with pytest.raises(ValueError, match=rf"--split {re.escape(repr(split))} .*pairs\.jsonl.* one split, 'train'"):
+            chosen(split)
+    asked = []
+    monkeypatch.setattr(data, "load_dataset", lambda name, split: asked.append(split) or Dataset.from_dict(
+        {"chosen": ["a"], "rejected": ["b"]}))
+    data.load_preference_dataset("someone/prefs", "train[:20]")
+    data.load_preference_dataset("someone/prefs", None)
+    assert asked == ["train[:20]", "train"]
+
+
+def test_eval_split_is_unset_by_default_and_an_old_saved_test_resumes(tmp_path):
+    """Unset: the hub's 'test' split, or the whole local file; a run saved before this saved 'test', which meant that."""
+    from lora_rm.run_folder import check_resumed_config
+
+    assert TrainConfig().eval_split is None
+    (tmp_path / "train_config.json").write_text(json.dumps({"eval_split": "test", "lr": 1e-4}))
+    check_resumed_config(TrainConfig(output=str(tmp_path), resume=True), tmp_path / "train_config.json")
