@@ -326,6 +326,18 @@ def batch_indices(
     ]
 
 
+def check_step_fits(n_pairs: int, n_batches: int, config: TrainConfig, world_size: int) -> None:
+    """Refuse an optimizer step that takes more micro-batches than an epoch holds: it would pass over the data
+    several times within one step and log that as one epoch. Refused, not capped: a smaller batch would change the
+    step the flags asked for."""
+    if n_batches < config.grad_accum:
+        raise ValueError(
+            f"one optimizer step takes {config.batch_size * config.grad_accum * world_size} pairs (batch_size "
+            f"{config.batch_size} x grad_accum {config.grad_accum} x {world_size} processes) but the training data "
+            f"holds {n_pairs} pairs ({n_batches} micro-batches per process): lower --batch-size or --grad-accum"
+        )
+
+
 def collate_rows(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """ranking.collate_groups for K-way rows, collate_pairs for pairs: one collator for either kind of data."""
     if ranking.is_ranking_rows(rows):

@@ -195,6 +195,7 @@ def set_up(config: TrainConfig, rank: int, world_size: int, device: torch.device
     run = Run(config, device, output, model, forward_model, tokenizer, train_pairs, eval_sets, packing_mode,
               optimizer, torch.amp.GradScaler(device.type, enabled=config.precision == "fp16"), epoch_batches)
     run.n_batches = len(epoch_batches(0))
+    data.check_step_fits(len(train_pairs), run.n_batches, config, world_size)
     run.total_steps = config.max_steps or max(1, int(config.epochs * run.steps_per_epoch))
     run.warmup_steps = warmup_steps_for(run.total_steps, config.warmup_ratio)
     global_batch = config.batch_size * world_size * config.grad_accum
