@@ -68,7 +68,7 @@ RESUME_MAY_CHANGE = {
     "device": "where it runs (another node or GPU); the math is the same",
     "batch_size": "the per-process share, to resume under another number of processes; checkpoint."
                   "resume_from_latest_checkpoint refuses a changed global batch (batch_size x processes x grad_accum)",
-    "grad_accum": "the same",
+    "grad_accum": "the same; not under group_by_length, whose length groups follow the micro-batch (refused there)",
     "gradient_checkpointing": "trades memory for compute; the gradients are the same",
     "reentrant_checkpointing": "the same",
     "allow_pickle_weights": "how the base's weights may be read, not which weights",
@@ -258,6 +258,15 @@ def check_resumed_config(config: TrainConfig, saved_path: Path) -> None:
             f"--resume with changed settings ({listed}); the checkpoints were trained with the old values in "
             f"{saved_path}. Resume with those, or start a new run (another --output, or --overwrite). A resume "
             f"may change only: {', '.join(RESUME_MAY_CHANGE)}"
+        )
+    if config.group_by_length and saved.get("grad_accum", config.grad_accum) != config.grad_accum:
+        # the global batch is checked against the checkpoint; with it fixed, another grad_accum means another
+        # micro-batch (batch_size x processes), and data.batch_indices sorts by length within chunks of those
+        raise ValueError(
+            f"--resume with --group-by-length: grad_accum {saved['grad_accum']} -> {config.grad_accum} changes "
+            "which pairs share a micro-batch (pairs are sorted by length within chunks of micro-batches), so the run "
+            f"would not replay; keep --grad-accum {saved['grad_accum']} (the processes may change with --batch-size, "
+            "e.g. 2 x 4 -> 1 x 8)"
         )
 
 

@@ -384,3 +384,13 @@ def test_empty_output_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--output", "", "--overwrite"])
     assert "lora-rm: error: --output must be a folder's name, not empty" in capsys.readouterr().err
+
+
+def test_resume_under_group_by_length_refuses_another_grad_accum_split(tmp_path):
+    """Pairs are sorted by length in chunks of micro-batches, so 4 x 2 and 8 x 1 group other pairs: the adapter moved
+    by 8.9e-3 (issue 23) instead of replaying. Refused, with the setting to keep."""
+    train(tiny_run(tmp_path, max_steps=3, group_by_length=True))
+    with pytest.raises(ValueError, match=r"--resume with --group-by-length: grad_accum 2 -> 1 changes which pairs "
+                                         r"share a micro-batch .* keep --grad-accum 2"):
+        train(tiny_run(tmp_path, max_steps=6, group_by_length=True, batch_size=8, grad_accum=1, resume=True))
+    assert len(train_losses(tmp_path)) == 3
