@@ -292,5 +292,9 @@ class TrainConfig:
                 "and ranks would split their micro-batches into different numbers of packed runs); unset "
                 "--max-tokens-per-batch (one packed run per micro-batch) or use DDP"
             )
+        if self.packing == "none" and self.max_tokens_per_batch is not None:
+            raise ValueError("TrainConfig.max_tokens_per_batch bounds packed forwards only, and TrainConfig.packing "
+                             "none runs padded rows of TrainConfig.batch_size pairs whatever their length; unset "
+                             "TrainConfig.max_tokens_per_batch and lower TrainConfig.batch_size to bound a forward")
         if self.resume and self.overwrite:
             raise ValueError("TrainConfig: resume and overwrite exclude each other")

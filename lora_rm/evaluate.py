@@ -92,7 +92,8 @@ def evaluate_dataset(
     pairs = tokenized.to_list()
     device = next(model.parameters()).device
     k_way = ranking.is_ranking_rows(pairs)
-    mode = resolve_packing(packing, model, print if not k_way else lambda message: None, k_way_rows=k_way)
+    mode = resolve_packing(packing, model, print if not k_way else lambda message: None, k_way_rows=k_way,
+                           max_tokens_per_batch=max_tokens_per_batch)
     if k_way:  # K-way rows, scored padded (an explicit packed mode was refused): top-1, pairwise, Kendall's tau
         metrics, written = evaluate_ranking_rows(model, tokenizer, pairs, batch_size, device, report, log)
         return metrics, stats, written

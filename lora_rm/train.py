@@ -177,7 +177,8 @@ def set_up(config: TrainConfig, rank: int, world_size: int, device: torch.device
     eval_sets = data.named_eval_sets(config, tokenizer, eval_pairs)
     packing_mode = packing.resolve_packing(config.packing, model, distributed.print_main,
                                            k_way_rows=ranking.is_ranking_rows(train_pairs),
-                                           reentrant_under_torchrun=config.reentrant_checkpointing and world_size > 1)
+                                           reentrant_under_torchrun=config.reentrant_checkpointing and world_size > 1,
+                                           max_tokens_per_batch=config.max_tokens_per_batch)
     train_pairs = fit_to_budget(train_pairs, packing_mode, config, "train")
     eval_sets = {prefix: fit_to_budget(pairs, packing_mode, config, prefix) for prefix, pairs in eval_sets.items()}
     check_positions(model, [train_pairs, *eval_sets.values()])
