@@ -246,7 +246,24 @@ def tokenize_pairs(
         n_truncated=counts["truncated"],
         n_bad_skipped=counts["bad"],
     )
+    if counts["truncated"]:
+        check_truncated_sides(encoded, statuses, len(kept), max_length)
     return encoded.select(kept).remove_columns("status"), stats
+
+
+def check_truncated_sides(encoded: Dataset, statuses: list[str], n_kept: int, max_length: int) -> None:
+    """Fail when truncation left every kept pair with identical sides (each a tie: nothing to learn or rank), warn
+    when it left some."""
+    truncated = [i for i, status in enumerate(statuses) if status == "truncated"]
+    sides = encoded.select(truncated)
+    identical = sum(c == r for c, r in zip(sides["chosen_ids"], sides["rejected_ids"], strict=True))
+    advice = (f"--length-policy truncate_left kept the last {max_length} tokens of each side, and the sides differ "
+              "only before them; raise --max-length, or use --length-policy drop")
+    if identical == n_kept:
+        raise ValueError(f"every one of the {n_kept} kept pairs has identical chosen and rejected ids after {advice}")
+    if identical:
+        distributed.print_main(f"warning: {identical} of the {len(truncated)} truncated pairs have identical chosen "
+                               f"and rejected ids (each scores a tie): {advice}")
 
 
 def _check_known_tokens(rows: Dataset, tokenizer: PreTrainedTokenizerBase, data_format: str) -> None:

@@ -683,3 +683,20 @@ def test_eval_split_is_unset_by_default_and_an_old_saved_test_resumes(tmp_path):
     assert TrainConfig().eval_split is None
     (tmp_path / "train_config.json").write_text(json.dumps({"eval_split": "test", "lr": 1e-4}))
     check_resumed_config(TrainConfig(output=str(tmp_path), resume=True), tmp_path / "train_config.json")
+
+
+# ---- Hardening 2: truncation that leaves nothing to compare --------------------------------------------------
+
+
+def test_truncation_leaving_every_pair_identical_fails(capsys):
+    """truncate_left keeps each side's end; where the sides differ only before it, every pair scored a tie (tie rate
+    1.0) and the run exited 0."""
+    rows = Dataset.from_dict({"chosen": ["good one two three", "fine one two three", "good four five six"],
+                              "rejected": ["bad one two three", "poor one two three", "bad four five seven"]})
+    tokenizer = word_tokenizer(["good fine bad poor one two three four five six seven"])
+    pairs, stats = data.tokenize_pairs(rows, tokenizer, 4, "truncate_left")  # the third pair still differs
+    assert stats.n_truncated == 3 and len(pairs) == 3
+    assert "warning: 2 of the 3 truncated pairs have identical chosen and rejected ids" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"every one of the 2 kept pairs has identical chosen and rejected ids after "
+                                         r"--length-policy truncate_left kept the last 4 tokens.*raise --max-length"):
+        data.tokenize_pairs(rows.select([0, 1]), tokenizer, 4, "truncate_left")
