@@ -273,7 +273,7 @@ def run_eval(args: argparse.Namespace) -> None:
         raise ValueError(f"--log {args.log}: no such file (a training log.jsonl to plot the curves from)")
     model, tokenizer = load_for_command(args, settings)
     dataset = load_preference_dataset(settings["dataset"], settings["split"], settings["max_rows"], settings["rows"],
-                                      seed=args.seed)
+                                      args.seed, settings["skip_bad_rows"])
     dataset = without_training_rows(dataset, settings["dataset"], args.adapter)
     metrics, stats, written = evaluate_dataset(
         model, tokenizer, dataset, settings["max_length"], settings["length_policy"], settings["skip_bad_rows"],

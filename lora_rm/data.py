@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerBase
 from . import distributed, ranking
 from .builtin import BUILTIN_PAIRS, builtin_preference_dataset
 from .config import BUILTIN, LENGTH_POLICIES, TrainConfig
-from .data_files import ROW_SOURCE, find_preference_files, read_preference_files
+from .data_files import ROW_PROBLEM, ROW_SOURCE, find_preference_files, read_preference_files
 from .encode import (
     UNK_CHECK_PAIRS,
     DataStats,
@@ -63,16 +63,18 @@ def _select_rows(dataset: Dataset, rows: str) -> Dataset:
 
 
 def load_preference_dataset(
-    source: str, split: str | None = "train", max_rows: int | None = None, rows: str | None = None, seed: int = 0
+    source: str, split: str | None = "train", max_rows: int | None = None, rows: str | None = None, seed: int = 0,
+    skip_bad_rows: bool = False,
 ) -> Dataset:
     """Load a local .json/.jsonl(.gz)/.parquet/.csv file or folder of them, a hub id with `split`, or "builtin".
 
     `split` is datasets' split spec, slices included ('train[:20]', 'train[10%:]'); local files and the built-in
     task form one split, 'train' (None: all of it; a hub id: 'train'). `rows` is a Python slice as text applied
     next ("-512:" keeps the last 512 rows, "100:200" a window), then `max_rows` keeps the first N of what is left.
-    `seed` draws the built-in task's questions (lora_rm/builtin.py).
+    `seed` draws the built-in task's questions (lora_rm/builtin.py). `skip_bad_rows` keeps a JSON line that does not
+    parse as a row for tokenize_pairs to skip and count (data_files.ROW_PROBLEM); without it loading stops there.
     """
-    dataset = _builtin_or_file_or_hub(source, split, seed)
+    dataset = _builtin_or_file_or_hub(source, split, seed, skip_bad_rows)
     if rows is not None:
         dataset = _select_rows(dataset, rows)
     if max_rows is not None:
@@ -80,7 +82,7 @@ def load_preference_dataset(
     return dataset
 
 
-def _builtin_or_file_or_hub(source: str, split: str, seed: int) -> Dataset:
+def _builtin_or_file_or_hub(source: str, split: str, seed: int, skip_bad_rows: bool) -> Dataset:
     """The whole dataset `source` names, before any row selection."""
     if source == BUILTIN:
         dataset = builtin_preference_dataset(BUILTIN_PAIRS, seed=seed)
@@ -88,7 +90,7 @@ def _builtin_or_file_or_hub(source: str, split: str, seed: int) -> Dataset:
         return _local_split(dataset, split, source)
     files = find_preference_files(source)
     if files:
-        return _local_split(read_preference_files(source, files), split, source)
+        return _local_split(read_preference_files(source, files, skip_bad_rows), split, source)
     split = split or "train"
     try:
         dataset = load_dataset(source, split=split)
@@ -137,6 +139,8 @@ def detect_format(dataset: Dataset) -> str:
 
 def _row_problem(row: dict[str, Any], data_format: str, ids_columns: tuple[str, str]) -> str | None:
     """Why a row cannot be a training pair, or None."""
+    if row.get(ROW_PROBLEM):  # a line that did not read as a row (data_files, with skip_bad_rows)
+        return row[ROW_PROBLEM]
     if "margin" in row and not (isinstance(row["margin"], (int, float)) and math.isfinite(row["margin"])):
         return f"margin is not a finite number: {row['margin']!r}"
     if data_format == "tokenized":
@@ -173,10 +177,10 @@ def _encode_row(
         if chosen_ids == rejected_ids:
             problem = "chosen and rejected tokenize to the same ids"
     if problem is not None:
+        where = row.get(ROW_SOURCE) or f"row {index}"
         if not skip_bad_rows:
-            where = row.get(ROW_SOURCE) or f"row {index}"
             raise ValueError(f"{where}: {problem} (pass --skip-bad-rows to skip such rows)")
-        return {"chosen_ids": [], "rejected_ids": [], "length": 0, "status": "bad"}
+        return {"chosen_ids": [], "rejected_ids": [], "length": 0, "status": "bad", "skipped": f"{where} ({problem})"}
     status = "ok"
     if max_length is not None and max(len(chosen_ids), len(rejected_ids)) > max_length:
         if length_policy == "drop":
@@ -190,6 +194,7 @@ def _encode_row(
         "rejected_ids": rejected_ids,
         "length": length,
         "status": status,
+        "skipped": "",
     }
 
 
@@ -248,7 +253,11 @@ def tokenize_pairs(
     )
     if counts["truncated"]:
         check_truncated_sides(encoded, statuses, len(kept), max_length)
-    return encoded.select(kept).remove_columns("status"), stats
+    skipped = [where for where in encoded["skipped"] if where]
+    if skipped:
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        distributed.print_main(f"skipped {len(skipped)} bad rows: {', '.join(skipped[:5])}{more}")
+    return encoded.select(kept).remove_columns(["status", "skipped"]), stats
 
 
 def check_truncated_sides(encoded: Dataset, statuses: list[str], n_kept: int, max_length: int) -> None:
@@ -364,11 +373,12 @@ def collate_rows(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, tor
 
 def load_pairs(config: TrainConfig, tokenizer) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Tokenized (train, eval) pairs; without an eval dataset, the last eval_fraction of the training rows."""
-    train_data = load_preference_dataset(config.dataset, config.split, config.max_rows, config.rows, config.seed)
+    train_data = load_preference_dataset(config.dataset, config.split, config.max_rows, config.rows, config.seed,
+                                         config.skip_bad_rows)
     if config.eval_dataset is not None:  # several: the first here, the others in named_eval_sets
         source = eval_sources(config)[0]
         eval_data = load_preference_dataset(source, hub_or_local_split(source, config.eval_split, "test"),
-                                            config.max_eval_rows, config.eval_rows)
+                                            config.max_eval_rows, config.eval_rows, skip_bad_rows=config.skip_bad_rows)
     else:
         n_rows = len(train_data)
         train_data, eval_data = split_off_eval(train_data, config.eval_fraction)
@@ -419,7 +429,7 @@ def without_training_rows(dataset: Dataset, source: str, adapter: str | Path) ->
     if saved.get("dataset") != source:
         return dataset
     trained = load_preference_dataset(source, saved.get("split", "train"), saved.get("max_rows"), saved.get("rows"),
-                                      seed=saved.get("seed", 0))
+                                      saved.get("seed", 0), saved.get("skip_bad_rows", False))
     if saved.get("eval_dataset") is None:
         trained = split_off_eval(trained, saved.get("eval_fraction", 0.1))[0]
     kept, n_seen = without_rows_of(dataset, trained)
@@ -463,7 +473,8 @@ def named_eval_sets(config: TrainConfig, tokenizer, first: list[dict[str, Any]])
     sets = {f"eval_{names[0]}": first}
     for source, name in zip(sources[1:], names[1:], strict=True):
         split = hub_or_local_split(source, config.eval_split, "test")
-        rows = load_preference_dataset(source, split, config.max_eval_rows, config.eval_rows)
+        rows = load_preference_dataset(source, split, config.max_eval_rows, config.eval_rows,
+                                       skip_bad_rows=config.skip_bad_rows)
         sets[f"eval_{name}"] = tokenize(rows, tokenizer, config, f"eval {name}")
     return sets
 

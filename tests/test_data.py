@@ -700,3 +700,36 @@ def test_truncation_leaving_every_pair_identical_fails(capsys):
     with pytest.raises(ValueError, match=r"every one of the 2 kept pairs has identical chosen and rejected ids after "
                                          r"--length-policy truncate_left kept the last 4 tokens.*raise --max-length"):
         data.tokenize_pairs(rows.select([0, 1]), tokenizer, 4, "truncate_left")
+
+
+# ---- Hardening 2: JSON files cut short, and --skip-bad-rows over malformed lines ------------------------------
+
+
+@pytest.mark.parametrize(("content", "line"), [
+    (b'{"chosen": "a", "rejected": "b"\n', 1),  # it used to say line 2: the newline after the cut
+    (b'{"chosen": "a", "rejected": "b"', 1),
+    (b'[{"chosen": "a", "rejected": "b"}\n', 1),
+    (b'{"chosen": "a", "rejected": "b"}\n{"chosen": "c", \n\n', 2),
+])
+def test_a_json_file_cut_short_names_its_last_line(tmp_path, content, line):
+    (tmp_path / "cut.jsonl").write_bytes(content)
+    with pytest.raises(ValueError, match=rf"cut\.jsonl line {line}: not valid JSON: the text ends inside a value"):
+        data.load_preference_dataset(str(tmp_path / "cut.jsonl"))
+
+
+def test_skip_bad_rows_covers_malformed_json_lines(tmp_path, capsys):
+    good = [json.dumps({"chosen": f"good {i}", "rejected": f"bad {i}"}) for i in range(3)]
+    write_lines(tmp_path / "pairs.jsonl", [good[0], '{"chosen": "a", "rejected": }', good[1], "42", good[2]])
+    source, tokenizer = str(tmp_path / "pairs.jsonl"), word_tokenizer(["good bad a 0 1 2"])
+    with pytest.raises(ValueError, match="pairs.jsonl line 2: not valid JSON"):
+        data.load_preference_dataset(source)
+    dataset = data.load_preference_dataset(source, skip_bad_rows=True)
+    with pytest.raises(ValueError, match=r"pairs.jsonl line 2: not valid JSON: .* \(pass --skip-bad-rows"):
+        data.tokenize_pairs(dataset, tokenizer)
+    capsys.readouterr()
+    pairs, stats = data.tokenize_pairs(dataset, tokenizer, skip_bad_rows=True)
+    assert stats.n_bad_skipped == 2 and list(pairs["chosen_ids"]) == [
+        encode.encode_text(tokenizer, None, f"good {i}") for i in range(3)]
+    out = capsys.readouterr().out
+    assert f"skipped 2 bad rows: {source} line 2 (not valid JSON: Expecting value" in out
+    assert f"{source} line 4 (a row must be a JSON object of columns, not int)" in out
