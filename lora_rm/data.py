@@ -486,5 +486,12 @@ def tokenize(dataset, tokenizer, config: TrainConfig, name: str) -> list[dict[st
     )
     distributed.print_main(f"{name} pairs: {stats}")
     if not len(pairs):
-        raise ValueError(f"no {name} pairs left after tokenization ({stats}); raise --max-length or check the data")
+        raise ValueError(no_pairs_left(name, stats, config.max_length))
     return pairs.to_list()
+
+
+def no_pairs_left(name: str, stats: DataStats, max_length: int | None) -> str:
+    """Why no pair of a set survived tokenization, and what to change."""
+    return (f"no {name} pairs left: all {stats.n_rows} rows were dropped ({stats.n_dropped_too_long} longer than "
+            f"--max-length {max_length}, {stats.n_bad_skipped} bad rows skipped); raise --max-length, pass "
+            "--length-policy truncate_left, or check the data")

@@ -90,6 +90,8 @@ def evaluate_dataset(
         raise ValueError(f"--sections needs a 'subset' column in the data; it has {dataset.column_names}")
     tokenized, stats = data.tokenize_pairs(dataset, tokenizer, max_length, length_policy, skip_bad_rows)
     pairs = tokenized.to_list()
+    if not pairs:
+        raise ValueError(data.no_pairs_left("eval", stats, max_length))
     device = next(model.parameters()).device
     k_way = ranking.is_ranking_rows(pairs)
     mode = resolve_packing(packing, model, print if not k_way else lambda message: None, k_way_rows=k_way,
@@ -100,6 +102,9 @@ def evaluate_dataset(
     pairs, over_budget = fit_pairs_to_budget(pairs, mode, max_tokens_per_batch, length_policy)
     if over_budget:
         print(f"{over_budget} pairs over --max-tokens-per-batch {max_tokens_per_batch}: {length_policy}")
+    if not pairs:
+        raise ValueError(f"no eval pairs left: all {over_budget} were over --max-tokens-per-batch "
+                         f"{max_tokens_per_batch} ({length_policy}); raise it")
     chosen, rejected = rewards_for_pairs(model, pairs, pair_collator(tokenizer), batch_size, device,
                                          packing=mode, max_tokens_per_batch=max_tokens_per_batch,
                                          pad_token_id=tokenizer.pad_token_id)

@@ -310,3 +310,15 @@ def test_eval_of_the_builtin_task_leaves_out_the_pairs_the_adapter_trained_on(tr
     captured = capsys.readouterr()
     assert json.loads(captured.out.strip().splitlines()[-1])["n_pairs"] == len(unseen) < 200
     assert f"eval: {200 - len(unseen)} of the 200 rows are rows the adapter trained on" in captured.err
+
+
+def test_eval_with_every_pair_dropped_says_why(trained, tmp_path):
+    """It used to end in "preference_metrics needs at least one pair"."""
+    with pytest.raises(SystemExit, match=r"^lora-rm: error: no eval pairs left: all 10 rows were dropped \(10 longer "
+                                         r"than --max-length 4, 0 bad rows skipped\); raise --max-length"):
+        main(["eval", "--adapter", str(trained), "--max-rows", "10", "--max-length", "4"])
+    rows = tmp_path / "bad.jsonl"
+    rows.write_text('{"chosen": "What is 1 + 2 ? 3", "rejected": "What is 1 + 2 ? 3"}\n')
+    with pytest.raises(SystemExit, match=r"no eval pairs left: all 1 rows were dropped \(0 longer than --max-length "
+                                         r"32, 1 bad rows skipped\)"):
+        main(["eval", "--adapter", str(trained), "--dataset", str(rows), "--skip-bad-rows", "--max-length", "32"])
