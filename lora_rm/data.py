@@ -120,6 +120,21 @@ def hub_or_local_split(source: str, split: str | None, hub_default: str) -> str 
     return hub_default
 
 
+def check_subsets(dataset: Dataset) -> None:
+    """With a subset column every row needs one (per-subset evaluation, eval_stats.py): the first row without one
+    is named before anything is scored. Lines skipped as bad rows (ROW_PROBLEM) are not counted here."""
+    if "subset" not in dataset.column_names:
+        return
+    where = dataset[ROW_SOURCE] if ROW_SOURCE in dataset.column_names else [f"row {i}" for i in range(len(dataset))]
+    problems = dataset[ROW_PROBLEM] if ROW_PROBLEM in dataset.column_names else [None] * len(dataset)
+    missing = [row for row, subset, problem in zip(where, dataset["subset"], problems, strict=True)
+               if (subset is None or subset == "") and not problem]
+    if missing:
+        listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{missing[0]}: no subset ({len(missing)} rows lack one: {listed}); every row needs one when "
+                         "the data has a subset column")
+
+
 def detect_format(dataset: Dataset) -> str:
     """'tokenized', 'conversational', 'explicit' or 'implicit', from columns and first row, as TRL does.
 

@@ -88,6 +88,7 @@ def evaluate_dataset(
     """
     if sections and "subset" not in dataset.column_names:
         raise ValueError(f"--sections needs a 'subset' column in the data; it has {dataset.column_names}")
+    data.check_subsets(dataset)
     tokenized, stats = data.tokenize_pairs(dataset, tokenizer, max_length, length_policy, skip_bad_rows)
     pairs = tokenized.to_list()
     if not pairs:
