@@ -152,8 +152,9 @@ def detect_format(dataset: Dataset) -> str:
     return "explicit" if "prompt" in columns else "implicit"
 
 
-def _row_problem(row: dict[str, Any], data_format: str, ids_columns: tuple[str, str]) -> str | None:
-    """Why a row cannot be a training pair, or None."""
+def _row_problem(row: dict[str, Any], data_format: str, ids_columns: tuple[str, str],
+                 vocab_size: int | None = None) -> str | None:
+    """Why a row cannot be a training pair, or None; vocab_size bounds pre-tokenized ids (the model's embeddings)."""
     if row.get(ROW_PROBLEM):  # a line that did not read as a row (data_files, with skip_bad_rows)
         return row[ROW_PROBLEM]
     if "margin" in row and not (isinstance(row["margin"], (int, float)) and math.isfinite(row["margin"])):
@@ -163,6 +164,10 @@ def _row_problem(row: dict[str, Any], data_format: str, ids_columns: tuple[str, 
             ids = row[name]
             if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
                 return f"{name} is not a non-empty list of token ids"
+            outside = next((t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)), None)
+            if outside is not None:
+                return (f"{name} holds token id {outside}, outside the model's vocabulary of {vocab_size} ids"
+                        if outside >= 0 else f"{name} holds the negative token id {outside}")
         return "chosen is identical to rejected" if row[ids_columns[0]] == row[ids_columns[1]] else None
     names = ("prompt", "chosen", "rejected") if "prompt" in row else ("chosen", "rejected")
     for name in names:
@@ -180,10 +185,11 @@ def _encode_row(
     max_length: int | None,
     length_policy: str,
     skip_bad_rows: bool,
+    vocab_size: int | None = None,
 ) -> dict[str, Any]:
     """One row to chosen_ids, rejected_ids, length and status (ok, bad, too_long, truncated)."""
     ids_columns = next((c for c in TOKENIZED_COLUMNS if c[0] in row and c[1] in row), ("chosen", "rejected"))
-    problem = _row_problem(row, data_format, ids_columns)
+    problem = _row_problem(row, data_format, ids_columns, vocab_size)
     if problem is None and data_format == "tokenized":
         chosen_ids, rejected_ids = row[ids_columns[0]], row[ids_columns[1]]
     elif problem is None:
@@ -219,6 +225,7 @@ def tokenize_pairs(
     max_length: int | None = None,
     length_policy: str = "drop",
     skip_bad_rows: bool = False,
+    vocab_size: int | None = None,
 ) -> tuple[Dataset, DataStats]:
     """Tokenize every pair to columns chosen_ids, rejected_ids, length (the longer side) and margin if any.
 
@@ -228,6 +235,8 @@ def tokenize_pairs(
             is lost).
         skip_bad_rows: False raises ValueError naming the first bad row; True skips and counts them.
         tokenizer: may be None for pre-tokenized data.
+        vocab_size: the model's input embeddings; a pre-tokenized id at or over it is a bad row (not an IndexError
+            mid-run).
     """
     if length_policy not in LENGTH_POLICIES:
         raise ValueError(f"length_policy must be one of {LENGTH_POLICIES}, got {length_policy!r}")
@@ -246,6 +255,7 @@ def tokenize_pairs(
         "max_length": max_length,
         "length_policy": length_policy,
         "skip_bad_rows": skip_bad_rows,
+        "vocab_size": vocab_size,
     }
     keep_columns = {"margin", "subset"}  # subset: per-subset evaluation (eval_stats.py)
     encoded = dataset.map(
@@ -386,8 +396,11 @@ def collate_rows(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, tor
     return collate_pairs(rows, pad_token_id)
 
 
-def load_pairs(config: TrainConfig, tokenizer) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Tokenized (train, eval) pairs; without an eval dataset, the last eval_fraction of the training rows."""
+def load_pairs(config: TrainConfig, tokenizer, vocab_size: int | None = None
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Tokenized (train, eval) pairs; without an eval dataset, the last eval_fraction of the training rows.
+
+    vocab_size: the model's, which pre-tokenized ids must stay under."""
     train_data = load_preference_dataset(config.dataset, config.split, config.max_rows, config.rows, config.seed,
                                          config.skip_bad_rows)
     if config.eval_dataset is not None:  # several: the first here, the others in named_eval_sets
@@ -397,8 +410,8 @@ def load_pairs(config: TrainConfig, tokenizer) -> tuple[list[dict[str, Any]], li
     else:
         n_rows = len(train_data)
         train_data, eval_data = split_off_eval(train_data, config.eval_fraction)
-    train_pairs = tokenize(train_data, tokenizer, config, "train")
-    eval_pairs = tokenize(eval_data, tokenizer, config, "eval")
+    train_pairs = tokenize(train_data, tokenizer, config, "train", vocab_size)
+    eval_pairs = tokenize(eval_data, tokenizer, config, "eval", vocab_size)
     if config.eval_dataset is None and len(eval_pairs) < MIN_EVAL_PAIRS:
         distributed.print_main(
             f"warning: the automatic eval split holds only {len(eval_pairs)} pairs (eval_fraction="
@@ -471,7 +484,8 @@ def eval_set_name(source: str) -> str:
     return name or source
 
 
-def named_eval_sets(config: TrainConfig, tokenizer, first: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def named_eval_sets(config: TrainConfig, tokenizer, first: list[dict[str, Any]], vocab_size: int | None = None
+                    ) -> dict[str, list[dict[str, Any]]]:
     """Log-key prefix -> eval pairs: "eval" for one eval set (the keys as ever), "eval_<name>" for each of several.
 
     "eval_<name>_accuracy" is the key transformers' Trainer logs for a dict of eval datasets. Every eval set takes
@@ -490,14 +504,15 @@ def named_eval_sets(config: TrainConfig, tokenizer, first: list[dict[str, Any]])
         split = hub_or_local_split(source, config.eval_split, "test")
         rows = load_preference_dataset(source, split, config.max_eval_rows, config.eval_rows,
                                        skip_bad_rows=config.skip_bad_rows)
-        sets[f"eval_{name}"] = tokenize(rows, tokenizer, config, f"eval {name}")
+        sets[f"eval_{name}"] = tokenize(rows, tokenizer, config, f"eval {name}", vocab_size)
     return sets
 
 
-def tokenize(dataset, tokenizer, config: TrainConfig, name: str) -> list[dict[str, Any]]:
+def tokenize(dataset, tokenizer, config: TrainConfig, name: str, vocab_size: int | None = None
+             ) -> list[dict[str, Any]]:
     """Tokenized pairs as plain dicts, with what the length policy and bad-row skipping did printed."""
     pairs, stats = tokenize_pairs(
-        dataset, tokenizer, config.max_length, config.length_policy, config.skip_bad_rows
+        dataset, tokenizer, config.max_length, config.length_policy, config.skip_bad_rows, vocab_size
     )
     distributed.print_main(f"{name} pairs: {stats}")
     if not len(pairs):

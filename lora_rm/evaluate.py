@@ -89,7 +89,8 @@ def evaluate_dataset(
     if sections and "subset" not in dataset.column_names:
         raise ValueError(f"--sections needs a 'subset' column in the data; it has {dataset.column_names}")
     data.check_subsets(dataset)
-    tokenized, stats = data.tokenize_pairs(dataset, tokenizer, max_length, length_policy, skip_bad_rows)
+    vocab_size = model.get_input_embeddings().num_embeddings
+    tokenized, stats = data.tokenize_pairs(dataset, tokenizer, max_length, length_policy, skip_bad_rows, vocab_size)
     pairs = tokenized.to_list()
     if not pairs:
         raise ValueError(data.no_pairs_left("eval", stats, max_length))
@@ -115,7 +116,7 @@ def evaluate_dataset(
     subsets = [pair["subset"] for pair in pairs] if "subset" in tokenized.column_names else None
     full_chosen, full_rejected = lengths_chosen, lengths_rejected
     if stats.n_truncated:  # the length-only rules compare whole sides: cut to max_length, both would often tie
-        full, _ = data.tokenize_pairs(dataset, tokenizer, None, length_policy, skip_bad_rows)  # the same rows kept
+        full, _ = data.tokenize_pairs(dataset, tokenizer, None, length_policy, skip_bad_rows, vocab_size)  # same rows
         full_chosen = [len(ids) for ids in full["chosen_ids"]]
         full_rejected = [len(ids) for ids in full["rejected_ids"]]
     metrics.update(pair_report(chosen, rejected, full_chosen, full_rejected, subsets, sections))

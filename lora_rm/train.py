@@ -173,8 +173,9 @@ def set_up(config: TrainConfig, rank: int, world_size: int, device: torch.device
     random.seed(config.seed)
     torch.manual_seed(config.seed)  # the same on every rank: identical adapter init
     model, tokenizer = load_base(config, device)
-    train_pairs, eval_pairs = data.load_pairs(config, tokenizer)
-    eval_sets = data.named_eval_sets(config, tokenizer, eval_pairs)
+    vocab_size = model.get_input_embeddings().num_embeddings  # pre-tokenized ids must stay under it
+    train_pairs, eval_pairs = data.load_pairs(config, tokenizer, vocab_size)
+    eval_sets = data.named_eval_sets(config, tokenizer, eval_pairs, vocab_size)
     packing_mode = packing.resolve_packing(config.packing, model, distributed.print_main,
                                            k_way_rows=ranking.is_ranking_rows(train_pairs),
                                            reentrant_under_torchrun=config.reentrant_checkpointing and world_size > 1,

@@ -733,3 +733,26 @@ def test_skip_bad_rows_covers_malformed_json_lines(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"skipped 2 bad rows: {source} line 2 (not valid JSON: Expecting value" in out
     assert f"{source} line 4 (a row must be a JSON object of columns, not int)" in out
+
+
+# ---- Hardening 2: pre-tokenized ids outside the vocabulary ------------------------------------------------------
+
+
+def test_pretokenized_ids_outside_the_vocabulary_are_named_before_training(tmp_path):
+    """They used to end in an IndexError inside the embedding, naming no row."""
+    from lora_rm.train import train
+
+    rows = [{"chosen_ids": [2, 5 + i % 7, 3], "rejected_ids": [2, 6 + i % 7, 3]} for i in range(40)]
+    rows[33]["rejected_ids"] = [2, 30, 3]  # the built-in model has 30 ids: 0..29
+    write_rows(tmp_path / "ids.jsonl", rows)
+    dataset = data.load_preference_dataset(str(tmp_path / "ids.jsonl"))
+    message = r"ids\.jsonl line 34: rejected_ids holds token id 30, outside the model's vocabulary of 30 ids"
+    with pytest.raises(ValueError, match=message):
+        data.tokenize_pairs(dataset, None, vocab_size=30)
+    pairs, stats = data.tokenize_pairs(dataset, None, vocab_size=30, skip_bad_rows=True)
+    assert stats.n_bad_skipped == 1 and len(pairs) == 39
+    config = TrainConfig(output=str(tmp_path / "run"), dataset=str(tmp_path / "ids.jsonl"), max_steps=1,
+                         batch_size=4, eval_fraction=0.2, progress=False)
+    with pytest.raises(ValueError, match=message):
+        train(config)
+    assert not (tmp_path / "run" / "checkpoints").exists()
