@@ -32,6 +32,13 @@ LOAD_FIELDS = ("model", "base_dtype", "load_in_4bit", "bnb_4bit_compute_dtype", 
 EVAL_FIELDS = (*LOAD_FIELDS, "dataset", "split", "rows", "max_rows", "max_length", "length_policy", "skip_bad_rows",
                "batch_size", "packing", "max_tokens_per_batch")
 SCORE_FIELDS = (*LOAD_FIELDS, "max_length", "batch_size", "packing")
+# Where a TrainConfig help text speaks of training, what the flag means to eval and score.
+COMMAND_HELP = {
+    "eval": {"rows": "a slice of the rows to evaluate as text, e.g. '-512:' (applied before max_rows)",
+             "max_rows": "keep the first N rows to evaluate (after rows)",
+             "batch_size": "pairs per forward"},
+    "score": {"batch_size": "texts per forward"},
+}
 REPEATABLE_FIELDS = ("eval_dataset",)  # a flag given more than once makes a list (one given once: its value)
 NEGATIVE_VALUE = re.compile(r"-\.?\d")  # "-512:" (a slice), "-1e-4": argparse takes them for flags
 USAGE_EXIT, FAILURE_EXIT = 2, 1
@@ -69,8 +76,10 @@ def join_negative_values(argv: list[str]) -> list[str]:
 
 
 def add_field_flags(parser: argparse.ArgumentParser, config_class: type, names: list[str] | tuple[str, ...],
-                    defaults: Any, builtin_defaults: dict[str, Any] | None = None) -> None:
-    """One --flag per named dataclass field, typed from its annotation, with its help text and real default."""
+                    defaults: Any, builtin_defaults: dict[str, Any] | None = None,
+                    help_texts: dict[str, str] | None = None) -> None:
+    """One --flag per named dataclass field, typed from its annotation, with its help text (or the command's own,
+    help_texts) and real default."""
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     hints = typing.get_type_hints(config_class)
     for name in names:
@@ -78,7 +87,8 @@ def add_field_flags(parser: argparse.ArgumentParser, config_class: type, names: 
         options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]  # X | None -> X
         kind = str if str in options or name in PATTERN_FIELDS else options[0]  # target_modules: given as text
         default = getattr(defaults, name)
-        help_text = f"{fields[name].metadata['help']} (default: {'unset' if default is None else default}"
+        field_help = (help_texts or {}).get(name, fields[name].metadata["help"])
+        help_text = f"{field_help} (default: {'unset' if default is None else default}"
         if builtin_defaults and name in builtin_defaults:
             help_text += f"; {builtin_defaults[name]} with --model builtin"
         flags = [f"--{name.replace('_', '-')}"]
@@ -380,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         sub = commands.add_parser(name, help=help_text, argument_default=argparse.SUPPRESS)
         sub.add_argument("--adapter", required=True, help="folder with adapter_config.json (ours or PEFT's)")
-        add_field_flags(sub, TrainConfig, fields, defaults)
+        add_field_flags(sub, TrainConfig, fields, defaults, help_texts=COMMAND_HELP.get(name))
         sub.add_argument("--debug", action="store_true", help=debug_help)
         if name == "eval":
             sub.add_argument("--seed", type=int, default=1, help="seed of the built-in task (default 1: unseen pairs)")

@@ -180,7 +180,8 @@ class TrainConfig:
     max_length: int = option(512, "tokens per side (prompt + response)")
     length_policy: str = option("drop", "pairs longer than max_length: drop them (TRL) or keep each side's end",
                                 LENGTH_POLICIES)
-    skip_bad_rows: bool = option(False, "skip and count malformed rows instead of stopping at the first")
+    skip_bad_rows: bool = option(False, "skip and count malformed rows (malformed JSON lines too) instead of stopping "
+                                 "at the first")
     batch_size: int = option(8, "pairs per process per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     lr: float = option(1e-4, "peak learning rate of the adapter and the head")

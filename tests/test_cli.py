@@ -322,3 +322,15 @@ def test_eval_with_every_pair_dropped_says_why(trained, tmp_path):
     with pytest.raises(SystemExit, match=r"no eval pairs left: all 1 rows were dropped \(0 longer than --max-length "
                                          r"32, 1 bad rows skipped\)"):
         main(["eval", "--adapter", str(trained), "--dataset", str(rows), "--skip-bad-rows", "--max-length", "32"])
+
+
+def test_eval_and_score_help_say_what_their_flags_count(capsys):
+    helps = {}
+    for command in ("eval", "score"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        helps[command] = " ".join(capsys.readouterr().out.split())
+    assert "training rows" not in helps["eval"]
+    assert "--rows STR a slice of the rows to evaluate as text" in helps["eval"]
+    assert "--batch-size INT texts per forward" in helps["score"]
+    assert "--batch-size INT pairs per forward" in helps["eval"]
