@@ -224,7 +224,7 @@ def report_command(config: TrainConfig) -> str:
         words += ["--dataset", first, *(["--split", split] if split else [])]
         words += [f"--rows={config.eval_rows}"] if config.eval_rows else []
         words += ["--max-rows", str(config.max_eval_rows)] if config.max_eval_rows else []
-    else:  # the training data: eval leaves out the rows the adapter trained on (data.without_training_rows)
+    else:  # built-in: eval's unseen draw, less the rows trained on (data.without_training_rows); else the training rows
         words += ["--dataset", config.dataset, "--split", config.split]
         words += [f"--rows={config.rows}"] if config.rows else []
     words += ["--max-length", str(config.max_length), "--length-policy", config.length_policy]

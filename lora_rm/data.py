@@ -115,9 +115,12 @@ def _local_split(dataset: Dataset, split: str | None, source: str) -> Dataset:
 
 def hub_or_local_split(source: str, split: str | None, hub_default: str) -> str | None:
     """`split`, or when it is unset `hub_default` for a hub id and None (all rows) for local data."""
-    if split is not None or source == BUILTIN or find_preference_files(source):
+    if split is not None or source == BUILTIN:
         return split
-    return hub_default
+    try:
+        return None if find_preference_files(source) else hub_default
+    except FileNotFoundError:  # a local path that is not there: loading it names the problem
+        return None
 
 
 def check_subsets(dataset: Dataset) -> None:
@@ -449,8 +452,11 @@ def without_rows_of(dataset: Dataset, other: Dataset) -> tuple[Dataset, int]:
 
 
 def without_training_rows(dataset: Dataset, source: str, adapter: str | Path) -> Dataset:
-    """Eval rows less those the adapter trained on, when its run (train_config.json beside it) trained on `source`:
-    `lora-rm eval --dataset builtin` draws 'unseen' pairs that the built-in task's training rows repeat."""
+    """The built-in task's eval rows less those the adapter trained on (its run's train_config.json): eval's
+    'unseen' draw (--seed 1) repeats most of the pairs a built-in run trains on. Other data is evaluated as named:
+    evaluating on training rows may be the point there."""
+    if source != BUILTIN:
+        return dataset
     run = Path(adapter).parent.parent if Path(adapter).parent.name == "checkpoints" else Path(adapter)  # step-N
     saved = read_saved_config(run) or {}
     saved_path = run / TRAIN_CONFIG_NAME

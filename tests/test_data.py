@@ -677,7 +677,7 @@ def test_split_slices_local_files_and_the_builtin_task(tmp_path, monkeypatch):
 
 
 def test_eval_split_is_unset_by_default_and_an_old_saved_test_resumes(tmp_path):
-    """Unset: the hub's 'test' split, or the whole local file; a run saved before this saved 'test', which meant that."""
+    """Unset: the hub's 'test' split, or all of a local file; a run saved before this saved 'test', meaning that."""
     from lora_rm.run_folder import check_resumed_config
 
     assert TrainConfig().eval_split is None

@@ -182,7 +182,8 @@ def test_a_row_without_a_subset_is_named_before_scoring(tmp_path, monkeypatch):
     (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     monkeypatch.setattr(evaluate_module, "rewards_for_pairs", lambda *args, **kwargs: pytest.fail("scored"))
     tokenizer = builtin_tokenizer()
-    with pytest.raises(ValueError, match=r"rows\.jsonl line 3: no subset \(2 rows lack one: .*rows\.jsonl line 3, .*"
-                                         r"rows\.jsonl line 4\); every row needs one when the data has a subset column"):
+    message = (r"rows\.jsonl line 3: no subset \(2 rows lack one: .*rows\.jsonl line 3, .*rows\.jsonl line 4\); "
+               r"every row needs one when the data has a subset column")
+    with pytest.raises(ValueError, match=message):
         evaluate_module.evaluate_dataset(builtin_model(tokenizer), tokenizer,
                                          load_preference_dataset(str(tmp_path / "rows.jsonl")), 32)

@@ -333,7 +333,7 @@ def test_resume_after_an_overwrite_run(tmp_path):
 def test_sides_longer_than_the_models_positions_are_refused_before_training(tmp_path):
     """They used to end in an IndexError mid-training on a model with learned positions (the built-in model has 64)."""
     long_side = " ".join(["What is 1 + 2 ? 3"] * 12)
-    rows = [{"chosen": long_side, "rejected": long_side.replace("? 3", "? 4")}] * 10
+    rows = [{"chosen": long_side, "rejected": long_side.replace("? 3", f"? {4 + i}")} for i in range(10)]
     data_file = tmp_path / "long.jsonl"
     data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(ValueError, match=r"the longest kept side has \d+ tokens, over the model's "
