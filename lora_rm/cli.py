@@ -35,6 +35,13 @@ EVAL_FIELDS = (*LOAD_FIELDS, "dataset", "split", "rows", "max_rows", "max_length
                "batch_size", "packing", "max_tokens_per_batch")
 SCORE_FIELDS = (*LOAD_FIELDS, "max_length", "batch_size", "packing", "progress")
 SERVE_FIELDS = (*LOAD_FIELDS, "max_length", "packing")  # score's, with batching by ServeConfig's fields instead
+# Where a TrainConfig help text speaks of training, what the flag means to eval and score.
+COMMAND_HELP = {
+    "eval": {"rows": "a slice of the rows to evaluate as text, e.g. '-512:' (applied before max_rows)",
+             "max_rows": "keep the first N rows to evaluate (after rows)",
+             "batch_size": "pairs per forward"},
+    "score": {"batch_size": "texts per forward"},
+}
 REPEATABLE_FIELDS = ("eval_dataset",)  # a flag given more than once makes a list (one given once: its value)
 NEGATIVE_VALUE = re.compile(r"-\.?\d")  # "-512:" (a slice), "-1e-4": argparse takes them for flags
 USAGE_EXIT, FAILURE_EXIT = 2, 1
@@ -73,8 +80,10 @@ def join_negative_values(argv: list[str]) -> list[str]:
 
 
 def add_field_flags(parser: argparse.ArgumentParser, config_class: type, names: list[str] | tuple[str, ...],
-                    defaults: Any, builtin_defaults: dict[str, Any] | None = None) -> None:
-    """One --flag per named dataclass field, typed from its annotation, with its help text and real default."""
+                    defaults: Any, builtin_defaults: dict[str, Any] | None = None,
+                    help_texts: dict[str, str] | None = None) -> None:
+    """One --flag per named dataclass field, typed from its annotation, with its help text (or the command's own,
+    help_texts) and real default."""
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     hints = typing.get_type_hints(config_class)
     for name in names:
@@ -82,7 +91,8 @@ def add_field_flags(parser: argparse.ArgumentParser, config_class: type, names: 
         options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]  # X | None -> X
         kind = str if str in options or name in PATTERN_FIELDS else options[0]  # target_modules: given as text
         default = getattr(defaults, name)
-        help_text = f"{fields[name].metadata['help']} (default: {'unset' if default is None else default}"
+        field_help = (help_texts or {}).get(name, fields[name].metadata["help"])
+        help_text = f"{field_help} (default: {'unset' if default is None else default}"
         if builtin_defaults and name in builtin_defaults:
             help_text += f"; {builtin_defaults[name]} with --model builtin"
         flags = [f"--{name.replace('_', '-')}"]
@@ -168,13 +178,13 @@ def parse_pattern_flags(lora_given: dict[str, Any]) -> dict[str, Any]:
 
 def saved_train_config(given: dict[str, Any]) -> TrainConfig | None:
     """The TrainConfig a run in --output saved, or None when there is none to read."""
-    from .run_folder import read_saved_config
+    from .run_folder import NOT_SAVED, read_saved_config
 
     saved = read_saved_config(Path(given.get("output", TrainConfig().output)))
     if saved is None:
         return None
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{name: value for name, value in saved.items() if name in known})
+    return TrainConfig(**{name: value for name, value in saved.items() if name in known and name not in NOT_SAVED})
 
 
 def given_or_default(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
@@ -224,14 +234,17 @@ def settings_in_force(config: TrainConfig) -> str:
 
 def report_command(config: TrainConfig) -> str:
     """The `lora-rm eval` command that writes the reward report of this run, on its eval data."""
+    from .data import hub_or_local_split
+
     output = Path(config.output)
     words = ["lora-rm", "eval", "--model", config.model, "--adapter", str(output)]
     if config.eval_dataset is not None:  # several: the first (each is logged in log.jsonl)
         first = config.eval_dataset if isinstance(config.eval_dataset, str) else config.eval_dataset[0]
-        words += ["--dataset", first, "--split", config.eval_split]
+        split = hub_or_local_split(first, config.eval_split, "test")
+        words += ["--dataset", first, *(["--split", split] if split else [])]
         words += [f"--rows={config.eval_rows}"] if config.eval_rows else []
         words += ["--max-rows", str(config.max_eval_rows)] if config.max_eval_rows else []
-    else:  # the built-in task draws unseen pairs with eval's default seed; other data: the training rows
+    else:  # built-in: eval's unseen draw, less the rows trained on (data.without_training_rows); else the training rows
         words += ["--dataset", config.dataset, "--split", config.split]
         words += [f"--rows={config.rows}"] if config.rows else []
     words += ["--max-length", str(config.max_length), "--length-policy", config.length_policy]
@@ -285,7 +298,7 @@ def load_for_command(args: argparse.Namespace, settings: dict[str, Any]):
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from .data import load_preference_dataset
+    from .data import load_preference_dataset, without_training_rows
     from .eval_stats import finite_or_none, read_sections
     from .evaluate import evaluate_benchmark, evaluate_dataset
 
@@ -299,7 +312,8 @@ def run_eval(args: argparse.Namespace) -> None:
         raise ValueError(f"--predictions {args.predictions}: its folder does not exist")
     model, tokenizer = load_for_command(args, settings)
     dataset = load_preference_dataset(settings["dataset"], settings["split"], settings["max_rows"], settings["rows"],
-                                      seed=args.seed)
+                                      args.seed, settings["skip_bad_rows"])
+    dataset = without_training_rows(dataset, settings["dataset"], args.adapter)
     if args.benchmark:
         metrics, stats = evaluate_benchmark(model, tokenizer, dataset, args.benchmark, settings["max_length"],
                                             settings["length_policy"], settings["batch_size"])
@@ -475,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sub.add_argument("--adapter", default=None, help="folder with adapter_config.json (ours or PEFT's); "
                              "without it --model is used as it is: any one-label AutoModelForSequenceClassification")
-        add_field_flags(sub, TrainConfig, fields, defaults)
+        add_field_flags(sub, TrainConfig, fields, defaults, help_texts=COMMAND_HELP.get(name))
         sub.add_argument("--debug", action="store_true", help=debug_help)
         if name == "eval":
             sub.add_argument("--seed", type=int, default=1, help="seed of the built-in task (default 1: unseen pairs)")

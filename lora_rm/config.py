@@ -169,7 +169,8 @@ class TrainConfig:
         None, "held-out preferences (repeat the flag for several, each logged apart); default: the last eval_fraction "
         "of dataset")
     split: str = option("train", "split of dataset: a hub split or a slice such as 'train[:1800]'")
-    eval_split: str = option("test", "split of eval_dataset")
+    eval_split: str | None = option(None, "split of eval_dataset, slices too ('test[:500]'); unset: 'test' of a hub "
+                                    "id, all of a local file")
     eval_fraction: float = option(0.1, "held-out share of the training rows when no eval_dataset is named")
     rows: str | None = option(None, "a slice of the training rows as text, e.g. ':1800' (applied before max_rows)")
     eval_rows: str | None = option(None, "a slice of the eval rows as text, e.g. '-512:' for the last 512")
@@ -186,7 +187,8 @@ class TrainConfig:
     max_length: int = option(512, "tokens per side (prompt + response)")
     length_policy: str = option("drop", "pairs longer than max_length: drop them (TRL) or keep each side's end",
                                 LENGTH_POLICIES)
-    skip_bad_rows: bool = option(False, "skip and count malformed rows instead of stopping at the first")
+    skip_bad_rows: bool = option(False, "skip and count malformed rows (malformed JSON lines too) instead of stopping "
+                                 "at the first")
     batch_size: int = option(8, "pairs per process per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     lr: float = option(1e-4, "peak learning rate of the adapter and the head")
@@ -244,6 +246,7 @@ class TrainConfig:
         if isinstance(self.lora, dict):  # read back from train_config.json
             self.lora = LoraConfig(**self.lora)
         rules = {  # field: (holds, what it must be)
+            "output": (self.output.strip() != "", "a folder's name, not empty (that would mean the current folder)"),
             "batch_size": (self.batch_size >= 1, "at least 1"),
             "grad_accum": (self.grad_accum >= 1, "at least 1"),
             "lr": (self.lr > 0, "positive"),
@@ -307,6 +310,10 @@ class TrainConfig:
                 "and ranks would split their micro-batches into different numbers of packed runs); unset "
                 "--max-tokens-per-batch (one packed run per micro-batch) or use DDP"
             )
+        if self.packing == "none" and self.max_tokens_per_batch is not None:
+            raise ValueError("TrainConfig.max_tokens_per_batch bounds packed forwards only, and TrainConfig.packing "
+                             "none runs padded rows of TrainConfig.batch_size pairs whatever their length; unset "
+                             "TrainConfig.max_tokens_per_batch and lower TrainConfig.batch_size to bound a forward")
         if self.resume and self.overwrite:
             raise ValueError("TrainConfig: resume and overwrite exclude each other")
         self._check_init_adapter()

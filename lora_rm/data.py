@@ -20,19 +20,21 @@ reading, so a merged model served by plain transformers scores exactly what was 
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset, load_dataset
+from datasets import Dataset, ReadInstruction, load_dataset
 from transformers import PreTrainedTokenizerBase
 
 from . import distributed, ranking
 from .builtin import BUILTIN_PAIRS, builtin_preference_dataset
 from .config import BUILTIN, LENGTH_POLICIES, TrainConfig
-from .data_files import ROW_SOURCE, find_preference_files, read_preference_files
+from .data_files import ROW_PROBLEM, ROW_SOURCE, find_preference_files, read_preference_files
 from .encode import (
     UNK_CHECK_PAIRS,
     DataStats,
@@ -42,6 +44,7 @@ from .encode import (
     pad_sequences,
     side_problem,
 )
+from .run_folder import TRAIN_CONFIG_NAME, read_saved_config
 
 MIN_EVAL_PAIRS = 20  # an automatic eval split smaller than this gets a warning: its accuracy moves in steps of 5%+
 TOKENIZED_COLUMNS = (("chosen_ids", "rejected_ids"), ("input_ids_chosen", "input_ids_rejected"))
@@ -61,15 +64,18 @@ def _select_rows(dataset: Dataset, rows: str) -> Dataset:
 
 
 def load_preference_dataset(
-    source: str, split: str = "train", max_rows: int | None = None, rows: str | None = None, seed: int = 0
+    source: str, split: str | None = "train", max_rows: int | None = None, rows: str | None = None, seed: int = 0,
+    skip_bad_rows: bool = False,
 ) -> Dataset:
     """Load a local .json/.jsonl(.gz)/.parquet/.csv file or folder of them, a hub id with `split`, or "builtin".
 
-    `rows` is a Python slice as text applied first ("-512:" keeps the last 512 rows, "100:200" a window), then
-    `max_rows` keeps the first N of what is left. Local files form a single split; `split` is then ignored.
-    `seed` draws the built-in task's questions (lora_rm/builtin.py).
+    `split` is datasets' split spec, slices included ('train[:20]', 'train[10%:]'); local files and the built-in
+    task form one split, 'train' (None: all of it; a hub id: 'train'). `rows` is a Python slice as text applied
+    next ("-512:" keeps the last 512 rows, "100:200" a window), then `max_rows` keeps the first N of what is left.
+    `seed` draws the built-in task's questions (lora_rm/builtin.py). `skip_bad_rows` keeps a JSON line that does not
+    parse as a row for tokenize_pairs to skip and count (data_files.ROW_PROBLEM); without it loading stops there.
     """
-    dataset = _builtin_or_file_or_hub(source, split, seed)
+    dataset = _builtin_or_file_or_hub(source, split, seed, skip_bad_rows)
     if rows is not None:
         dataset = _select_rows(dataset, rows)
     if max_rows is not None:
@@ -77,20 +83,60 @@ def load_preference_dataset(
     return dataset
 
 
-def _builtin_or_file_or_hub(source: str, split: str, seed: int) -> Dataset:
+def _builtin_or_file_or_hub(source: str, split: str, seed: int, skip_bad_rows: bool) -> Dataset:
     """The whole dataset `source` names, before any row selection."""
     if source == BUILTIN:
         dataset = builtin_preference_dataset(BUILTIN_PAIRS, seed=seed)
-        return dataset.add_column(ROW_SOURCE, [f"builtin row index {i}" for i in range(len(dataset))])
+        dataset = dataset.add_column(ROW_SOURCE, [f"builtin row index {i}" for i in range(len(dataset))])
+        return _local_split(dataset, split, source)
     files = find_preference_files(source)
     if files:
-        return read_preference_files(source, files)
+        return _local_split(read_preference_files(source, files, skip_bad_rows), split, source)
+    split = split or "train"
     try:
         dataset = load_dataset(source, split=split)
     except Exception as err:
         message = f"{source!r} is not a local file or folder and did not load from the hub: {err}"
         raise ValueError(message) from err
     return dataset.add_column(ROW_SOURCE, [f"{source} split {split!r} row index {i}" for i in range(len(dataset))])
+
+
+def _local_split(dataset: Dataset, split: str | None, source: str) -> Dataset:
+    """The rows of a local file's (or the built-in task's) one split, 'train', that `split` selects, as datasets reads
+    a split spec: 'train', 'train[:20]', 'train[10%:]'; None: all of them."""
+    if split is None:
+        return dataset
+    try:
+        instructions = ReadInstruction.from_spec(split).to_absolute({"train": len(dataset)})
+    except (ValueError, AssertionError) as error:
+        raise ValueError(f"--split {split!r} does not select rows of {source} ({error}): local data and the built-in "
+                         "task form one split, 'train', sliced as 'train[:20]' or 'train[10%:]'") from None
+    return dataset.select([i for part in instructions for i in range(part.from_, part.to)])
+
+
+def hub_or_local_split(source: str, split: str | None, hub_default: str) -> str | None:
+    """`split`, or when it is unset `hub_default` for a hub id and None (all rows) for local data."""
+    if split is not None or source == BUILTIN:
+        return split
+    try:
+        return None if find_preference_files(source) else hub_default
+    except FileNotFoundError:  # a local path that is not there: loading it names the problem
+        return None
+
+
+def check_subsets(dataset: Dataset) -> None:
+    """With a subset column every row needs one (per-subset evaluation, eval_stats.py): the first row without one
+    is named before anything is scored. Lines skipped as bad rows (ROW_PROBLEM) are not counted here."""
+    if "subset" not in dataset.column_names:
+        return
+    where = dataset[ROW_SOURCE] if ROW_SOURCE in dataset.column_names else [f"row {i}" for i in range(len(dataset))]
+    problems = dataset[ROW_PROBLEM] if ROW_PROBLEM in dataset.column_names else [None] * len(dataset)
+    missing = [row for row, subset, problem in zip(where, dataset["subset"], problems, strict=True)
+               if (subset is None or subset == "") and not problem]
+    if missing:
+        listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{missing[0]}: no subset ({len(missing)} rows lack one: {listed}); every row needs one when "
+                         "the data has a subset column")
 
 
 def detect_format(dataset: Dataset) -> str:
@@ -110,8 +156,11 @@ def detect_format(dataset: Dataset) -> str:
     return "explicit" if "prompt" in columns else "implicit"
 
 
-def _row_problem(row: dict[str, Any], data_format: str, ids_columns: tuple[str, str]) -> str | None:
-    """Why a row cannot be a training pair, or None."""
+def _row_problem(row: dict[str, Any], data_format: str, ids_columns: tuple[str, str],
+                 vocab_size: int | None = None) -> str | None:
+    """Why a row cannot be a training pair, or None; vocab_size bounds pre-tokenized ids (the model's embeddings)."""
+    if row.get(ROW_PROBLEM):  # a line that did not read as a row (data_files, with skip_bad_rows)
+        return row[ROW_PROBLEM]
     if "margin" in row and not (isinstance(row["margin"], (int, float)) and math.isfinite(row["margin"])):
         return f"margin is not a finite number: {row['margin']!r}"
     if data_format == "tokenized":
@@ -119,6 +168,10 @@ def _row_problem(row: dict[str, Any], data_format: str, ids_columns: tuple[str, 
             ids = row[name]
             if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
                 return f"{name} is not a non-empty list of token ids"
+            outside = next((t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)), None)
+            if outside is not None:
+                return (f"{name} holds token id {outside}, outside the model's vocabulary of {vocab_size} ids"
+                        if outside >= 0 else f"{name} holds the negative token id {outside}")
         return "chosen is identical to rejected" if row[ids_columns[0]] == row[ids_columns[1]] else None
     names = ("prompt", "chosen", "rejected") if "prompt" in row else ("chosen", "rejected")
     for name in names:
@@ -136,10 +189,11 @@ def _encode_row(
     max_length: int | None,
     length_policy: str,
     skip_bad_rows: bool,
+    vocab_size: int | None = None,
 ) -> dict[str, Any]:
     """One row to chosen_ids, rejected_ids, length and status (ok, bad, too_long, truncated)."""
     ids_columns = next((c for c in TOKENIZED_COLUMNS if c[0] in row and c[1] in row), ("chosen", "rejected"))
-    problem = _row_problem(row, data_format, ids_columns)
+    problem = _row_problem(row, data_format, ids_columns, vocab_size)
     if problem is None and data_format == "tokenized":
         chosen_ids, rejected_ids = row[ids_columns[0]], row[ids_columns[1]]
     elif problem is None:
@@ -148,10 +202,10 @@ def _encode_row(
         if chosen_ids == rejected_ids:
             problem = "chosen and rejected tokenize to the same ids"
     if problem is not None:
+        where = row.get(ROW_SOURCE) or f"row {index}"
         if not skip_bad_rows:
-            where = row.get(ROW_SOURCE) or f"row {index}"
             raise ValueError(f"{where}: {problem} (pass --skip-bad-rows to skip such rows)")
-        return {"chosen_ids": [], "rejected_ids": [], "length": 0, "status": "bad"}
+        return {"chosen_ids": [], "rejected_ids": [], "length": 0, "status": "bad", "skipped": f"{where} ({problem})"}
     status = "ok"
     if max_length is not None and max(len(chosen_ids), len(rejected_ids)) > max_length:
         if length_policy == "drop":
@@ -165,6 +219,7 @@ def _encode_row(
         "rejected_ids": rejected_ids,
         "length": length,
         "status": status,
+        "skipped": "",
     }
 
 
@@ -174,6 +229,7 @@ def tokenize_pairs(
     max_length: int | None = None,
     length_policy: str = "drop",
     skip_bad_rows: bool = False,
+    vocab_size: int | None = None,
 ) -> tuple[Dataset, DataStats]:
     """Tokenize every pair to columns chosen_ids, rejected_ids, length (the longer side) and margin if any.
 
@@ -183,6 +239,8 @@ def tokenize_pairs(
             is lost).
         skip_bad_rows: False raises ValueError naming the first bad row; True skips and counts them.
         tokenizer: may be None for pre-tokenized data.
+        vocab_size: the model's input embeddings; a pre-tokenized id at or over it is a bad row (not an IndexError
+            mid-run).
     """
     if length_policy not in LENGTH_POLICIES:
         raise ValueError(f"length_policy must be one of {LENGTH_POLICIES}, got {length_policy!r}")
@@ -201,6 +259,7 @@ def tokenize_pairs(
         "max_length": max_length,
         "length_policy": length_policy,
         "skip_bad_rows": skip_bad_rows,
+        "vocab_size": vocab_size,
     }
     keep_columns = {"margin", "subset", PAIR_ID}  # subset: per-subset evaluation (eval_stats.py)
     encoded = dataset.map(
@@ -221,7 +280,28 @@ def tokenize_pairs(
         n_truncated=counts["truncated"],
         n_bad_skipped=counts["bad"],
     )
-    return encoded.select(kept).remove_columns("status"), stats
+    if counts["truncated"]:
+        check_truncated_sides(encoded, statuses, len(kept), max_length)
+    skipped = [where for where in encoded["skipped"] if where]
+    if skipped:
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        distributed.print_main(f"skipped {len(skipped)} bad rows: {', '.join(skipped[:5])}{more}")
+    return encoded.select(kept).remove_columns(["status", "skipped"]), stats
+
+
+def check_truncated_sides(encoded: Dataset, statuses: list[str], n_kept: int, max_length: int) -> None:
+    """Fail when truncation left every kept pair with identical sides (each a tie: nothing to learn or rank), warn
+    when it left some."""
+    truncated = [i for i, status in enumerate(statuses) if status == "truncated"]
+    sides = encoded.select(truncated)
+    identical = sum(c == r for c, r in zip(sides["chosen_ids"], sides["rejected_ids"], strict=True))
+    advice = (f"--length-policy truncate_left kept the last {max_length} tokens of each side, and the sides differ "
+              "only before them; raise --max-length, or use --length-policy drop")
+    if identical == n_kept:
+        raise ValueError(f"every one of the {n_kept} kept pairs has identical chosen and rejected ids after {advice}")
+    if identical:
+        distributed.print_main(f"warning: {identical} of the {len(truncated)} truncated pairs have identical chosen "
+                               f"and rejected ids (each scores a tie): {advice}")
 
 
 def _check_known_tokens(rows: Dataset, tokenizer: PreTrainedTokenizerBase, data_format: str) -> None:
@@ -301,6 +381,18 @@ def batch_indices(
     ]
 
 
+def check_step_fits(n_pairs: int, n_batches: int, config: TrainConfig, world_size: int) -> None:
+    """Refuse an optimizer step that takes more micro-batches than an epoch holds: it would pass over the data
+    several times within one step and log that as one epoch. Refused, not capped: a smaller batch would change the
+    step the flags asked for."""
+    if n_batches < config.grad_accum:
+        raise ValueError(
+            f"one optimizer step takes {config.batch_size * config.grad_accum * world_size} pairs (batch_size "
+            f"{config.batch_size} x grad_accum {config.grad_accum} x {world_size} processes) but the training data "
+            f"holds {n_pairs} pairs ({n_batches} micro-batches per process): lower --batch-size or --grad-accum"
+        )
+
+
 def collate_rows(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """ranking.collate_groups for K-way rows, collate_pairs for pairs: one collator for either kind of data."""
     if ranking.is_ranking_rows(rows):
@@ -308,26 +400,80 @@ def collate_rows(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, tor
     return collate_pairs(rows, pad_token_id)
 
 
-def load_pairs(config: TrainConfig, tokenizer) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Tokenized (train, eval) pairs; without an eval dataset, the last eval_fraction of the training rows."""
-    train_data = load_preference_dataset(config.dataset, config.split, config.max_rows, config.rows, config.seed)
+def load_pairs(config: TrainConfig, tokenizer, vocab_size: int | None = None
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Tokenized (train, eval) pairs; without an eval dataset, the last eval_fraction of the training rows.
+
+    vocab_size: the model's, which pre-tokenized ids must stay under."""
+    train_data = load_preference_dataset(config.dataset, config.split, config.max_rows, config.rows, config.seed,
+                                         config.skip_bad_rows)
     if config.eval_dataset is not None:  # several: the first here, the others in named_eval_sets
-        eval_data = load_preference_dataset(
-            eval_sources(config)[0], config.eval_split, config.max_eval_rows, config.eval_rows
-        )
+        source = eval_sources(config)[0]
+        eval_data = load_preference_dataset(source, hub_or_local_split(source, config.eval_split, "test"),
+                                            config.max_eval_rows, config.eval_rows, skip_bad_rows=config.skip_bad_rows)
     else:
-        n_eval = max(1, int(len(train_data) * config.eval_fraction))
-        n_train = len(train_data) - n_eval
-        train_data, eval_data = train_data.select(range(n_train)), train_data.select(range(n_train, len(train_data)))
-    train_pairs = tokenize(train_data, tokenizer, config, "train")
-    eval_pairs = tokenize(eval_data, tokenizer, config, "eval")
+        n_rows = len(train_data)
+        train_data, eval_data = split_off_eval(train_data, config.eval_fraction)
+    train_pairs = tokenize(train_data, tokenizer, config, "train", vocab_size)
+    eval_pairs = tokenize(eval_data, tokenizer, config, "eval", vocab_size)
     if config.eval_dataset is None and len(eval_pairs) < MIN_EVAL_PAIRS:
         distributed.print_main(
             f"warning: the automatic eval split holds only {len(eval_pairs)} pairs (eval_fraction="
-            f"{config.eval_fraction} of {len(train_data) + len(eval_data)} rows): its accuracy is noise; raise "
-            "--eval-fraction or pass --eval-dataset"
+            f"{config.eval_fraction} of {n_rows} rows): its accuracy is noise; raise --eval-fraction or pass "
+            "--eval-dataset"
         )
     return train_pairs, eval_pairs
+
+
+def split_off_eval(rows: Dataset, eval_fraction: float) -> tuple[Dataset, Dataset]:
+    """(train, eval): the last eval_fraction of the rows held out, less every row that is also a training row
+    (a duplicate pair would be scored on what was trained: the built-in task repeats many)."""
+    n_train = len(rows) - max(1, int(len(rows) * eval_fraction))
+    train_rows, held_out = rows.select(range(n_train)), rows.select(range(n_train, len(rows)))
+    eval_rows, n_seen = without_rows_of(held_out, train_rows)
+    if n_seen:
+        distributed.print_main(f"eval split: {n_seen} of its {len(held_out)} rows are also training rows; left out",
+                               file=sys.stderr)
+    if not len(eval_rows):
+        raise ValueError(f"every one of the {len(held_out)} held-out rows (eval_fraction {eval_fraction}) is also a "
+                         "training row: nothing unseen to evaluate; pass --eval-dataset or raise --eval-fraction")
+    return train_rows, eval_rows
+
+
+def row_key(row: dict[str, Any]) -> str:
+    """A row's content (every column but where it was read), to find the same pair among other rows."""
+    return json.dumps({name: value for name, value in row.items() if name != ROW_SOURCE}, sort_keys=True, default=str)
+
+
+def without_rows_of(dataset: Dataset, other: Dataset) -> tuple[Dataset, int]:
+    """The rows of `dataset` that are not rows of `other`, and how many were left out."""
+    seen = {row_key(row) for row in other}
+    kept = [index for index, row in enumerate(dataset) if row_key(row) not in seen]
+    return dataset.select(kept), len(dataset) - len(kept)
+
+
+def without_training_rows(dataset: Dataset, source: str, adapter: str | Path | None) -> Dataset:
+    """The built-in task's eval rows less those the adapter trained on (its run's train_config.json): eval's
+    'unseen' draw (--seed 1) repeats most of the pairs a built-in run trains on. Other data is evaluated as named:
+    evaluating on training rows may be the point there."""
+    if source != BUILTIN or adapter is None:
+        return dataset
+    run = Path(adapter).parent.parent if Path(adapter).parent.name == "checkpoints" else Path(adapter)  # step-N
+    saved = read_saved_config(run) or {}
+    saved_path = run / TRAIN_CONFIG_NAME
+    if saved.get("dataset") != source:
+        return dataset
+    trained = load_preference_dataset(source, saved.get("split", "train"), saved.get("max_rows"), saved.get("rows"),
+                                      saved.get("seed", 0), saved.get("skip_bad_rows", False))
+    if saved.get("eval_dataset") is None:
+        trained = split_off_eval(trained, saved.get("eval_fraction", 0.1))[0]
+    kept, n_seen = without_rows_of(dataset, trained)
+    if n_seen:
+        print(f"eval: {n_seen} of the {len(dataset)} rows are rows the adapter trained on ({saved_path}); left out",
+              file=sys.stderr)
+    if not len(kept):
+        raise ValueError(f"every eval row is a row the adapter trained on ({saved_path}): nothing unseen to evaluate")
+    return kept
 
 
 def eval_sources(config: TrainConfig) -> list[str]:
@@ -345,7 +491,8 @@ def eval_set_name(source: str) -> str:
     return name or source
 
 
-def named_eval_sets(config: TrainConfig, tokenizer, first: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def named_eval_sets(config: TrainConfig, tokenizer, first: list[dict[str, Any]], vocab_size: int | None = None
+                    ) -> dict[str, list[dict[str, Any]]]:
     """Log-key prefix -> eval pairs: "eval" for one eval set (the keys as ever), "eval_<name>" for each of several.
 
     "eval_<name>_accuracy" is the key transformers' Trainer logs for a dict of eval datasets. Every eval set takes
@@ -361,17 +508,27 @@ def named_eval_sets(config: TrainConfig, tokenizer, first: list[dict[str, Any]])
                          "rename the files so that each is logged under its own name")
     sets = {f"eval_{names[0]}": first}
     for source, name in zip(sources[1:], names[1:], strict=True):
-        rows = load_preference_dataset(source, config.eval_split, config.max_eval_rows, config.eval_rows)
-        sets[f"eval_{name}"] = tokenize(rows, tokenizer, config, f"eval {name}")
+        split = hub_or_local_split(source, config.eval_split, "test")
+        rows = load_preference_dataset(source, split, config.max_eval_rows, config.eval_rows,
+                                       skip_bad_rows=config.skip_bad_rows)
+        sets[f"eval_{name}"] = tokenize(rows, tokenizer, config, f"eval {name}", vocab_size)
     return sets
 
 
-def tokenize(dataset, tokenizer, config: TrainConfig, name: str) -> list[dict[str, Any]]:
+def tokenize(dataset, tokenizer, config: TrainConfig, name: str, vocab_size: int | None = None
+             ) -> list[dict[str, Any]]:
     """Tokenized pairs as plain dicts, with what the length policy and bad-row skipping did printed."""
     pairs, stats = tokenize_pairs(
-        dataset, tokenizer, config.max_length, config.length_policy, config.skip_bad_rows
+        dataset, tokenizer, config.max_length, config.length_policy, config.skip_bad_rows, vocab_size
     )
     distributed.print_main(f"{name} pairs: {stats}")
     if not len(pairs):
-        raise ValueError(f"no {name} pairs left after tokenization ({stats}); raise --max-length or check the data")
+        raise ValueError(no_pairs_left(name, stats, config.max_length))
     return pairs.to_list()
+
+
+def no_pairs_left(name: str, stats: DataStats, max_length: int | None) -> str:
+    """Why no pair of a set survived tokenization, and what to change."""
+    return (f"no {name} pairs left: all {stats.n_rows} rows were dropped ({stats.n_dropped_too_long} longer than "
+            f"--max-length {max_length}, {stats.n_bad_skipped} bad rows skipped); raise --max-length, pass "
+            "--length-policy truncate_left, or check the data")

@@ -31,6 +31,7 @@ FILE_KINDS = {  # extension -> how the file is read; the first match wins, so do
     ".csv": "csv",
 }
 ROW_SOURCE = "_row_source"  # "pairs.jsonl line 37": where a row was read, named by errors about it
+ROW_PROBLEM = "_row_problem"  # with skip_bad_rows, a line that is no row: why (the tokenizer skips and counts it)
 JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
@@ -54,8 +55,12 @@ def find_preference_files(source: str) -> list[Path]:
     return []  # a hub id
 
 
-def read_preference_files(source: str, files: list[Path]) -> Dataset:
-    """All rows of `files` (one kind, which `source` names in errors) as one Dataset, with ROW_SOURCE per row."""
+def read_preference_files(source: str, files: list[Path], skip_bad_rows: bool = False) -> Dataset:
+    """All rows of `files` (one kind, which `source` names in errors) as one Dataset, with ROW_SOURCE per row.
+
+    skip_bad_rows: a JSON Lines line that is not a JSON object becomes a row holding only ROW_PROBLEM (and
+    ROW_SOURCE), which tokenizing skips, counts and names; without it the first one is an error naming its line.
+    """
     kinds = {file_kind(p) for p in files}
     if None in kinds or len(kinds) > 1:
         names = [p.name for p in files]
@@ -65,7 +70,7 @@ def read_preference_files(source: str, files: list[Path]) -> Dataset:
         dataset = load_dataset("parquet", data_files=[str(p) for p in files], split="train")
         where = [f"{p} row index {i}" for p in files for i in range(pq.ParquetFile(p).metadata.num_rows)]
         return dataset.add_column(ROW_SOURCE, where)
-    return _dataset_from_rows([row for p in files for row in _read_file(p, kind)])
+    return _dataset_from_rows([row for p in files for row in _read_file(p, kind, skip_bad_rows)])
 
 
 def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -84,19 +89,24 @@ def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
         raise ValueError(f"{path}: not a whole gzip file, unreadable after line {number} ({err})") from None
 
 
-def _read_file(path: Path, kind: str) -> list[tuple[str, dict[str, Any]]]:
+def _read_file(path: Path, kind: str, skip_bad_rows: bool = False) -> list[tuple[str, dict[str, Any]]]:
     """(where, row) for each row of a JSON Lines, JSON array or CSV file; a file without rows is an error."""
-    rows = [(f"{path} line {number}", row) for number, row in (_read_json if kind == "json" else _read_csv)(path)]
-    for where, row in rows:
+    reader = _read_json(path, skip_bad_rows) if kind == "json" else _read_csv(path)
+    rows = [(f"{path} line {number}", row) for number, row in reader]
+    for index, (where, row) in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: a row must be a JSON object of columns, not {type(row).__name__}")
+            problem = f"a row must be a JSON object of columns, not {type(row).__name__}"
+            if not skip_bad_rows:
+                raise ValueError(f"{where}: {problem}")
+            rows[index] = (where, {ROW_PROBLEM: problem})
     if not rows:
         raise ValueError(f"{path} holds no rows")
     return rows
 
 
-def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line, value) of each row of a JSON Lines file, or of a file holding one JSON array, as datasets reads."""
+def _read_json(path: Path, skip_bad_rows: bool = False) -> Iterator[tuple[int, Any]]:
+    """(line, value) of each row of a JSON Lines file, or of a file holding one JSON array, as datasets reads; with
+    skip_bad_rows a JSON Lines line that does not parse yields {ROW_PROBLEM: why} (an array is all or nothing)."""
     lines = _read_lines(path)
     for number, line in lines:
         try:
@@ -105,9 +115,21 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
                 return
             if line.strip():
                 yield number, json.loads(line)
-        except json.JSONDecodeError as err:  # err.lineno counts from `number`
-            line_number = number + err.lineno - 1
-            raise ValueError(f"{path} line {line_number}: not valid JSON: {err.msg} (column {err.colno})") from None
+        except json.JSONDecodeError as err:
+            line_number, problem = json_error_where(err, number)
+            if not skip_bad_rows or line_number != number or line.lstrip().startswith("["):
+                raise ValueError(f"{path} line {line_number}: {problem}") from None
+            yield number, {ROW_PROBLEM: problem}
+
+
+def json_error_where(err: json.JSONDecodeError, first_line: int) -> tuple[int, str]:
+    """(file line, 'not valid JSON: ...') of a decode error in text that starts at `first_line`; an error past the
+    last character is the text ending inside a value (a file cut short), named at its last line, not the next."""
+    content_end = len(err.doc.rstrip())
+    if err.pos >= content_end:
+        last_line = first_line + err.doc.count("\n", 0, content_end)
+        return last_line, f"not valid JSON: the text ends inside a value ({err.msg}): cut short?"
+    return first_line + err.lineno - 1, f"not valid JSON: {err.msg} (column {err.colno})"
 
 
 def _json_array(text: str, first_line: int) -> Iterator[tuple[int, Any]]:

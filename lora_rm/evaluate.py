@@ -96,11 +96,16 @@ def evaluate_dataset(
         raise ValueError(f"--sections needs a 'subset' column in the data; it has {dataset.column_names}")
     if predictions:
         dataset = with_pair_ids(dataset)
-    tokenized, stats = data.tokenize_pairs(dataset, tokenizer, max_length, length_policy, skip_bad_rows)
+    data.check_subsets(dataset)
+    vocab_size = model.get_input_embeddings().num_embeddings
+    tokenized, stats = data.tokenize_pairs(dataset, tokenizer, max_length, length_policy, skip_bad_rows, vocab_size)
     pairs = tokenized.to_list()
+    if not pairs:
+        raise ValueError(data.no_pairs_left("eval", stats, max_length))
     device = next(model.parameters()).device
     k_way = ranking.is_ranking_rows(pairs)
-    mode = resolve_packing(packing, model, print if not k_way else lambda message: None, k_way_rows=k_way)
+    mode = resolve_packing(packing, model, print if not k_way else lambda message: None, k_way_rows=k_way,
+                           max_tokens_per_batch=max_tokens_per_batch)
     if k_way and predictions:
         raise ValueError("--predictions writes one line per pair; these rows are K-way rankings")
     if k_way:  # K-way rows, scored padded (an explicit packed mode was refused): top-1, pairwise, Kendall's tau
@@ -109,6 +114,9 @@ def evaluate_dataset(
     pairs, over_budget = fit_pairs_to_budget(pairs, mode, max_tokens_per_batch, length_policy)
     if over_budget:
         print(f"{over_budget} pairs over --max-tokens-per-batch {max_tokens_per_batch}: {length_policy}")
+    if not pairs:
+        raise ValueError(f"no eval pairs left: all {over_budget} were over --max-tokens-per-batch "
+                         f"{max_tokens_per_batch} ({length_policy}); raise it")
     chosen, rejected = rewards_for_pairs(model, pairs, pair_collator(tokenizer), batch_size, device,
                                          packing=mode, max_tokens_per_batch=max_tokens_per_batch,
                                          pad_token_id=tokenizer.pad_token_id)
@@ -120,7 +128,7 @@ def evaluate_dataset(
     subsets = [pair["subset"] for pair in pairs] if "subset" in tokenized.column_names else None
     full_chosen, full_rejected = lengths_chosen, lengths_rejected
     if stats.n_truncated:  # the length-only rules compare whole sides: cut to max_length, both would often tie
-        full, _ = data.tokenize_pairs(dataset, tokenizer, None, length_policy, skip_bad_rows)  # the same rows kept
+        full, _ = data.tokenize_pairs(dataset, tokenizer, None, length_policy, skip_bad_rows, vocab_size)  # same rows
         full_chosen = [len(ids) for ids in full["chosen_ids"]]
         full_rejected = [len(ids) for ids in full["rejected_ids"]]
     metrics.update(pair_report(chosen, rejected, full_chosen, full_rejected, subsets, sections))

@@ -43,21 +43,29 @@ PACKING_TESTED = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "opt", "bert"
 
 
 def resolve_packing(mode: str, model: nn.Module, log: Callable[[str], Any] = print, k_way_rows: bool = False,
-                    reentrant_under_torchrun: bool = False) -> str:
+                    reentrant_under_torchrun: bool = False, max_tokens_per_batch: int | None = None) -> str:
     """The mode to run, the whole decision in one place. auto (the default) is the fastest exact mode:
     shared_prompt for a tested decoder, padding_free for a tested encoder, none for anything else (said in the
     log). An encoder asked for shared_prompt falls back to padding_free (its attention is bidirectional: a prompt
     cannot be shared). K-way rows, and reentrant checkpointing under torchrun, run padded rows: auto says so, an
-    explicit packed mode is refused."""
+    explicit packed mode is refused. A token budget on padded rows is refused: it would bound nothing."""
     resolved = packing_for_model(mode, model, log)
     unsupported = {"K-way rows": k_way_rows,  # not wired to them yet
                    # gives other gradients than one process (DDP's static_graph; one process is exact): not found yet
                    "reentrant checkpointing under torchrun": reentrant_under_torchrun}
-    for reason in [reason for reason, holds in unsupported.items() if holds and resolved != "none"]:
-        if mode != "auto":
-            raise ValueError(f"--packing {mode} is not supported with {reason} yet; use --packing none")
+    reason = next((reason for reason, holds in unsupported.items() if holds and resolved != "none"), None)
+    if reason and mode != "auto":
+        raise ValueError(f"--packing {mode} is not supported with {reason} yet; use --packing none")
+    if reason:
         log(f"packing auto: {reason}; using --packing none (padded rows)")
-        return "none"
+        resolved = "none"
+    if resolved == "none" and max_tokens_per_batch is not None:
+        why = reason or ("as asked" if mode == "none" else "see the 'packing auto' line")
+        raise ValueError(
+            f"--max-tokens-per-batch {max_tokens_per_batch} bounds packed forwards only, and --packing {mode} runs "
+            f"padded rows here ({why}): a padded micro-batch holds --batch-size rows whatever their length; unset "
+            "--max-tokens-per-batch and lower --batch-size to bound a forward"
+        )
     return resolved
 
 

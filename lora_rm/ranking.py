@@ -25,7 +25,7 @@ from datasets import Dataset
 from torch import Tensor
 
 from . import encode
-from .data_files import ROW_SOURCE
+from .data_files import ROW_PROBLEM, ROW_SOURCE
 
 RESPONSES, LISTS = "responses", "lists"  # the two K-way row shapes
 
@@ -78,6 +78,8 @@ def _responses_and_scores(row: dict[str, Any], shape: str) -> tuple[Any, Any, st
 
 def _row_problem(row: dict[str, Any], shape: str, conversational: bool) -> str | None:
     """Why a K-way row cannot be used, or None (data._row_problem's rules, per response)."""
+    if row.get(ROW_PROBLEM):  # a line that did not read as a row (data_files, with skip_bad_rows)
+        return row[ROW_PROBLEM]
     if "margin" in row and not (isinstance(row["margin"], (int, float)) and math.isfinite(row["margin"])):
         return f"margin is not a finite number: {row['margin']!r}"
     responses, scores, problem = _responses_and_scores(row, shape)

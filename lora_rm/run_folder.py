@@ -7,6 +7,10 @@ and log.jsonl.
         log.jsonl             one JSON record per log line and per evaluation
         checkpoints/          checkpoint.py's step-N folders
         adapter_model.safetensors, adapter_config.json, tokenizer files, eval_metrics.json, reward_stats.json
+        events.out.tfevents.*  with --report-to tensorboard
+        report/               `lora-rm eval --report OUTPUT/report`, the command a run prints at its end (plots.py)
+
+--overwrite deletes only these (RUN_ENTRIES): a folder holding anything else is refused, naming what is there.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import fnmatch
 import json
 import os
+import re
 import shutil
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +36,23 @@ from .eval_stats import finite_or_none
 
 LOCK_NAME = ".lock"  # in the output folder while a run writes there: {"pid", "host", "started"}
 TRAIN_CONFIG_NAME = "train_config.json"
+# What a run (or its report) writes into its output folder, as fnmatch patterns: all --overwrite may delete.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+RUN_ENTRIES = {
+    "": (LOCK_NAME, TRAIN_CONFIG_NAME, "log.jsonl", "checkpoints", "adapter_model.safetensors",
+         "adapter_config.json", "eval_metrics.json", "reward_stats.json", "events.out.tfevents.*", "report",
+         "additional_chat_templates", "README.md", "init_adapter.json", *TOKENIZER_FILES),  # README.md: the card
+    "checkpoints": ("step-[0-9]*", ".tmp-step-[0-9]*", "diverged-step-[0-9]*"),
+    "report": ("metrics.json", "*.png"),
+    "additional_chat_templates": ("*.jinja",),
+}
+ATOMIC_LEFTOVER = re.compile(r"\.(.+)\.\w{8}")  # atomic.py's temporary name `.NAME.XXXXXXXX`, left by a kill
 
+# How a process was started, not what it trains: left out of train_config.json, and ignored where an older run saved
+# it (a saved overwrite=true would otherwise make every later --resume "resume and overwrite exclude each other").
+NOT_SAVED = ("overwrite",)
 # What a resume may change, each on purpose; any other changed setting is refused (it would not be what ran).
 RESUME_MAY_CHANGE = {
     "max_steps": "extends (or shortens) the run; the schedule follows the new total from here on",
@@ -46,7 +69,7 @@ RESUME_MAY_CHANGE = {
     "device": "where it runs (another node or GPU); the math is the same",
     "batch_size": "the per-process share, to resume under another number of processes; checkpoint."
                   "resume_from_latest_checkpoint refuses a changed global batch (batch_size x processes x grad_accum)",
-    "grad_accum": "the same",
+    "grad_accum": "the same; not under group_by_length, whose length groups follow the micro-batch (refused there)",
     "gradient_checkpointing": "trades memory for compute; the gradients are the same",
     "reentrant_checkpointing": "the same",
     "allow_pickle_weights": "how the base's weights may be read, not which weights",
@@ -115,9 +138,10 @@ def release_output_lock(lock: Path) -> None:
 
 
 @contextlib.contextmanager
-def output_lock(output: Path) -> Iterator[None]:
-    """Hold OUTPUT/.lock for the whole run; rank 0 takes it, and every rank stops if it could not."""
-    lock, error = None, None
+def output_lock(output: Path) -> Iterator[bool]:
+    """Hold OUTPUT/.lock for the whole run; rank 0 takes it, and every rank stops if it could not. Yields whether
+    the folder existed before (taking the lock creates it)."""
+    lock, error, existed = None, None, output.is_dir()
     if distributed.is_main():
         try:
             lock = take_output_lock(output)
@@ -126,30 +150,68 @@ def output_lock(output: Path) -> Iterator[None]:
     if distributed.sum_over_ranks([float(error is not None)])[0]:  # a collective: every rank learns the outcome
         raise error or FileExistsError(f"{output} is in use by another run (see rank 0's message)")
     try:
-        yield
+        yield existed
     finally:
         if lock is not None:
             release_output_lock(lock)
 
 
-def prepare_output(config: TrainConfig) -> Path:
-    """Refuse to mix a new run into an old one unless told to resume or overwrite; rank 0 alone touches disk."""
+def is_run_entry(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a file or folder name is one a run writes (or atomic.py's leftover of one)."""
+    leftover = ATOMIC_LEFTOVER.fullmatch(name)
+    return any(fnmatch.fnmatchcase(leftover.group(1) if leftover else name, pattern) for pattern in patterns)
+
+
+def foreign_entries(output: Path, folder: str = "") -> list[str]:
+    """Paths under `output` that no run writes (notes, data, .git...), relative to it: what --overwrite must keep."""
+    foreign = []
+    for entry in sorted((output / folder).iterdir()):
+        name = f"{folder}/{entry.name}" if folder else entry.name
+        if not is_run_entry(entry.name, RUN_ENTRIES[folder]):
+            foreign.append(name)
+        elif entry.is_dir() and not entry.is_symlink() and name in RUN_ENTRIES:
+            foreign += foreign_entries(output, name)
+    return foreign
+
+
+def check_overwrite(output: Path, has_run: bool) -> None:
+    """Refuse --overwrite on the current folder or one above it, and a run's folder holding anything a run did not
+    write: it would be deleted with the run."""
+    if Path.cwd().resolve().is_relative_to(output.resolve()):
+        raise ValueError(f"--overwrite --output {str(output)!r} is the current folder or one above it; give the "
+                         "run's own folder")
+    foreign = foreign_entries(output) if has_run else []
+    if foreign:
+        shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+        raise FileExistsError(f"--overwrite: {output} holds files no run writes ({shown}); move them away or "
+                              "choose another --output (nothing was deleted)")
+
+
+def prepare_output(config: TrainConfig, existed: bool = True) -> Path:
+    """Refuse to mix a new run into an old one unless told to resume or overwrite; rank 0 alone touches disk.
+
+    existed: whether the folder was there before the lock created it (output_lock), for --resume's message.
+    """
     output = Path(config.output)
     has_run = output.is_dir() and any(
         (output / name).exists() for name in ("log.jsonl", "adapter_config.json", "checkpoints")
     )
+    if config.overwrite:
+        check_overwrite(output, has_run)
     if has_run and not (config.resume or config.overwrite):
         raise FileExistsError(f"{output} already holds a run; pass --resume to continue it or --overwrite")
     distributed.barrier()  # every rank has looked before rank 0 deletes anything
     if has_run and config.overwrite and distributed.is_main():
-        for entry in output.iterdir():
+        for entry in output.iterdir():  # check_overwrite found only a run's entries
             if entry.name != LOCK_NAME:  # the lock stays: this run holds it
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     if distributed.is_main():
         output.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
     if config.resume and not has_run:  # e.g. a preemptible job's first start: not an error, but never silent
-        distributed.print_main(f"--resume: {output} holds no run yet; starting a new one there")
+        found = ("holds no run (no log.jsonl, adapter or checkpoints/)" if existed else
+                 "does not exist, so there is no run to resume")
+        distributed.print_main(f"--resume: {output} {found}; starting a new one there", file=sys.stderr)
     if config.resume:
         check_resumed_config(config, output / TRAIN_CONFIG_NAME)
     return output
@@ -176,9 +238,12 @@ def read_saved_config(output: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        saved = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"cannot resume: {path} is not valid JSON ({error})") from error
+    if isinstance(saved, dict) and saved.get("eval_split") == "test":  # exactly what unset means: a hub id's 'test',
+        saved["eval_split"] = None  # and all of a local file (which runs before eval_split could be unset read whole)
+    return saved
 
 
 def check_resumed_config(config: TrainConfig, saved_path: Path) -> None:
@@ -195,12 +260,22 @@ def check_resumed_config(config: TrainConfig, saved_path: Path) -> None:
             f"{saved_path}. Resume with those, or start a new run (another --output, or --overwrite). A resume "
             f"may change only: {', '.join(RESUME_MAY_CHANGE)}"
         )
+    if config.group_by_length and saved.get("grad_accum", config.grad_accum) != config.grad_accum:
+        # the global batch is checked against the checkpoint; with it fixed, another grad_accum means another
+        # micro-batch (batch_size x processes), and data.batch_indices sorts by length within chunks of those
+        raise ValueError(
+            f"--resume with --group-by-length: grad_accum {saved['grad_accum']} -> {config.grad_accum} changes "
+            "which pairs share a micro-batch (pairs are sorted by length within chunks of micro-batches), so the run "
+            f"would not replay; keep --grad-accum {saved['grad_accum']} (the processes may change with --batch-size, "
+            "e.g. 2 x 4 -> 1 x 8)"
+        )
 
 
 def write_config(config: TrainConfig, output: Path) -> None:
     """train_config.json: the settings that run (after check_resumed_config), written atomically."""
+    settings = {name: value for name, value in dataclasses.asdict(config).items() if name not in NOT_SAVED}
     with atomic_path(output / TRAIN_CONFIG_NAME) as tmp:
-        Path(tmp).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        Path(tmp).write_text(json.dumps(settings, indent=2))
 
 
 def write_final_metrics(output: Path, final: dict[str, Any], write: bool) -> None:

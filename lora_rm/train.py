@@ -161,8 +161,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world_size, device = distributed.init_from_env(device)  # (0, 1, device) outside torchrun
     check_installed(config.report_to)  # a missing extra fails before the output folder or the model is touched
-    with output_lock(Path(config.output)):
-        run = set_up(config, rank, world_size, device)
+    with output_lock(Path(config.output)) as existed:
+        run = set_up(config, rank, world_size, device, existed)
         with RunLog(run.log_path, tuple(run.eval_sets), open_trackers(config, run.output, run.start_step)) as log:
             if config.init_adapter and run.start_step == 0:  # where it starts: `lora-rm eval --adapter`'s numbers
                 run.evaluate(0, log)
@@ -171,17 +171,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
             return finish(run, log, window, started, train_seconds)  # the trackers close after it, failed on error
 
 
-def set_up(config: TrainConfig, rank: int, world_size: int, device: torch.device) -> Run:
+def set_up(config: TrainConfig, rank: int, world_size: int, device: torch.device, existed: bool = True) -> Run:
     """Output folder, seeds, model, data, optimizer, the run's length, and a resumed run's weights and position."""
-    output = prepare_output(config)
+    output = prepare_output(config, existed)
     random.seed(config.seed)
     torch.manual_seed(config.seed)  # the same on every rank: identical adapter init
     model, tokenizer = load_base(config, device)
-    train_pairs, eval_pairs = data.load_pairs(config, tokenizer)
-    eval_sets = data.named_eval_sets(config, tokenizer, eval_pairs)
+    vocab_size = model.get_input_embeddings().num_embeddings  # pre-tokenized ids must stay under it
+    train_pairs, eval_pairs = data.load_pairs(config, tokenizer, vocab_size)
+    eval_sets = data.named_eval_sets(config, tokenizer, eval_pairs, vocab_size)
     packing_mode = packing.resolve_packing(config.packing, model, distributed.print_main,
                                            k_way_rows=ranking.is_ranking_rows(train_pairs),
-                                           reentrant_under_torchrun=config.reentrant_checkpointing and world_size > 1)
+                                           reentrant_under_torchrun=config.reentrant_checkpointing and world_size > 1,
+                                           max_tokens_per_batch=config.max_tokens_per_batch)
     train_pairs = fit_to_budget(train_pairs, packing_mode, config, "train")
     eval_sets = {prefix: fit_to_budget(pairs, packing_mode, config, prefix) for prefix, pairs in eval_sets.items()}
     check_positions(model, [train_pairs, *eval_sets.values()])
@@ -199,6 +201,7 @@ def set_up(config: TrainConfig, rank: int, world_size: int, device: torch.device
     run = Run(config, device, output, model, forward_model, tokenizer, train_pairs, eval_sets, packing_mode,
               optimizer, torch.amp.GradScaler(device.type, enabled=config.precision == "fp16"), epoch_batches)
     run.n_batches = len(epoch_batches(0))
+    data.check_step_fits(len(train_pairs), run.n_batches, config, world_size)
     run.total_steps = config.max_steps or max(1, int(config.epochs * run.steps_per_epoch))
     run.warmup_steps = warmup_steps_for(run.total_steps, config.warmup_ratio)
     global_batch = config.batch_size * world_size * config.grad_accum

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lora_rm import LoraConfig, add_lora, load_adapter, save_adapter
-from lora_rm.builtin import builtin_model, builtin_tokenizer
+from lora_rm.builtin import builtin_model, builtin_preference_dataset, builtin_tokenizer
 from lora_rm.cli import entry_point, main, read_score_inputs
 from lora_rm.encode import encode_text
 from lora_rm.evaluate import score_texts
@@ -54,7 +54,7 @@ def test_train_writes_a_peft_adapter_and_refuses_to_overwrite(trained):
 def test_eval_prints_one_json_line(trained, capsys):
     main(["eval", "--adapter", str(trained), "--max-rows", "24", "--max-length", "32"])
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert metrics["n_pairs"] == 24 and 0 <= metrics["accuracy"] <= 1
+    assert metrics["n_pairs"] == 23 and 0 <= metrics["accuracy"] <= 1  # one of the 24 was trained on: left out
     assert {"mean_margin", "tie_rate", "reward_stats"} <= set(metrics)
 
 
@@ -379,3 +379,37 @@ def test_score_with_a_nan_adapter_fails_as_eval_does(trained, tmp_path, capsys):
     with pytest.raises(SystemExit, match="^lora-rm: error: some rewards are NaN or inf"):
         main(["score", "--adapter", str(broken), "--input", str(inputs)])
     assert capsys.readouterr().out.split() == ["nan", "nan"]
+
+
+def test_eval_of_the_builtin_task_leaves_out_the_pairs_the_adapter_trained_on(trained, capsys):
+    """eval's 'unseen' pairs (--seed 1) repeat the training rows' (seed 42): 1,387 of 2,000 against 1,800 rows."""
+    main(["eval", "--adapter", str(trained), "--max-rows", "200", "--max-length", "32"])
+    trained_rows = builtin_preference_dataset(2000, seed=42).select(range(72)).to_list()  # 80 rows less 8 held out
+    unseen = [row for row in builtin_preference_dataset(2000, seed=1).select(range(200)) if row not in trained_rows]
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["n_pairs"] == len(unseen) < 200
+    assert f"eval: {200 - len(unseen)} of the 200 rows are rows the adapter trained on" in captured.err
+
+
+def test_eval_with_every_pair_dropped_says_why(trained, tmp_path):
+    """It used to end in "preference_metrics needs at least one pair"."""
+    with pytest.raises(SystemExit, match=r"^lora-rm: error: no eval pairs left: all 10 rows were dropped \(10 longer "
+                                         r"than --max-length 4, 0 bad rows skipped\); raise --max-length"):
+        main(["eval", "--adapter", str(trained), "--max-rows", "10", "--max-length", "4"])
+    rows = tmp_path / "bad.jsonl"
+    rows.write_text('{"chosen": "What is 1 + 2 ? 3", "rejected": "What is 1 + 2 ? 3"}\n')
+    with pytest.raises(SystemExit, match=r"no eval pairs left: all 1 rows were dropped \(0 longer than --max-length "
+                                         r"32, 1 bad rows skipped\)"):
+        main(["eval", "--adapter", str(trained), "--dataset", str(rows), "--skip-bad-rows", "--max-length", "32"])
+
+
+def test_eval_and_score_help_say_what_their_flags_count(capsys):
+    helps = {}
+    for command in ("eval", "score"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        helps[command] = " ".join(capsys.readouterr().out.split())
+    assert "training rows" not in helps["eval"]
+    assert "--rows STR a slice of the rows to evaluate as text" in helps["eval"]
+    assert "--batch-size INT texts per forward" in helps["score"]
+    assert "--batch-size INT pairs per forward" in helps["eval"]

@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from lora_rm import data, data_files, encode, model_io
 from lora_rm.builtin import builtin_model, builtin_preference_dataset, builtin_tokenizer
+from lora_rm.config import TrainConfig
 
 HH_TEST = (
     Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
@@ -617,5 +619,140 @@ def test_tiny_automatic_eval_split_warns(tmp_path, capsys):
     assert (len(train_pairs), len(eval_pairs)) == (45, 5)
     out = capsys.readouterr().out
     assert "warning: the automatic eval split holds only 5 pairs" in out and "--eval-dataset" in out
-    load_pairs(TrainConfig(max_rows=200, eval_fraction=0.1), builtin_tokenizer())
+    load_pairs(TrainConfig(max_rows=400, eval_fraction=0.1), builtin_tokenizer())  # 40 held out, 35 unseen
     assert "warning" not in capsys.readouterr().out
+
+
+# ---- Hardening 2: an eval set holds no training pair --------------------------------------------------------
+
+
+def sides(pairs):
+    return [(tuple(p["chosen_ids"]), tuple(p["rejected_ids"])) for p in pairs]
+
+
+def test_automatic_eval_split_of_the_builtin_task_holds_no_training_pair(capsys):
+    """The built-in task repeats pairs: 146 of the last 200 of its 2,000 rows were also among the first 1,800."""
+    config = TrainConfig(output="unused", max_length=32)
+    train_pairs, eval_pairs = data.load_pairs(config, builtin_tokenizer())
+    assert not set(sides(eval_pairs)) & set(sides(train_pairs))
+    assert (len(train_pairs), len(eval_pairs)) == (1800, 200 - 146)
+    assert "eval split: 146 of its 200 rows are also training rows; left out" in capsys.readouterr().err
+
+
+def test_automatic_eval_split_of_a_file_holds_no_training_pair(tmp_path):
+    rows = [{"chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(8)]
+    write_rows(tmp_path / "pairs.jsonl", rows + [rows[1], {"chosen": "good 9", "rejected": "bad 9"}])
+    config = TrainConfig(output="unused", dataset=str(tmp_path / "pairs.jsonl"), eval_fraction=0.2)
+    train_pairs, eval_pairs = data.load_pairs(config, word_tokenizer(["good bad"] + [str(i) for i in range(10)]))
+    assert len(train_pairs) == 8 and len(eval_pairs) == 1 and not set(sides(eval_pairs)) & set(sides(train_pairs))
+    write_rows(tmp_path / "pairs.jsonl", rows + rows[:2])
+    with pytest.raises(ValueError, match="every one of the 2 held-out rows .* is also a training row"):
+        data.load_pairs(config, word_tokenizer(["good bad"] + [str(i) for i in range(10)]))
+
+
+# ---- Hardening 2: --split slices local files and the built-in task as datasets slices a hub split -------------
+
+
+def test_split_slices_local_files_and_the_builtin_task(tmp_path, monkeypatch):
+    write_rows(tmp_path / "pairs.jsonl", [{"chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(10)])
+    source = str(tmp_path / "pairs.jsonl")
+
+    def chosen(split, **selection):
+        return list(data.load_preference_dataset(source, split, **selection)["chosen"])
+
+    assert chosen("train[:3]") == ["good 0", "good 1", "good 2"]
+    assert chosen("train[80%:]") == ["good 8", "good 9"]
+    assert chosen("train[2:6]", rows="-2:") == ["good 4", "good 5"]  # the split first, then --rows
+    assert chosen("train") == chosen(None) == [f"good {i}" for i in range(10)]
+    assert len(data.load_preference_dataset("builtin", "train[:20]")) == 20
+    for split in ("nonsense", "test", "train[:3"):
+        with pytest.raises(ValueError, match=rf"--split {re.escape(repr(split))} .*pairs\.jsonl.* one split, 'train'"):
+            chosen(split)
+    asked = []
+    monkeypatch.setattr(data, "load_dataset", lambda name, split: asked.append(split) or Dataset.from_dict(
+        {"chosen": ["a"], "rejected": ["b"]}))
+    data.load_preference_dataset("someone/prefs", "train[:20]")
+    data.load_preference_dataset("someone/prefs", None)
+    assert asked == ["train[:20]", "train"]
+
+
+def test_eval_split_is_unset_by_default_and_an_old_saved_test_resumes(tmp_path):
+    """Unset: the hub's 'test' split, or all of a local file; a run saved before this saved 'test', meaning that."""
+    from lora_rm.run_folder import check_resumed_config
+
+    assert TrainConfig().eval_split is None
+    (tmp_path / "train_config.json").write_text(json.dumps({"eval_split": "test", "lr": 1e-4}))
+    check_resumed_config(TrainConfig(output=str(tmp_path), resume=True), tmp_path / "train_config.json")
+
+
+# ---- Hardening 2: truncation that leaves nothing to compare --------------------------------------------------
+
+
+def test_truncation_leaving_every_pair_identical_fails(capsys):
+    """truncate_left keeps each side's end; where the sides differ only before it, every pair scored a tie (tie rate
+    1.0) and the run exited 0."""
+    rows = Dataset.from_dict({"chosen": ["good one two three", "fine one two three", "good four five six"],
+                              "rejected": ["bad one two three", "poor one two three", "bad four five seven"]})
+    tokenizer = word_tokenizer(["good fine bad poor one two three four five six seven"])
+    pairs, stats = data.tokenize_pairs(rows, tokenizer, 4, "truncate_left")  # the third pair still differs
+    assert stats.n_truncated == 3 and len(pairs) == 3
+    assert "warning: 2 of the 3 truncated pairs have identical chosen and rejected ids" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"every one of the 2 kept pairs has identical chosen and rejected ids after "
+                                         r"--length-policy truncate_left kept the last 4 tokens.*raise --max-length"):
+        data.tokenize_pairs(rows.select([0, 1]), tokenizer, 4, "truncate_left")
+
+
+# ---- Hardening 2: JSON files cut short, and --skip-bad-rows over malformed lines ------------------------------
+
+
+@pytest.mark.parametrize(("content", "line"), [
+    (b'{"chosen": "a", "rejected": "b"\n', 1),  # it used to say line 2: the newline after the cut
+    (b'{"chosen": "a", "rejected": "b"', 1),
+    (b'[{"chosen": "a", "rejected": "b"}\n', 1),
+    (b'{"chosen": "a", "rejected": "b"}\n{"chosen": "c", \n\n', 2),
+])
+def test_a_json_file_cut_short_names_its_last_line(tmp_path, content, line):
+    (tmp_path / "cut.jsonl").write_bytes(content)
+    with pytest.raises(ValueError, match=rf"cut\.jsonl line {line}: not valid JSON: the text ends inside a value"):
+        data.load_preference_dataset(str(tmp_path / "cut.jsonl"))
+
+
+def test_skip_bad_rows_covers_malformed_json_lines(tmp_path, capsys):
+    good = [json.dumps({"chosen": f"good {i}", "rejected": f"bad {i}"}) for i in range(3)]
+    write_lines(tmp_path / "pairs.jsonl", [good[0], '{"chosen": "a", "rejected": }', good[1], "42", good[2]])
+    source, tokenizer = str(tmp_path / "pairs.jsonl"), word_tokenizer(["good bad a 0 1 2"])
+    with pytest.raises(ValueError, match="pairs.jsonl line 2: not valid JSON"):
+        data.load_preference_dataset(source)
+    dataset = data.load_preference_dataset(source, skip_bad_rows=True)
+    with pytest.raises(ValueError, match=r"pairs.jsonl line 2: not valid JSON: .* \(pass --skip-bad-rows"):
+        data.tokenize_pairs(dataset, tokenizer)
+    capsys.readouterr()
+    pairs, stats = data.tokenize_pairs(dataset, tokenizer, skip_bad_rows=True)
+    assert stats.n_bad_skipped == 2 and list(pairs["chosen_ids"]) == [
+        encode.encode_text(tokenizer, None, f"good {i}") for i in range(3)]
+    out = capsys.readouterr().out
+    assert f"skipped 2 bad rows: {source} line 2 (not valid JSON: Expecting value" in out
+    assert f"{source} line 4 (a row must be a JSON object of columns, not int)" in out
+
+
+# ---- Hardening 2: pre-tokenized ids outside the vocabulary ------------------------------------------------------
+
+
+def test_pretokenized_ids_outside_the_vocabulary_are_named_before_training(tmp_path):
+    """They used to end in an IndexError inside the embedding, naming no row."""
+    from lora_rm.train import train
+
+    rows = [{"chosen_ids": [2, 5 + i % 7, 3], "rejected_ids": [2, 6 + i % 7, 3]} for i in range(40)]
+    rows[33]["rejected_ids"] = [2, 30, 3]  # the built-in model has 30 ids: 0..29
+    write_rows(tmp_path / "ids.jsonl", rows)
+    dataset = data.load_preference_dataset(str(tmp_path / "ids.jsonl"))
+    message = r"ids\.jsonl line 34: rejected_ids holds token id 30, outside the model's vocabulary of 30 ids"
+    with pytest.raises(ValueError, match=message):
+        data.tokenize_pairs(dataset, None, vocab_size=30)
+    pairs, stats = data.tokenize_pairs(dataset, None, vocab_size=30, skip_bad_rows=True)
+    assert stats.n_bad_skipped == 1 and len(pairs) == 39
+    config = TrainConfig(output=str(tmp_path / "run"), dataset=str(tmp_path / "ids.jsonl"), max_steps=1,
+                         batch_size=4, eval_fraction=0.2, progress=False)
+    with pytest.raises(ValueError, match=message):
+        train(config)
+    assert not (tmp_path / "run" / "checkpoints").exists()

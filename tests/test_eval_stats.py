@@ -186,3 +186,22 @@ def test_eval_cli_reports_subsets_sections_and_chart(two_eval_run, tmp_path, cap
         assert entry["accuracy_ci"][0] <= entry["accuracy"] <= entry["accuracy_ci"][1]
     assert metrics["per_section"]["all"]["accuracy"] == pytest.approx(metrics["accuracy"])  # every pair: pooled
     assert (tmp_path / "report/subset_accuracy.png").stat().st_size > 0
+
+
+def test_a_row_without_a_subset_is_named_before_scoring(tmp_path, monkeypatch):
+    """It used to be reported after scoring, by the index of a kept pair ("pairs [1] have no subset")."""
+    import lora_rm.evaluate as evaluate_module
+    from lora_rm.builtin import builtin_model, builtin_tokenizer
+    from lora_rm.data import load_preference_dataset
+
+    rows = arithmetic_rows(4, 1)
+    rows[2]["subset"] = None
+    rows[3]["subset"] = ""
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    monkeypatch.setattr(evaluate_module, "rewards_for_pairs", lambda *args, **kwargs: pytest.fail("scored"))
+    tokenizer = builtin_tokenizer()
+    message = (r"rows\.jsonl line 3: no subset \(2 rows lack one: .*rows\.jsonl line 3, .*rows\.jsonl line 4\); "
+               r"every row needs one when the data has a subset column")
+    with pytest.raises(ValueError, match=message):
+        evaluate_module.evaluate_dataset(builtin_model(tokenizer), tokenizer,
+                                         load_preference_dataset(str(tmp_path / "rows.jsonl")), 32)

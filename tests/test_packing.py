@@ -243,7 +243,8 @@ def test_cli_eval_and_score_give_the_same_numbers_in_every_mode(tmp_path, capsys
     capsys.readouterr()
     results = {}
     for mode in ("none", "padding_free", "shared_prompt", "auto"):
-        main(["eval", "--adapter", str(output), "--max-rows", "40", "--packing", mode, "--max-tokens-per-batch", "60"])
+        budget = ["--max-tokens-per-batch", "60"] if mode != "none" else []  # padded rows take no token budget
+        main(["eval", "--adapter", str(output), "--max-rows", "40", "--packing", mode, *budget])
         results[mode] = json.loads(capsys.readouterr().out)
     for mode in ("padding_free", "shared_prompt", "auto"):
         assert results[mode]["accuracy"] == results["none"]["accuracy"]
@@ -255,3 +256,24 @@ def test_cli_eval_and_score_give_the_same_numbers_in_every_mode(tmp_path, capsys
         main(["score", "--adapter", str(output), "--input", str(texts), "--packing", mode])
         scores[mode] = [float(line) for line in capsys.readouterr().out.split()]
     assert scores["padding_free"] == pytest.approx(scores["none"], abs=1e-5)
+
+
+# ---- Hardening 2: --max-tokens-per-batch is never silently ignored --------------------------------------------
+
+
+def test_max_tokens_per_batch_on_a_padded_run_is_refused(tmp_path, capsys):
+    """It bounds packed forwards only: a padded micro-batch (K-way rows, --packing none) put 3,800 sequences into one
+    forward whatever the budget said."""
+    from lora_rm.config import TrainConfig
+
+    with pytest.raises(ValueError, match="TrainConfig.max_tokens_per_batch bounds packed forwards only"):
+        TrainConfig(packing="none", max_tokens_per_batch=64)
+    model = builtin_model(builtin_tokenizer())
+    with pytest.raises(ValueError, match=r"--max-tokens-per-batch 64 bounds packed forwards only, and --packing auto "
+                                         r"runs padded rows here \(K-way rows\).*lower --batch-size"):
+        packing.resolve_packing("auto", model, k_way_rows=True, max_tokens_per_batch=64)
+    assert packing.resolve_packing("auto", model, k_way_rows=True) == "none"
+    assert packing.resolve_packing("auto", model, max_tokens_per_batch=64) == "shared_prompt"
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "--adapter", str(tmp_path), "--packing", "none", "--max-tokens-per-batch", "64"])
+    assert exited.value.code == 2 and "--max-tokens-per-batch bounds packed forwards only" in capsys.readouterr().err

@@ -87,7 +87,7 @@ def test_run_writes_peft_adapter_stats_and_keeps_last_checkpoints(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-000005", "step-000006"]
     evals = [r for r in read_log(tmp_path) if "eval_accuracy" in r]
     assert [r["step"] for r in evals] == [2, 4, 6]
-    assert metrics["n_pairs"] == 24 and 0 <= metrics["accuracy"] <= 1
+    assert metrics["n_pairs"] == 22 and 0 <= metrics["accuracy"] <= 1  # 2 of the 24 held out are training rows
 
 
 class HostReads(TorchFunctionMode):
@@ -132,3 +132,11 @@ def test_a_steady_training_step_reads_nothing_back_from_the_device(tmp_path, mon
     assert len(steady) == 4
     assert all(len(places) <= 1 for places in steady), steady
     assert per_step[-1], "the last step logs: its health flags are read then"
+
+
+def test_a_step_larger_than_the_training_data_is_refused(tmp_path):
+    """--epochs 1 used to make one step of 3.4 passes over the data, logged as "epoch 1.0"."""
+    with pytest.raises(ValueError, match=r"one optimizer step takes 32 pairs \(batch_size 4 x grad_accum 8 x 1 "
+                                         r"processes\) but the training data holds 16 pairs"):
+        train(tiny_run(tmp_path, max_rows=20, batch_size=4, grad_accum=8, max_steps=None, epochs=1.0))
+    assert not (tmp_path / "checkpoints").exists()
