@@ -357,8 +357,12 @@ def read_score_inputs(path: str | None) -> list:
     """Texts to score: JSONL lines with "text", "messages" (a chat) or "prompt" and "response", or plain text lines."""
     from .scoring import read_rows
 
-    text = Path(path).read_text() if path and path != "-" else sys.stdin.read()
-    return [item for _, _, item in read_rows(text.splitlines())]
+    if path and path != "-":
+        with open(path, encoding="utf-8", newline="\n") as handle:  # a lone \r is no line end either
+            text = handle.read()
+    else:
+        text = sys.stdin.read()
+    return [item for _, _, item in read_rows(text.split("\n"))]  # not splitlines: U+2028 is no line end
 
 
 def run_score(args: argparse.Namespace) -> None:

@@ -28,6 +28,7 @@ from . import distributed, encode
 from .evaluate import encode_item, score_by_length
 from .packing import resolve_packing
 
+SCORE_LINE_START = b'{"id": '  # how every line score_line writes begins
 Row = tuple[int, Any, Any]  # (1-based input line number, id, item): item as evaluate.encode_item takes it
 
 
@@ -89,8 +90,8 @@ def written_lines(output: Path) -> Iterator[tuple[Any, float | None, int]]:
     with open(output, "rb") as handle:
         offset = 0
         for number, line in enumerate(handle, 1):
-            if not line.endswith(b"\n"):
-                return  # torn by a kill during the write: cut and written again
+            if not line.endswith(b"\n") and (line.startswith(SCORE_LINE_START) or SCORE_LINE_START.startswith(line)):
+                return  # torn by a kill during the write (a score line's start, or a piece of it): written again
             offset += len(line)
             try:
                 record = json.loads(line)
@@ -190,9 +191,12 @@ def score_file(model, tokenizer, input_path: str | Path, output: str | Path, max
     if not input_path.is_file():
         raise FileNotFoundError(f"--input {input_path}: no such file")
     mode = resolve_packing(packing, model, lambda message: None)
-    with open(input_path, encoding="utf-8") as lines:
+    with open(input_path, encoding="utf-8", newline="\n") as lines:  # lines end at \n only, as count_rows counts
         input_windows = windows(read_rows(lines), window)
         rows_kept, bytes_kept, nonfinite, pending = resume_point(output, input_windows)
+        if distributed.sum_over_ranks([rows_kept])[0] != rows_kept * distributed.world_size():
+            raise ValueError(f"--output {output}: the processes see different files there (a path local to each "
+                             "node?); give a path every process shares")
         distributed.barrier()  # every rank has read the old output before rank 0 cuts it
         handle = open_output(output, bytes_kept) if distributed.is_main() else None
         show = progress and distributed.is_main() and sys.stderr.isatty()

@@ -147,6 +147,23 @@ def test_an_output_from_other_input_or_another_file_is_refused(adapter, inputs, 
     with pytest.raises(SystemExit, match="line 1 is not a score line .* delete it or choose another --output"):
         main(command)
     assert output.read_text() == "my notes\nmore notes\n"  # left as it was
+    output.write_text("my notes")  # one line, no newline: it used to be taken for a torn score line and emptied
+    with pytest.raises(SystemExit, match="line 1 is not a score line"):
+        main(command)
+    assert output.read_text() == "my notes"
+
+
+def test_lines_end_at_newline_only_in_both_score_modes(adapter, tmp_path, capsys):
+    """A raw U+2028 inside a JSON string split one row in two (str.splitlines); a lone \\r split a plain line in
+    the streamed mode, whose ids then disagreed with the line count."""
+    rows = tmp_path / "in.jsonl"
+    rows.write_text(json.dumps({"text": "What is 1 + 1 ?\u2028 2"}, ensure_ascii=False) + "\nWhat is 2 + 2 ?\r 4\n",
+                    newline="")
+    main(["score", "--adapter", str(adapter), "--input", str(rows)])
+    assert len(capsys.readouterr().out.split()) == 2
+    output = tmp_path / "out.jsonl"
+    main(["score", "--adapter", str(adapter), "--input", str(rows), "--output", str(output), "--no-progress"])
+    assert [record["id"] for record in read_scores(output.read_bytes())] == [1, 2]
 
 
 @pytest.mark.slow
