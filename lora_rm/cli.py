@@ -345,7 +345,8 @@ def benchmark_dataset(args: argparse.Namespace) -> str:
         usage_error(f"eval --benchmark {args.benchmark} needs the benchmark's data: a local file in its published "
                     "schema (DATA or --dataset)")
     for flag, given in (("--sections", args.sections), ("--report", args.report), ("--log", args.log),
-                        ("--skip-bad-rows", getattr(args, "skip_bad_rows", False))):
+                        ("--skip-bad-rows", getattr(args, "skip_bad_rows", False)),
+                        ("--rows", getattr(args, "rows", None)), ("--max-rows", getattr(args, "max_rows", None))):
         if args.benchmark and given:
             usage_error(f"eval --benchmark takes no {flag}: the benchmark fixes its sections and scores every row")
     if args.benchmark and args.predictions:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 PEFT_TYPE = "LORA"
@@ -329,6 +330,12 @@ class TrainConfig:
         if self.merge_init and self.load_in_4bit:
             raise ValueError("TrainConfig.merge_init with TrainConfig.load_in_4bit is not supported (merging into "
                              "4-bit weights would round the SFT update away); merge on a full-precision base")
+        if self.init_adapter:  # absolute: a --resume from another working folder finds it again
+            self.init_adapter = str(Path(self.init_adapter).expanduser().resolve())
+        if self.init_adapter and self.overwrite and Path(self.output).resolve() in (
+                Path(self.init_adapter), *Path(self.init_adapter).parents):
+            raise ValueError("TrainConfig.overwrite would delete TrainConfig.init_adapter, which is inside "
+                             "TrainConfig.output: start from a copy of it, or write to another --output")
         if self.init_adapter and not self.merge_init and is_weight_init(self.lora.init_lora_weights):
             raise ValueError(f"LoraConfig.init_lora_weights={self.lora.init_lora_weights!r} with "
                              "TrainConfig.init_adapter: the adapter's weights replace any init; leave it at True")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 
 from . import data, distributed, encode, ranking, rewardbench
 from .atomic import atomic_path
-from .eval_stats import pair_report
+from .eval_stats import finite_or_none, pair_report
 from .loss import ordered_pairs, preference_metrics, ranking_metrics, reward_stats, split_rewards
 from .model_io import autocast_context
 from .packing import fit_pairs_to_budget, is_encoder, pack_groups, packed_rewards, pair_rewards, resolve_packing
@@ -180,14 +179,10 @@ def with_pair_ids(dataset):
 
 def write_predictions(path: str | Path, ids: list[str], chosen: Tensor, rejected: Tensor) -> None:
     """One JSON line per scored pair, {"id", "chosen_reward", "rejected_reward"} (null if not finite), atomically."""
-    def finite(value: float) -> float | None:
-        return value if math.isfinite(value) else None
-
     with atomic_path(Path(path)) as tmp, open(tmp, "w") as handle:
         for pair_id, reward_chosen, reward_rejected in zip(ids, chosen.tolist(), rejected.tolist(), strict=True):
-            record = {"id": json.loads(pair_id), "chosen_reward": finite(reward_chosen),
-                      "rejected_reward": finite(reward_rejected)}
-            handle.write(json.dumps(record, allow_nan=False) + "\n")
+            record = {"id": json.loads(pair_id), "chosen_reward": reward_chosen, "rejected_reward": reward_rejected}
+            handle.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
 
 
 def encode_item(tokenizer, item: Any) -> list[int]:

@@ -125,14 +125,32 @@ def load_reward_model(model_name: str, adapter: str | Path | None, **load_option
     if adapter is not None:
         check_adapter_base(model_name, adapter, read_adapter_config(adapter).base_model_name_or_path)
     model, tokenizer = load_model_and_tokenizer(model_name, **load_options)
+    if adapter is None:
+        check_trained_head(model_name, model)
     return (model if adapter is None else load_adapter(model, adapter)).eval(), tokenizer
+
+
+def check_trained_head(name: str, model: PreTrainedModel) -> None:
+    """Scored as it is, a checkpoint saved without a sequence-classification head would get a random one."""
+    saved = getattr(model.config, "architectures", None) or []
+    if not any(architecture.endswith("ForSequenceClassification") for architecture in saved):
+        raise ValueError(f"{name} is saved as {', '.join(saved) or 'no architecture'}, not as a "
+                         "*ForSequenceClassification: without --adapter its reward head would be drawn at random; give "
+                         "the adapter trained on it, or a reward model")
+
+
+def same_base(saved: str, model: str) -> bool:
+    """Whether the base an adapter names is --model: the same text, or two paths to one local folder."""
+    if saved.rstrip("/") == model.rstrip("/"):
+        return True
+    a, b = Path(saved).expanduser(), Path(model).expanduser()
+    return a.is_dir() and b.is_dir() and a.resolve() == b.resolve()
 
 
 def check_adapter_base(model_name: str, adapter: str | Path, saved_base: str | None) -> None:
     """Refuse the built-in base for an adapter its config says was trained on another (--model forgotten), and
     warn when --model names another base than the one saved: the adapter may still fit, but was not trained there."""
-    if not saved_base or saved_base == model_name or (Path(saved_base).exists() and Path(model_name).exists()
-                                                      and Path(saved_base).resolve() == Path(model_name).resolve()):
+    if not saved_base or same_base(saved_base, model_name):
         return
     if model_name == BUILTIN:
         raise ValueError(f"{adapter} was trained on {saved_base!r} (its adapter_config.json's base_model_name_or_path)"
@@ -231,6 +249,7 @@ def save_merged(model: PreTrainedModel, tokenizer, output: Path) -> None:
             os.chmod(path, 0o666 & ~current_umask())
         os.chmod(staging, 0o777 & ~current_umask())
         previous = output.with_name(f".{output.name}.previous")
+        shutil.rmtree(previous, ignore_errors=True)  # left by a merge stopped while it deleted the old model
         if output.exists():
             os.replace(output, previous)
         os.replace(staging, output)

@@ -242,8 +242,8 @@ def check_v2_rows(dataset: Dataset) -> None:
             raise ValueError(f"{where}: chosen and rejected must be lists of answers (reward-bench-2's schema)")
         if row["num_correct"] != len(row["chosen"]):
             raise ValueError(f"{where}: num_correct is {row['num_correct']} but chosen holds {len(row['chosen'])}")
-        if row["subset"] == TIES and (str(row["id"]).split(":")[0] not in ("ref", "tied")
-                                      or not str(row["id"]).split(":")[-1].isdigit()):
+        parts = str(row["id"]).split(":")
+        if row["subset"] == TIES and not (len(parts) == 2 and parts[0] in ("ref", "tied") and parts[1].isdigit()):
             raise ValueError(f"{where}: a Ties row's id must be 'ref:N' or 'tied:N' (process_single_model reads it)")
 
 

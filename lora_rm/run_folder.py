@@ -274,7 +274,7 @@ def check_resumed_config(config: TrainConfig, saved_path: Path) -> None:
 def write_config(config: TrainConfig, output: Path) -> None:
     """train_config.json: the settings that run (after check_resumed_config), written atomically."""
     settings = {name: value for name, value in dataclasses.asdict(config).items() if name not in NOT_SAVED}
-    with atomic_path(output / TRAIN_CONFIG_NAME) as tmp:
+    with atomic_path(output / TRAIN_CONFIG_NAME) as tmp:  # not write_json: max_grad_norm may be inf (Infinity)
         Path(tmp).write_text(json.dumps(settings, indent=2))
 
 

@@ -197,8 +197,8 @@ def fill_from_files(
 def copy_local_rows(stored, target: torch.Tensor, device: torch.device) -> None:
     """Read from disk only the rows of a pretrained tensor this rank holds (its FSDP shard) and copy them in."""
     rows = distributed.local_rows(target)
-    if rows is None:  # another sharding: read it whole and cut this rank's piece out
-        full = stored[:].to(device, target.dtype)
+    if rows is None or not stored.get_shape():  # another sharding, or a 0-dim tensor: read it whole
+        full = stored[...].to(device, target.dtype)
         target.copy_(distributed.shard_like(full, target))
         return
     local = target.to_local() if isinstance(target, DTensor) else target

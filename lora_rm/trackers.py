@@ -72,8 +72,10 @@ class TensorBoard:
     """Event files beside log.jsonl, flushed at each record so that `tensorboard --logdir runs/` follows a run live."""
 
     def __init__(self, config: TrainConfig, folder: Path, start_step: int) -> None:
-        # A resume from step N redoes the steps after N: drop their points, as truncate_log drops their lines.
-        purge_step = start_step + 1 if start_step else None
+        # A resume from step N redoes the steps after N (and the step-0 evaluation of a run from --init-adapter):
+        # drop their points, as run_log.truncate_log drops their lines.
+        redone_from = 0 if start_step == 0 and config.init_adapter else start_step + 1
+        purge_step = redone_from if config.resume else None
         self.writer = summary_writer_class()(log_dir=str(folder), purge_step=purge_step)
 
     def log(self, tags: dict[str, float], step: int) -> None:

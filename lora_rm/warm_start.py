@@ -35,6 +35,7 @@ from .adapter_io import (
 from .atomic import write_json
 from .config import BUILTIN, TASK_TYPE, LoraConfig, TrainConfig, is_weight_init
 from .inject import add_lora, find_head_names, find_target_names, merge_lora, pattern_value, remove_lora
+from .model_io import same_base
 
 SFT_TASK_TYPE = "CAUSAL_LM"  # PEFT's task_type of a causal-LM (SFT) adapter
 RECORD_NAME = "init_adapter.json"  # in the output folder: where the run started
@@ -62,14 +63,6 @@ def init_lora_config(path: str | Path) -> LoraConfig:
     """A reward adapter's LoRA settings as a run's: what `train --init-adapter DIR` trains unless flags differ."""
     adapter = read_init_config(path, merge_init=False)
     return dataclasses.replace(adapter, init_lora_weights=True, base_model_name_or_path=None)
-
-
-def same_base(saved: str, model: str) -> bool:
-    """Whether the base an adapter names is --model: the same text, or two paths to one local folder."""
-    if saved.rstrip("/") == model.rstrip("/"):
-        return True
-    a, b = Path(saved).expanduser(), Path(model).expanduser()
-    return a.is_dir() and b.is_dir() and a.resolve() == b.resolve()
 
 
 def check_base(adapter: LoraConfig, model: str, path: str | Path) -> None:

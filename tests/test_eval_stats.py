@@ -152,6 +152,17 @@ def test_tensorboard_keeps_one_point_per_step_after_a_crash_and_resume(tmp_path,
     losses = {r["step"]: r["loss"] for r in read_log(tmp_path) if "loss" in r}
     assert [event.value for event in events.Scalars("train/loss")] == pytest.approx([losses[s] for s in steps])
 
+    # a crash before the first checkpoint: the resume starts at step 0 and redoes steps 1-2
+    fresh = tmp_path / "fresh"
+    undo = crash_at_micro_batch(monkeypatch, 5)  # in step 3, before the step-3 checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_run(fresh, report_to="tensorboard"))
+    undo()
+    train(tiny_run(fresh, report_to="tensorboard", resume=True))
+    events = EventAccumulator(str(fresh))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+
 
 def test_missing_tensorboard_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard now raises ImportError

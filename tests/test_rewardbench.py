@@ -300,6 +300,7 @@ def test_rewardbench_v1_with_prior_sets_from_a_folder(adapter, rewards_alone, tm
     (lambda rows: rows[0].update(subset="Chat"), "not RewardBench 2's"),
     (lambda rows: rows[0].update(num_correct=2), "num_correct is 2 but chosen holds 1"),
     (lambda rows: rows[-1].update(id="7"), "a Ties row's id must be 'ref:N' or 'tied:N'"),
+    (lambda rows: rows[-1].update(id="ref:x:3"), "a Ties row's id must be 'ref:N' or 'tied:N'"),
 ])
 def test_bad_benchmark_rows_are_one_line_errors(adapter, tmp_path, capsys, change, message):
     rows = v2_rows()
@@ -311,7 +312,7 @@ def test_bad_benchmark_rows_are_one_line_errors(adapter, tmp_path, capsys, chang
 
 
 def test_benchmark_flags_that_cannot_apply_are_usage_errors(tmp_path):
-    for flags in (["--sections", "s.json"], ["--skip-bad-rows"], []):
+    for flags in (["--sections", "s.json"], ["--skip-bad-rows"], [], ["--rows", "0:-10"], ["--max-rows", "5"]):
         data = [] if flags == [] else ["data.jsonl"]
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["eval", "--adapter", str(tmp_path), "--benchmark", "rewardbench", *data, *flags])

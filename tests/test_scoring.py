@@ -212,6 +212,21 @@ def test_a_stock_model_is_scored_and_evaluated_without_an_adapter(inputs, tmp_pa
     assert metrics["accuracy"] == pytest.approx(wins / 24)
 
 
+def test_a_base_model_without_a_reward_head_is_refused_without_an_adapter(tmp_path):
+    """A causal LM scored without --adapter got a randomly drawn head, with only transformers' log saying so."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = builtin_tokenizer()
+    base = tmp_path / "base"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("hello\n")
+    with pytest.raises(SystemExit, match="is saved as LlamaForCausalLM, not as a \\*ForSequenceClassification"):
+        main(["score", "--model", str(base), "--input", str(texts)])
+
+
 def test_eval_predictions_name_pairs_by_their_id_column_and_skip_dropped_pairs(adapter, tmp_path, capsys):
     rows = [{"id": f"q{n}", "chosen": f"What is {n} + 1 ? {n + 1}", "rejected": f"What is {n} + 1 ? {n}"}
             for n in range(6)]

@@ -120,6 +120,10 @@ def test_a_mismatched_adapter_is_refused_in_one_line(reward_adapter, tmp_path, c
     ({"init_adapter": "x", "merge_init": True, "load_in_4bit": True}, "merge_init with TrainConfig.load_in_4bit"),
     ({"init_adapter": "x", "lora": LoraConfig(target_modules="all-linear", init_lora_weights="olora")},
      "init_lora_weights='olora' with TrainConfig.init_adapter"),
+    # --overwrite used to empty the output before the adapter inside it was read: the previous run was lost
+    ({"init_adapter": "runs/demo", "output": "runs/demo", "overwrite": True}, "overwrite would delete"),
+    ({"init_adapter": "runs/demo/checkpoints/step-000010", "output": "runs/demo", "overwrite": True},
+     "overwrite would delete"),
 ])  # fmt: skip
 def test_combinations_it_cannot_do_are_refused_before_anything_loads(settings, message):
     with pytest.raises(ValueError, match=message):
