@@ -92,11 +92,12 @@ def test_packed_training_under_ddp_and_fsdp_equals_one_padded_process(tmp_path):
     one = tmp_path / "one"
     one_process(one)
     out = {name: str(tmp_path / name) for name in ("ddp", "fsdp")}
-    steps = [
-        ["--output", out["ddp"], *FLAGS, *TWO, "--packing", "shared_prompt", "--max-tokens-per-batch", "25"],
-        ["--output", out["fsdp"], *FLAGS, *TWO, "--packing", "padding_free", "--fsdp"],
-    ]
-    torchrun(str(TESTS / "ddp_worker.py"), json.dumps(steps))
+    # Two launches: an FSDP run after a DDP run in one process aborted ("terminate called without an active
+    # exception", gloo) in about 1 of 15 launches; each alone never did (0 of 38). A user runs one training a process.
+    ddp = ["--output", out["ddp"], *FLAGS, *TWO, "--packing", "shared_prompt", "--max-tokens-per-batch", "25"]
+    fsdp = ["--output", out["fsdp"], *FLAGS, *TWO, "--packing", "padding_free", "--fsdp"]
+    for run in (ddp, fsdp):
+        torchrun(str(TESTS / "ddp_worker.py"), json.dumps([run]))
     assert_same_run(one, tmp_path / "ddp")
     assert_same_run(one, tmp_path / "fsdp")
     with pytest.raises(ValueError, match="fsdp with max_tokens_per_batch"):
