@@ -136,32 +136,28 @@ def test_tensorboard_scalars_are_readable(two_eval_run):
     assert "eval_alpha/reward_stats/std" in events.Tags()["scalars"]
 
 
-def test_tensorboard_keeps_one_point_per_step_after_a_crash_and_resume(tmp_path, monkeypatch):
-    """Steps 4-5 ran, were logged, then the run crashed; the resume from step 3 used to log them a second time."""
+def crashed_and_resumed(output, monkeypatch, crash_at: int) -> list[tuple[int, float]]:
+    """TensorBoard's (step, train/loss) points of a tiny run that crashed at micro-batch crash_at and resumed."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    undo = crash_at_micro_batch(monkeypatch, 11)  # 2 micro-batches a step: the crash is in step 6, after step 5
+    undo = crash_at_micro_batch(monkeypatch, crash_at)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_run(tmp_path, report_to="tensorboard"))
+        train(tiny_run(output, report_to="tensorboard"))
     undo()
-    train(tiny_run(tmp_path, report_to="tensorboard", resume=True))
-    events = EventAccumulator(str(tmp_path))
+    train(tiny_run(output, report_to="tensorboard", resume=True))
+    events = EventAccumulator(str(output))
     events.Reload()
-    steps = [event.step for event in events.Scalars("train/loss")]
-    assert steps == [1, 2, 3, 4, 5, 6]
-    losses = {r["step"]: r["loss"] for r in read_log(tmp_path) if "loss" in r}
-    assert [event.value for event in events.Scalars("train/loss")] == pytest.approx([losses[s] for s in steps])
+    return [(event.step, event.value) for event in events.Scalars("train/loss")]
 
-    # a crash before the first checkpoint: the resume starts at step 0 and redoes steps 1-2
-    fresh = tmp_path / "fresh"
-    undo = crash_at_micro_batch(monkeypatch, 5)  # in step 3, before the step-3 checkpoint
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_run(fresh, report_to="tensorboard"))
-    undo()
-    train(tiny_run(fresh, report_to="tensorboard", resume=True))
-    events = EventAccumulator(str(fresh))
-    events.Reload()
-    assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+
+def test_tensorboard_keeps_one_point_per_step_after_a_crash_and_resume(tmp_path, monkeypatch):
+    """Steps 4-5 ran, were logged, then the run crashed; the resume from step 3 used to log them a second time.
+    A crash before the first checkpoint (in step 3) resumes from step 0 and redoes steps 1-2."""
+    for name, crash_at in (("after_checkpoint", 11), ("before_checkpoint", 5)):  # 2 micro-batches a step
+        points = crashed_and_resumed(tmp_path / name, monkeypatch, crash_at)
+        assert [step for step, _ in points] == [1, 2, 3, 4, 5, 6], name
+        losses = {r["step"]: r["loss"] for r in read_log(tmp_path / name) if "loss" in r}
+        assert [value for _, value in points] == pytest.approx([losses[step] for step, _ in points]), name
 
 
 def test_missing_tensorboard_names_the_extra(tmp_path, monkeypatch):
