@@ -69,16 +69,18 @@ def _centering(rewards: Tensor, group: Tensor, n_rows: int) -> Tensor:
 
 def all_pairs_loss(
     rewards: Tensor, group: Tensor, scores: Tensor, margin: Tensor | None = None,
-    center_rewards_coefficient: float | None = None,
+    center_rewards_coefficient: float | None = None, *, pairs: tuple[Tensor, Tensor] | None = None,
+    n_rows: int | None = None,
 ) -> Tensor:
     """Bradley-Terry over every pair of a row with different scores: mean over the row's pairs, then over rows.
 
     Each row weighs as much as a pair row does (InstructGPT's 1 / C(K, 2) weighting); a row's `margin` is
-    subtracted from each of its pairs' reward differences.
+    subtracted from each of its pairs' reward differences. `pairs` (ordered_pairs) and `n_rows`, when the
+    collator has them, spare a GPU two waits: a value-sized nonzero() and a read of the row count.
     """
     rewards = rewards.float()
-    n_rows = int(group.max()) + 1
-    better, worse = ordered_pairs(group, scores)
+    n_rows = int(group.max()) + 1 if n_rows is None else n_rows
+    better, worse = ordered_pairs(group, scores) if pairs is None else pairs
     difference = rewards[better] - rewards[worse]
     if margin is not None:
         difference = difference - margin.to(difference.device, torch.float32)[group[better]]
@@ -90,7 +92,8 @@ def all_pairs_loss(
 
 
 def plackett_luce_loss(
-    rewards: Tensor, group: Tensor, scores: Tensor, center_rewards_coefficient: float | None = None
+    rewards: Tensor, group: Tensor, scores: Tensor, center_rewards_coefficient: float | None = None, *,
+    n_rows: int | None = None,
 ) -> Tensor:
     """Listwise: -log P(the row's ranking) under Plackett-Luce, summed over positions, averaged over rows.
 
@@ -99,12 +102,15 @@ def plackett_luce_loss(
     ordered: tied responses do not compete with each other (with distinct scores this is exactly Plackett-Luce).
     """
     rewards = rewards.float()
-    n_rows = int(group.max()) + 1
+    n_rows = int(group.max()) + 1 if n_rows is None else n_rows
     below = (group[:, None] == group[None, :]) & (scores[:, None] > scores[None, :])  # (N, N): j below i
     picked = below.any(dim=1)  # responses with something below them; the last of a row adds log 1 = 0
-    competitors = rewards[None, :].expand_as(below).masked_fill(~below, -math.inf)[picked]
-    log_p = F.logsigmoid(rewards[picked] - torch.logsumexp(competitors, dim=1))
-    loss = _per_row_sum(-log_p, group[picked], n_rows).mean()
+    competitors = rewards[None, :].expand_as(below).masked_fill(~below, -math.inf)
+    # Masked with where, not picked out by x[picked] (a nonzero() the host waits for). A row with nothing below
+    # gets finite stand-ins: logsumexp over only -inf has a NaN gradient, which where() would not stop.
+    competitors = competitors.masked_fill(~picked[:, None], 0.0)
+    log_p = torch.where(picked, F.logsigmoid(rewards - torch.logsumexp(competitors, dim=1)), 0.0)
+    loss = _per_row_sum(-log_p, group, n_rows).mean()  # the zeros of unpicked responses add nothing
     if center_rewards_coefficient is not None:
         loss = loss + center_rewards_coefficient * _centering(rewards, group, n_rows)
     return loss
@@ -113,13 +119,17 @@ def plackett_luce_loss(
 def ranking_loss(name: str, rewards: Tensor, batch: dict[str, Tensor],
                  center_rewards_coefficient: float | None = None) -> Tensor:
     """The --ranking-loss of a collated K-way batch."""
+    # collate_groups' pairs and row count (a shape, known on the host); else the losses work them out
+    n_rows = batch["row_sizes"].numel() if "row_sizes" in batch else None
+    pairs = (batch["better"], batch["worse"]) if "better" in batch else None
     if name == "all_pairs":
         return all_pairs_loss(rewards, batch["group"], batch["scores"], batch.get("margin"),
-                              center_rewards_coefficient)
+                              center_rewards_coefficient, pairs=pairs, n_rows=n_rows)
     if name == "plackett_luce":
         if batch.get("margin") is not None:
             raise ValueError("a margin column applies to --ranking-loss all_pairs only, not plackett_luce")
-        return plackett_luce_loss(rewards, batch["group"], batch["scores"], center_rewards_coefficient)
+        return plackett_luce_loss(rewards, batch["group"], batch["scores"], center_rewards_coefficient,
+                                  n_rows=n_rows)
     raise ValueError(f"ranking loss must be one of {RANKING_LOSSES}, got {name!r}")
 
 

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from . import encode
 from .data_files import ROW_PROBLEM, ROW_SOURCE
+from .loss import ordered_pairs
 
 RESPONSES, LISTS = "responses", "lists"  # the two K-way row shapes
 
@@ -171,17 +172,24 @@ def collate_groups(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, T
     """Every response of every row in one right-padded batch, position-major; `group` names each sequence's row.
 
     Position-major (the best of every row, then the second of every row that has one, ...) makes a batch of
-    K = 2 rows the very batch collate_pairs makes of the same pairs.
+    K = 2 rows the very batch collate_pairs makes of the same pairs. The pairs the losses compare and the
+    number of rows are worked out here, on the host, so a training step on a GPU never waits to learn them.
     """
     order = [(b, k) for k in range(max(len(r["responses_ids"]) for r in rows))
              for b, row in enumerate(rows) if k < len(row["responses_ids"])]
     sequences = [rows[b]["responses_ids"][k] for b, k in order]
     input_ids, attention_mask = encode.pad_sequences(sequences, pad_token_id, "right")  # (N, L) each
+    group = torch.tensor([b for b, _ in order], dtype=torch.long)  # (N,)
+    scores = torch.tensor([float(rows[b]["scores"][k]) for b, k in order], dtype=torch.float32)  # (N,)
+    better, worse = ordered_pairs(group, scores)  # (P,) each
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "group": torch.tensor([b for b, _ in order], dtype=torch.long),  # (N,)
-        "scores": torch.tensor([float(rows[b]["scores"][k]) for b, k in order], dtype=torch.float32),  # (N,)
+        "group": group,
+        "scores": scores,
+        "better": better,
+        "worse": worse,
+        "row_sizes": torch.tensor([len(row["responses_ids"]) for row in rows], dtype=torch.long),  # (B,)
     }
     if "margin" in rows[0]:
         batch["margin"] = torch.tensor([float(row["margin"]) for row in rows], dtype=torch.float32)  # (B,)

@@ -34,7 +34,7 @@ from .config import TrainConfig
 from .evaluate import evaluate, sequence_rewards
 from .health import Health
 from .inject import enable_gradient_checkpointing, format_parameter_counts
-from .loss import bradley_terry_loss, ordered_pairs, ranking_loss, split_rewards
+from .loss import bradley_terry_loss, ranking_loss, split_rewards
 from .model_card import write_adapter_card
 from .model_io import autocast_context, load_model_and_tokenizer, save_tokenizer
 from .optim import build_optimizer, clip_gradients, learning_rate, optimizer_step, warmup_steps_for
@@ -314,8 +314,7 @@ def micro_batch_loss(forward_model: nn.Module, batch: dict[str, torch.Tensor], c
         rewards = sequence_rewards(forward_model, batch)  # (N,) fp32, one per sequence
     if "group" in batch:  # K-way rows, position-major (ranking.collate_groups)
         loss = ranking_loss(config.ranking_loss, rewards, batch, config.center_rewards_coefficient)
-        better, worse = ordered_pairs(batch["group"], batch["scores"])
-        rewards_better, rewards_worse = rewards[better], rewards[worse]
+        rewards_better, rewards_worse = rewards[batch["better"]], rewards[batch["worse"]]
     else:  # pairs: chosen rows first, then rejected rows
         rewards_better, rewards_worse = split_rewards(rewards)
         loss = bradley_terry_loss(rewards_better, rewards_worse, batch.get("margin"), config.center_rewards_coefficient)

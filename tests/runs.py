@@ -31,6 +31,12 @@ def tiny_run(output, **overrides) -> TrainConfig:
     return TrainConfig(**{**settings, **overrides})
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    """rows as a JSON-lines data file; its path, as a --dataset flag takes it."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
 def read_log(output):
     return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from runs import crash_at_micro_batch
+from runs import crash_at_micro_batch, write_jsonl
 from runs import tiny_run as tiny_builtin_run
 
 import lora_rm.evaluate as evaluate_module
@@ -23,10 +23,6 @@ from lora_rm.loss import all_pairs_loss, bradley_terry_loss, plackett_luce_loss,
 from lora_rm.ranking import collate_groups
 from lora_rm.train import train
 
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
 
 
 def tiny_run(output, dataset, **overrides) -> TrainConfig:
@@ -109,6 +105,27 @@ def test_plackett_luce_is_the_listwise_likelihood_and_ties_do_not_compete():
     # scores 2, 1, 1: the best is picked among all three, the tied two add nothing (neither is above the other)
     tied = plackett_luce_loss(rewards[:3], group[:3], torch.tensor([2.0, 1.0, 1.0]))
     assert tied.item() == pytest.approx(-(rewards[0] - torch.logsumexp(rewards[:3], 0)).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("loss_name", ["all_pairs", "plackett_luce"])
+def test_the_collators_pairs_and_row_count_give_the_same_loss_and_finite_gradients(loss_name):
+    """collate_groups works out the pairs and the row count on the host (a GPU step never waits for them); the loss
+    of mixed K with ties equals the one that works them out itself, and a response with nothing below it (the last
+    of a row, tied ones) sends no NaN back."""
+    rows = [{"responses_ids": [[5, 6], [7], [8, 9, 10]], "scores": [2.0, 1.0, 1.0]},
+            {"responses_ids": [[5], [6]], "scores": [0.0, 3.0]},
+            {"responses_ids": [[5], [6], [7], [8]], "scores": [4.0, 3.0, 2.0, 1.0]}]
+    batch = collate_groups(rows, pad_token_id=0)
+    assert batch["row_sizes"].tolist() == [3, 2, 4]
+    assert len(batch["better"]) == 2 + 1 + 6  # the tied responses of row 0 are no pair
+    rewards = torch.randn(9, generator=torch.Generator().manual_seed(0))
+    given, worked_out = rewards.clone().requires_grad_(), rewards.clone().requires_grad_()
+    loss = loss_module.ranking_loss(loss_name, given, batch, center_rewards_coefficient=0.01)
+    bare = {key: batch[key] for key in ("group", "scores")}
+    reference = loss_module.ranking_loss(loss_name, worked_out, bare, center_rewards_coefficient=0.01)
+    (loss + reference).backward()
+    assert loss.item() == reference.item()
+    assert torch.equal(given.grad, worked_out.grad) and torch.isfinite(given.grad).all()
 
 
 def test_plackett_luce_refuses_a_margin():

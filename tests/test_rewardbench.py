@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from runs import write_jsonl
 
 from lora_rm import cli, rewardbench
 from lora_rm.builtin import builtin_model, builtin_tokenizer
@@ -209,10 +210,6 @@ def test_ties_splits_credit_and_the_tie_score_has_its_parts():
     score = rewardbench.ties_score(prompts, torch.ones(1, 1, dtype=torch.float64)).item()
     assert score == pytest.approx(0.3 + 0.3 + 0.2 + 0.2 + 0.01 * np.tanh(4.9 / 0.1 - 1), abs=TOLERANCE)
 
-
-def write_jsonl(path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

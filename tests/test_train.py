@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import assert_replays, crash_at_micro_batch, read_log, tiny_run, train_losses
+from runs import assert_replays, crash_at_micro_batch, read_log, tiny_run, train_losses, write_jsonl
 from torch.overrides import TorchFunctionMode
 
 import lora_rm.train as train_module
 from lora_rm import load_adapter
-from lora_rm.builtin import builtin_model, builtin_tokenizer
+from lora_rm.builtin import builtin_model, builtin_ranking_dataset, builtin_tokenizer
 from lora_rm.checkpoint import list_checkpoints
 from lora_rm.config import LoraConfig
 from lora_rm.health import TrainingDiverged
@@ -93,10 +93,21 @@ def test_run_writes_peft_adapter_stats_and_keeps_last_checkpoints(tmp_path):
 class HostReads(TorchFunctionMode):
     """Counts reads of a tensor back to the host made by lora-rm's own code; on a GPU each one waits until the
     device has run everything queued before it. Reads inside torch.optim (AdamW's step counters, CPU tensors even on a
-    GPU) and inside transformers are not lora-rm's; the test's docstring names the one transformers makes."""
+    GPU) and inside transformers are not lora-rm's; the test's docstring names the one transformers makes. A
+    collator's reads (collate_*) are of tensors it builds on the host, before data.to_device: they wait on nothing."""
 
     READS = (torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy,
-             torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__)
+             torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__,
+             # ops whose output's size depends on the values: the host waits for them to learn it
+             torch.Tensor.nonzero, torch.nonzero, torch.Tensor.masked_select, torch.masked_select)
+
+    @staticmethod
+    def is_boolean_mask_index(func, args) -> bool:
+        """x[mask] with a bool tensor: a nonzero() inside, sized by the values."""
+        if func is not torch.Tensor.__getitem__:
+            return False
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
 
     def __init__(self) -> None:
         super().__init__()
@@ -104,19 +115,27 @@ class HostReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         stack = traceback.extract_stack()[:-1]
-        if func in self.READS and f"{os.sep}torch{os.sep}optim{os.sep}" not in stack[-1].filename:
+        read = func in self.READS or self.is_boolean_mask_index(func, args)
+        read = read and not any(frame.name.startswith("collate_") for frame in stack)
+        if read and f"{os.sep}torch{os.sep}optim{os.sep}" not in stack[-1].filename:
             caller = next(frame for frame in reversed(stack) if f"{os.sep}torch{os.sep}" not in frame.filename)
             if f"{os.sep}lora_rm{os.sep}" in caller.filename:
                 self.places.append(f"{func.__name__} at {Path(caller.filename).name}:{caller.lineno}")
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("packing", ["none", "auto"])
-def test_a_steady_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch, packing):
+@pytest.mark.parametrize("rows", ["pairs padded", "pairs packed", "K-way all_pairs", "K-way plackett_luce"])
+def test_a_steady_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch, rows):
     """Between two optimizer steps that neither log nor save, lora-rm's loop reads no tensor back to the host:
     health flags, the loss and the gradient norm stay on the device until a step logs or saves (issue 22 allows
     one). transformers itself reads whether a padded batch has padding once per forward (masking_utils' fast_all);
-    packed rows, with their own 4D mask, skip that too."""
+    packed rows, with their own 4D mask, skip that too. K-way rows bring their pairs and their number of rows from
+    the collator (the losses used to read the row count and run nonzero() on the device: 2 to 6 reads per
+    micro-batch)."""
+    options = dict(packing="auto" if rows == "pairs packed" else "none")
+    if rows.startswith("K-way"):
+        k_way = builtin_ranking_dataset(120, k=3)
+        options.update(dataset=write_jsonl(tmp_path / "rows.jsonl", list(k_way)), ranking_loss=rows.split()[1])
     reads, per_step = HostReads(), []
     real_step = train_module.optimizer_step
 
@@ -127,7 +146,7 @@ def test_a_steady_training_step_reads_nothing_back_from_the_device(tmp_path, mon
 
     monkeypatch.setattr(train_module, "optimizer_step", counting_step)
     with reads:
-        train(tiny_run(tmp_path, max_steps=6, log_every=100, save_every=None, packing=packing))
+        train(tiny_run(tmp_path / "run", max_steps=6, log_every=100, save_every=None, **options))
     steady = per_step[1:-1]  # the first step starts the epoch (its shuffle); the last logs and saves
     assert len(steady) == 4
     assert all(len(places) <= 1 for places in steady), steady
