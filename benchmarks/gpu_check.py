@@ -11,8 +11,10 @@ Sections, in order (SECTIONS; sizes in FULL and SMOKE):
    frozen floor, full fine-tuning, PEFT and lora-rm at r=8 and r=64, each with and without checkpointing;
 3. overhead nf4: the floor, lora-rm and PEFT at r=8 on the same base quantized to nf4 (needs bitsandbytes);
 4. layer profile: the top kernels of one adapted layer's step at 896->896, 896->4864 and 4864->896;
-5. train bf16, train nf4: `lora-rm train`'s train() on a random-init 0.5B-shaped model, batch 8, max length 32;
-6. memory ladder: benchmarks.memory's rows (fp32 / bf16 / nf4 base, lora-rm beside PEFT), as many as time allows.
+5. packed attention: benchmarks.packed_attention, the SDPA kernel packed rows' 4D masks get, each backend alone on
+   such a mask, and padded / padding_free / shared_prompt steps of the same pairs;
+6. train bf16, train nf4: `lora-rm train`'s train() on a random-init 0.5B-shaped model, batch 8, max length 32;
+7. memory ladder: benchmarks.memory's rows (fp32 / bf16 / nf4 base, lora-rm beside PEFT), as many as time allows.
 
 Timing (benchmarks/paired.py): the configurations of a section are timed in a rotated order every round, with CUDA
 events (perf_counter on CPU), and each row reports the median and spread of its per-round ratio to the floor timed
@@ -42,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from . import layer_profile, memory, overhead, paired
+from . import layer_profile, memory, overhead, packed_attention, paired
 from .overhead import REPO_ROOT, Variant
 
 
@@ -74,9 +76,9 @@ FULL = Plan(
     memory_flags=("--pairs", "4", "--seq-len", "512"), train_steps=50, train_shape=QWEN_05B, max_eval_rows=None,
     layer_shapes=((896, 896), (896, 4864), (4864, 896)), layer_tokens=8 * 1024, top_kernels=5, budget_s=235,
     threads=None,
-    # the memory ladder comes last and takes what the others leave (at least 35 s when they all run to their limit)
+    # the memory ladder comes last and takes what the others leave (at least 25 s when they all run to their limit)
     section_s=(("cuda tests", 20), ("overhead bf16", 60), ("overhead nf4", 30), ("layer profile", 15),
-               ("train bf16", 35), ("train nf4", 40), ("memory ladder", 90)),
+               ("packed attention", 15), ("train bf16", 35), ("train nf4", 35), ("memory ladder", 90)),
 )
 SMOKE = Plan(
     model="tiny", seq_len=16, pairs=1, ranks=(2,), rounds=3, warmup=1,
@@ -85,7 +87,7 @@ SMOKE = Plan(
     max_eval_rows=16, layer_shapes=((64, 64), (64, 352), (352, 64)), layer_tokens=64, top_kernels=3, budget_s=300,
     threads=1,
     section_s=(("cuda tests", 60), ("overhead bf16", 60), ("overhead nf4", 60), ("layer profile", 60),
-               ("train bf16", 60), ("train nf4", 60), ("memory ladder", 60)),
+               ("packed attention", 60), ("train bf16", 60), ("train nf4", 60), ("memory ladder", 60)),
 )
 CUDA_MARK = re.compile(r"mark\.cuda\b")  # @pytest.mark.cuda, pytestmark = pytest.mark.cuda, marks=pytest.mark.cuda
 
@@ -194,6 +196,11 @@ def layer_profiles(plan: Plan, device: str, deadline: float) -> Iterator[dict]:
                           f"{kernel.name[:90]}", kernel=asdict(kernel))
 
 
+def packed_attention_rows(plan: Plan, device: str, deadline: float) -> Iterator[dict]:
+    """The SDPA kernel packed rows' 4D masks get here, and packed steps beside padded ones (issue 22, item 4)."""
+    yield from packed_attention.measure(overhead_args(plan, device), plan.rounds, plan.warmup, deadline)
+
+
 def save_model_folder(folder: Path, shape: dict) -> None:
     """A random-init Qwen2-shaped reward model with the built-in tokenizer, for train()'s --model."""
     from transformers import AutoModelForSequenceClassification, Qwen2Config
@@ -266,7 +273,8 @@ def memory_ladder(plan: Plan, device: str, deadline: float) -> Iterator[dict]:
 
 SECTIONS: dict[str, Callable[[Plan, str, float], Iterator[dict]]] = {
     "cuda tests": cuda_tests, "overhead bf16": overhead_bf16, "overhead nf4": overhead_nf4,
-    "layer profile": layer_profiles, "train bf16": train_bf16, "train nf4": train_nf4, "memory ladder": memory_ladder,
+    "layer profile": layer_profiles, "packed attention": packed_attention_rows, "train bf16": train_bf16,
+    "train nf4": train_nf4, "memory ladder": memory_ladder,
 }
 
 

@@ -39,8 +39,7 @@ from lora_rm.evaluate import batch_rewards
 from lora_rm.inject import lora_layers
 from lora_rm.loss import bradley_terry_loss
 
-from . import report
-from .paired import rotation
+from . import paired, report
 
 # Llama-family models built offline from a config: (hidden, intermediate, layers, heads, vocab); any other
 # --model is a hub id or a local path.
@@ -208,20 +207,14 @@ def autocast(args: argparse.Namespace):
 
 
 def timed(step, model, optimizer, batch, args: argparse.Namespace) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one step; CUDA events after a synchronisation on GPU."""
-    if torch.device(args.device).type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
+    """(wall seconds, process CPU seconds) of one step; CUDA events after a synchronisation on GPU (CPU: nan)."""
+    def call() -> None:
         with autocast(args):
             step(model, batch, optimizer)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000, float("nan")
-    wall, cpu = time.perf_counter(), time.process_time()
-    with autocast(args):
-        step(model, batch, optimizer)
-    return time.perf_counter() - wall, time.process_time() - cpu
+
+    cpu = time.process_time()
+    wall = paired.seconds(call, args.device)
+    return wall, float("nan") if torch.device(args.device).type == "cuda" else time.process_time() - cpu
 
 
 # -------------------------------------------------------------------------------------------- measures
@@ -304,12 +297,12 @@ def run(args: argparse.Namespace) -> dict:
     steps = {v.name: train_step if v.trains else forward_step for v in rows}
     names = [v.name for v in rows]
     for k in range(args.warmup):
-        for name in rotation(names, k):
+        for name in paired.rotation(names, k):
             timed(steps[name], *built[name], batch, args)
     wall = {v.name: [] for v in rows}
     cpu = {v.name: [] for v in rows}
     for k in range(args.repeats):  # interleaved and rotated (paired.py): A B C, B C A, C A B, ...
-        for name in rotation(names, k):
+        for name in paired.rotation(names, k):
             w, c = timed(steps[name], *built[name], batch, args)
             wall[name].append(w)
             cpu[name].append(c)

@@ -12,6 +12,23 @@ import statistics
 import time
 from collections.abc import Callable
 
+import torch
+
+
+def seconds(call: Callable[[], None], device: str) -> float:
+    """Wall seconds of one call: CUDA events after a synchronisation on a GPU, perf_counter elsewhere."""
+    if torch.device(device).type != "cuda":
+        started = time.perf_counter()
+        call()
+        return time.perf_counter() - started
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    call()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000
+
 
 def rotation(names: list[str], round_index: int) -> list[str]:
     """The timing order of one round: round k starts at configuration k mod n."""

@@ -85,6 +85,13 @@ def test_gpu_check_smoke_table_has_every_section_with_sane_numbers(tmp_path):
             tops = [profile[f"{shape} r=2 {impl} #{i}"]["kernel"]["ms"] for i in (1, 2, 3)]
             assert tops == sorted(tops, reverse=True) and sum(tops) <= profile[f"{shape} r=2 {impl}"]["total_ms"]
 
+    packed = rows["packed attention"]
+    for layout in ("none", "padding_free", "shared_prompt"):  # CPU's SDPA takes the masks on its flash kernel
+        assert packed[f"{layout} attention kernel"]["backends"] == ["flash"], packed[f"{layout} attention kernel"]
+        assert 0 < packed[f"{layout} step"]["ratio"]["median"] < 100
+    assert packed["shared_prompt step"]["tokens"] < packed["none step"]["tokens"]  # the prompt once per pair
+    assert packed["SDPA MATH"]["median_ms"] > 0 and packed["SDPA EFFICIENT_ATTENTION"]["value"] == "refused"
+
     for label in ("bf16 base, 3 steps", "nf4 base, 3 steps"):
         line = rows["train bf16" if label.startswith("bf16") else "train nf4"][label]
         assert line["pairs_per_s"] > 0 and line["log_pairs_per_s"] > 0 and 0 <= line["accuracy"] <= 1
