@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed
+from . import data, distributed
 from .config import PACKING_MODES
 from .loss import bradley_terry_loss
 
@@ -288,14 +288,14 @@ def packed_rewards(forward_model: nn.Module, packed: Packed, device) -> torch.Te
     """One forward of packed rows through forward_model (the model, maybe DDP/FSDP-wrapped): (N,) rewards."""
     model = distributed.unwrapped(forward_model)  # hooks go on the plain module
     encoder = is_encoder(model)
-    input_ids = packed.input_ids.to(device)
-    kwargs = dict(input_ids=input_ids, position_ids=packed.position_ids.to(device),
-                  attention_mask=attention_mask_4d(packed.allowed.to(device), model))
+    packed = Packed(**data.to_device(vars(packed), device))  # pinned, without waiting for the GPU
+    kwargs = dict(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                  attention_mask=attention_mask_4d(packed.allowed, model))
     if encoder:  # BERT's buffered token type ids stop at max_position_embeddings; a packed row may be longer
-        kwargs["token_type_ids"] = torch.zeros_like(input_ids)
+        kwargs["token_type_ids"] = torch.zeros_like(packed.input_ids)
     else:
         kwargs["use_cache"] = False
-    with reading_at(model, packed.read_row.to(device), packed.read_column.to(device)) as found:
+    with reading_at(model, packed.read_row, packed.read_column) as found:
         logits = forward_model(**kwargs).logits
     rewards = logits.squeeze(-1) if encoder else found["rewards"]
     return rewards if rewards.dtype == torch.float64 else rewards.float()  # fp32 as batch_rewards; fp64 kept
@@ -355,14 +355,16 @@ def packed_micro_batch(forward_model: nn.Module, pairs: list[dict[str, Any]], mo
     forward_context(sync) wraps each run's forward (DDP's no_sync, autocast); only the last run of a syncing
     micro-batch syncs.
     """
-    margins = [float(pair["margin"]) for pair in pairs] if "margin" in pairs[0] else None
+    margins = None
+    if "margin" in pairs[0]:  # one copy for the micro-batch; each run takes its slice (runs are consecutive pairs)
+        margins = data.to_device({"margin": torch.tensor([float(pair["margin"]) for pair in pairs])}, device)["margin"]
     chosen, rejected, total = [], [], torch.zeros((), dtype=torch.float64, device=device)
     runs = chunks_within_budget(pair_groups(pairs), budget, mode == "shared_prompt")
     rewards_by_run = _pair_reward_runs(forward_model, pairs, mode, budget, pad_token_id, device)
     for number, run in enumerate(runs):
         with forward_context(sync and number == len(runs) - 1):
             rewards = next(rewards_by_run)
-        margin = torch.tensor([margins[i] for i in run], device=rewards.device) if margins else None
+        margin = margins[run[0] : run[-1] + 1] if margins is not None else None
         loss = loss_fn(rewards[:, 0], rewards[:, 1], margin, center_rewards_coefficient)
         backward(loss * (len(run) / len(pairs)))
         total += loss.detach().double() * len(run) / len(pairs)  # on the device: no read-back per run

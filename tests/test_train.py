@@ -3,6 +3,7 @@
 import json
 import os
 import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -109,14 +110,27 @@ class HostReads(TorchFunctionMode):
         index = args[1] if isinstance(args[1], tuple) else (args[1],)
         return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
 
+    @staticmethod
+    def is_waiting_copy(func, args, kwargs) -> bool:
+        """x.to(device) or torch.tensor(..., device=d) without non_blocking: on CUDA a copy from pageable host memory
+        synchronizes the stream (a read's wait, the other way). data.to_device pins and copies without waiting, so
+        every move onto the device goes through it; on CPU the move is a no-op, but the call is still seen here."""
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.to, torch.Tensor.cuda):
+            devices = [a for a in (*args[1:], kwargs.get("device")) if isinstance(a, (torch.device, str))]
+            return bool(devices) and not kwargs.get("non_blocking", False)
+        return func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None
+
     def __init__(self) -> None:
         super().__init__()
         self.places: list[str] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         stack = traceback.extract_stack()[:-1]
-        read = func in self.READS or self.is_boolean_mask_index(func, args)
-        read = read and not any(frame.name.startswith("collate_") for frame in stack)
+        lora_rm_itself = f"{os.sep}lora_rm{os.sep}" in stack[-1].filename  # torch's own moves are torch's business
+        read = func in self.READS or self.is_boolean_mask_index(func, args) or (
+            lora_rm_itself and self.is_waiting_copy(func, args, kwargs))
+        read = read and not any(frame.name.startswith("collate_") or frame.name == "to_device" for frame in stack)
         if read and f"{os.sep}torch{os.sep}optim{os.sep}" not in stack[-1].filename:
             caller = next(frame for frame in reversed(stack) if f"{os.sep}torch{os.sep}" not in frame.filename)
             if f"{os.sep}lora_rm{os.sep}" in caller.filename:
@@ -124,33 +138,72 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("rows", ["pairs padded", "pairs packed", "K-way all_pairs", "K-way plackett_luce"])
+STEP_ROWS = ["pairs padded", "pairs packed", "K-way all_pairs", "K-way plackett_luce"]
+
+
+def steady_run(tmp_path, rows: str, **overrides):
+    """tiny_run of 6 steps that log and save only at the end, on `rows` (one of STEP_ROWS)."""
+    options = dict(packing="auto" if rows == "pairs packed" else "none")
+    if rows.startswith("K-way"):
+        k_way = builtin_ranking_dataset(120, k=3)
+        options.update(dataset=write_jsonl(tmp_path / "rows.jsonl", list(k_way)), ranking_loss=rows.split()[1])
+    return tiny_run(tmp_path / "run", max_steps=6, log_every=100, save_every=None, **options, **overrides)
+
+
+def after_each_step(monkeypatch, note) -> None:
+    """Call note() after every optimizer step of train()."""
+    real_step = train_module.optimizer_step
+
+    def noting_step(*args, **kwargs):
+        real_step(*args, **kwargs)
+        note()
+
+    monkeypatch.setattr(train_module, "optimizer_step", noting_step)
+
+
+@pytest.mark.parametrize("rows", STEP_ROWS)
 def test_a_steady_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch, rows):
     """Between two optimizer steps that neither log nor save, lora-rm's loop reads no tensor back to the host:
     health flags, the loss and the gradient norm stay on the device until a step logs or saves (issue 22 allows
     one). transformers itself reads whether a padded batch has padding once per forward (masking_utils' fast_all);
     packed rows, with their own 4D mask, skip that too. K-way rows bring their pairs and their number of rows from
     the collator (the losses used to read the row count and run nonzero() on the device: 2 to 6 reads per
-    micro-batch)."""
-    options = dict(packing="auto" if rows == "pairs packed" else "none")
-    if rows.startswith("K-way"):
-        k_way = builtin_ranking_dataset(120, k=3)
-        options.update(dataset=write_jsonl(tmp_path / "rows.jsonl", list(k_way)), ranking_loss=rows.split()[1])
+    micro-batch); packed rows go to the device through data.to_device (5 waiting copies per packed run before)."""
     reads, per_step = HostReads(), []
-    real_step = train_module.optimizer_step
 
-    def counting_step(*args, **kwargs):
-        real_step(*args, **kwargs)
+    def note() -> None:
         per_step.append(list(reads.places))
         reads.places.clear()
 
-    monkeypatch.setattr(train_module, "optimizer_step", counting_step)
+    after_each_step(monkeypatch, note)
     with reads:
-        train(tiny_run(tmp_path / "run", max_steps=6, log_every=100, save_every=None, **options))
+        train(steady_run(tmp_path, rows))
     steady = per_step[1:-1]  # the first step starts the epoch (its shuffle); the last logs and saves
     assert len(steady) == 4
     assert all(len(places) <= 1 for places in steady), steady
     assert per_step[-1], "the last step logs: its health flags are read then"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", STEP_ROWS)
+def test_a_steady_cuda_step_never_waits_for_the_gpu(tmp_path, monkeypatch, rows):
+    """The same on a GPU, by torch's own detector (set_sync_debug_mode warns at every synchronizing call, whoever
+    makes it): packed rows never wait; padded rows at most once per micro-batch (2 here), in transformers' padding
+    check."""
+    allowed = 0 if rows == "pairs packed" else 2
+    marks: list[int] = []
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            after_each_step(monkeypatch, lambda: marks.append(len(caught)))
+            train(steady_run(tmp_path, rows, device="cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [b - a for a, b in zip(marks, marks[1:], strict=False)][:-1]  # steps 2 to 5, as above
+    assert len(syncs) == 4
+    assert all(n <= allowed for n in syncs), (syncs, [str(w.message)[:120] for w in caught[marks[0]:marks[-2]]])
 
 
 def test_a_step_larger_than_the_training_data_is_refused(tmp_path):
