@@ -6,7 +6,7 @@ ladder, in one table, in at most 4 minutes on one H100/H200.
     python -m benchmarks.gpu_check --sections "overhead bf16" "layer profile"   # some sections only
 
 Sections, in order (SECTIONS; sizes in FULL and SMOKE):
-1. cuda tests: `pytest -m cuda` over the test files that use the marker (none yet: the row says so);
+1. cuda tests: `pytest -m cuda` over the test files that use the marker (test_lora_fast.py, test_train.py);
 2. overhead bf16: benchmarks.overhead's train steps at Qwen2.5-0.5B's shape, bf16, 4 pairs x 2 x 1024 tokens:
    frozen floor, full fine-tuning, PEFT and lora-rm at r=8 and r=64, each with and without checkpointing;
 3. overhead nf4: the floor, lora-rm and PEFT at r=8 on the same base quantized to nf4 (needs bitsandbytes);
@@ -76,8 +76,8 @@ FULL = Plan(
     memory_flags=("--pairs", "4", "--seq-len", "512"), train_steps=50, train_shape=QWEN_05B, max_eval_rows=None,
     layer_shapes=((896, 896), (896, 4864), (4864, 896)), layer_tokens=8 * 1024, top_kernels=5, budget_s=235,
     threads=None,
-    # the memory ladder comes last and takes what the others leave (at least 25 s when they all run to their limit)
-    section_s=(("cuda tests", 20), ("overhead bf16", 60), ("overhead nf4", 30), ("layer profile", 15),
+    # the memory ladder comes last and takes what the others leave (at least 15 s when they all run to their limit)
+    section_s=(("cuda tests", 30), ("overhead bf16", 60), ("overhead nf4", 30), ("layer profile", 15),
                ("packed attention", 15), ("train bf16", 35), ("train nf4", 35), ("memory ladder", 90)),
 )
 SMOKE = Plan(
