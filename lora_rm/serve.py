@@ -6,9 +6,9 @@
     GET  /health       200 once the model is loaded (never behind the API key)
     GET  /metrics      Prometheus text: requests, texts, batch sizes, latency
 
-A text's reward is `lora-rm score`'s: the same encode_text and the same evaluate.score_texts, called on batches
-that one worker thread gathers from concurrent requests (sorted by length, within --max-batch-size texts and
---max-batch-tokens padded tokens). Padded rows are right-padded and packed rows keep each text's attention to
+A text's reward is `lora-rm score`'s: each text encoded once, as evaluate.score_texts encodes it, and its token ids
+scored by the same score_token_ids, on batches that one worker thread gathers from concurrent requests (sorted by
+length, within --max-batch-size texts and --max-batch-tokens padded tokens). Padded rows are right-padded and packed rows keep each text's attention to
 itself, so a reward does not depend on its batch companions (fp32: within 1e-5). The event loop only parses,
 awaits and answers; tokenizing runs in a thread and the model in the worker.
 
@@ -39,7 +39,8 @@ from typing import Any
 
 from . import scoring
 from .config import ServeConfig
-from .evaluate import encode_item, score_texts
+from .evaluate import encode_item, score_token_ids
+from .packing import resolve_packing
 
 EXTRA_HINT = "pip install 'lora-rm[serve]'"
 OPEN_PATHS = ("/health",)  # answered without the API key: a load balancer probes it
@@ -133,30 +134,31 @@ def longest_text(model, max_length: int | None) -> tuple[int | None, str]:
     return max_length, f"--max-length {max_length}"
 
 
-def token_lengths(tokenizer, items: list, limit: int | None, limit_name: str, where: str) -> list[int]:
-    """Each item's length as score encodes it; a text over the limit is refused as `lora-rm score` refuses it."""
-    lengths = []
+def encode_items(tokenizer, items: list, limit: int | None, limit_name: str, where: str) -> list[list[int]]:
+    """Each item's token ids as score encodes it (once: the worker scores these ids); a text over the limit is
+    refused as `lora-rm score` refuses it."""
+    sides = []
     for index, item in enumerate(items):
         try:
-            lengths.append(len(encode_item(tokenizer, item)))
+            sides.append(encode_item(tokenizer, item))
         except Exception as error:  # a chat the template cannot render, say
             raise RequestError(400, f"{where}[{index}] cannot be encoded: {type(error).__name__}: {error}") from None
-    too_long = [index for index, length in enumerate(lengths) if limit and length > limit]
+    too_long = [index for index, ids in enumerate(sides) if limit and len(ids) > limit]
     if too_long:
         first = too_long[0]
         raise RequestError(400, f"{len(too_long)} text(s) over {limit_name} tokens, the first {where}[{first}] with "
-                           f"{lengths[first]}: refused, as `lora-rm score` refuses them (no truncation)")
-    return lengths
+                           f"{len(sides[first])}: refused, as `lora-rm score` refuses them (no truncation)")
+    return sides
 
 
 # ---- batching: one worker thread runs the model ------------------------------------------------------------------
 
 @dataclass
 class Job:
-    """One request's texts, waiting for their rewards; only the worker thread touches `rewards` and `missing`."""
+    """One request's texts as token ids, waiting for their rewards; only the worker thread touches `rewards` and
+    `missing`."""
 
-    items: list
-    lengths: list[int]
+    sides: list[list[int]]
     arrived: float = field(default_factory=time.monotonic)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     rewards: list[float] = field(default_factory=list)
@@ -168,7 +170,7 @@ class Text:
     """One text of a job on its way through a batch."""
 
     job: Job
-    index: int  # in job.items
+    index: int  # in job.sides
     length: int  # tokens
 
 
@@ -189,7 +191,7 @@ class Batcher:
     """Gathers the texts of concurrent requests for up to `wait_s` (or max_size texts), runs them in batches on one
     worker thread, and resolves each request's future with exactly its own rewards, in its own order."""
 
-    def __init__(self, score: Callable[[list], list[float]], max_size: int, max_tokens: int, wait_s: float,
+    def __init__(self, score: Callable[[list[list[int]]], list[float]], max_size: int, max_tokens: int, wait_s: float,
                  metrics: Metrics):
         self.score, self.max_size, self.max_tokens, self.wait_s = score, max_size, max_tokens, wait_s
         self.metrics = metrics
@@ -201,8 +203,8 @@ class Batcher:
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, items: list, lengths: list[int]) -> concurrent.futures.Future:
-        job = Job(items, lengths, rewards=[math.nan] * len(items), missing=len(items))
+    def submit(self, sides: list[list[int]]) -> concurrent.futures.Future:
+        job = Job(sides, rewards=[math.nan] * len(sides), missing=len(sides))
         self.jobs.put(job)
         return job.future
 
@@ -214,7 +216,7 @@ class Batcher:
     def run(self) -> None:
         while not self.stopping:
             jobs = self.gather()
-            texts = [Text(job, index, length) for job in jobs for index, length in enumerate(job.lengths)]
+            texts = [Text(job, index, len(ids)) for job in jobs for index, ids in enumerate(job.sides)]
             for batch in plan_batches(texts, self.max_size, self.max_tokens):
                 self.run_batch(batch)
 
@@ -225,7 +227,7 @@ class Batcher:
         if first is None:
             self.stopping = True
             return []
-        jobs, waiting = [first], len(first.items)
+        jobs, waiting = [first], len(first.sides)
         while waiting < self.max_size:
             remaining = first.arrived + self.wait_s - time.monotonic()
             # Wait only while another request is being parsed or tokenized: a lone client pays no wait. Past the
@@ -239,12 +241,12 @@ class Batcher:
                 self.stopping = True
                 break
             jobs.append(job)
-            waiting += len(job.items)
+            waiting += len(job.sides)
         return jobs
 
     def run_batch(self, batch: list[Text]) -> None:
         try:
-            rewards = self.score([text.job.items[text.index] for text in batch])
+            rewards = self.score([text.job.sides[text.index] for text in batch])
         except Exception as error:  # e.g. out of memory: those requests fail (500), the server goes on
             for text in batch:
                 if not text.job.future.done():
@@ -381,29 +383,31 @@ class RewardService:
         self.limit, self.limit_name = longest_text(model, max_length)
         self.metrics = Metrics()
 
-        def score(items: list) -> list[float]:
-            return score_texts(model, tokenizer, items, max_length, len(items), packing)
+        mode = resolve_packing(packing, model, lambda message: None)  # as score_texts resolves it
+
+        def score(sides: list[list[int]]) -> list[float]:
+            return score_token_ids(model, tokenizer.pad_token_id, sides, len(sides), mode)
 
         self.batcher = Batcher(score, config.max_batch_size, config.max_batch_tokens, config.batch_wait_ms / 1000,
                                self.metrics)
 
     def prepare(self, body: bytes, path: str) -> tuple[list, list, list[int]]:
-        """(items, ids, token lengths) of a request; run in a thread, off the event loop."""
+        """(token ids of each text, row ids) of a request; run in a thread, off the event loop."""
         parsed, limit = parse_json(body), self.config.max_request_texts
         if path == "/get_reward":
             items, ids, where = query_items(parsed, limit, self.tokenizer.pad_token), [], "query"
         else:
             (items, ids), where = row_items(parsed, limit), "rows"
-        return items, ids, token_lengths(self.tokenizer, items, self.limit, self.limit_name, where)
+        return encode_items(self.tokenizer, items, self.limit, self.limit_name, where), ids
 
     async def rewards(self, body: bytes, path: str) -> dict[str, Any]:
         """The answer to a reward request, in input order."""
         self.batcher.arriving += 1
         try:
-            items, ids, lengths = await asyncio.to_thread(self.prepare, body, path)
+            sides, ids = await asyncio.to_thread(self.prepare, body, path)
         finally:
             self.batcher.arriving -= 1  # before submitting: the worker never waits for the very job it holds
-        rewards = await asyncio.wrap_future(self.batcher.submit(items, lengths))
+        rewards = await asyncio.wrap_future(self.batcher.submit(sides))
         if not all(math.isfinite(reward) for reward in rewards):
             raise RuntimeError("some rewards are NaN or inf: the model's rewards are not finite (an adapter saved "
                                "from a diverged run?)")

@@ -290,8 +290,8 @@ def test_a_text_longer_than_the_position_table_is_refused_before_it_reaches_a_ba
 
 
 def test_batches_are_sorted_by_length_within_both_budgets():
-    job = serve.Job(items=list("abcdefg"), lengths=[5, 1, 9, 3, 3, 30, 2])
-    texts = [serve.Text(job, index, length) for index, length in enumerate(job.lengths)]
+    job = serve.Job(sides=[[7] * n for n in (5, 1, 9, 3, 3, 30, 2)])
+    texts = [serve.Text(job, index, len(ids)) for index, ids in enumerate(job.sides)]
     batches = serve.plan_batches(texts, max_size=3, max_tokens=20)
     assert [[text.length for text in batch] for batch in batches] == [[1, 2, 3], [3, 5], [9], [30]]
     assert sorted(text.index for batch in batches for text in batch) == list(range(7))  # each text exactly once
