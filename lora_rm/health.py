@@ -58,14 +58,13 @@ class Health:
     weights_finite: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step, finite after its update)
     collapsed_since: int | None = None  # the first step of a run of collapsed steps
 
-    def record(self, step: int, losses: list[torch.Tensor], grad_norm: torch.Tensor | float,
+    def record(self, step: int, losses: list[torch.Tensor], grad_norm: torch.Tensor,
                step_rewards: list[torch.Tensor]) -> None:
         """Keep a step's flags on the device; nothing is read here."""
         every = torch.cat(step_rewards).detach().float()
         spread = every.max() - every.min() if every.numel() else every.new_zeros(())
         loss_sum = torch.stack([loss.detach().float() for loss in losses]).sum()  # NaN or inf if any loss was
-        grad_norm = torch.as_tensor(grad_norm, dtype=torch.float32, device=every.device)
-        self.pending.append((step, torch.stack([loss_sum, grad_norm, spread])))
+        self.pending.append((step, torch.stack([loss_sum, grad_norm.detach().float(), spread])))
 
     def check(self, now: int) -> None:
         """Read every pending step's flags at once (one read, one sum over ranks) and stop at the first bad one;

@@ -10,8 +10,9 @@ Each response is tokenized as a pair's side is (encode.encode_text, TRL's rule) 
 (a stable sort by score), so a K = 2 row is laid out exactly as the pair it describes. A micro-batch stacks every
 sequence of its rows into one padded forward, position-major (the best response of every row, then the second,
 ...): with K = 2 that is collate_pairs' chosen-then-rejected layout, so both losses below reduce to
-loss.bradley_terry_loss bit for bit. The losses read only `group` (the row of each sequence) and `scores`, so
-another layout (a shared prompt) needs no other change.
+loss.bradley_terry_loss bit for bit. The losses read only `group` (the row of each sequence) and `scores`, plus
+what collate_groups works out from them on the host (the pairs, the number of rows), so another layout (a shared
+prompt) needs no other change.
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@
 
 A text's reward is `lora-rm score`'s: each text encoded once, as evaluate.score_texts encodes it, and its token ids
 scored by the same score_token_ids, on batches that one worker thread gathers from concurrent requests (sorted by
-length, within --max-batch-size texts and --max-batch-tokens padded tokens). Padded rows are right-padded and packed rows keep each text's attention to
-itself, so a reward does not depend on its batch companions (fp32: within 1e-5). The event loop only parses,
-awaits and answers; tokenizing runs in a thread and the model in the worker.
+length, within --max-batch-size texts and --max-batch-tokens padded tokens). Padded rows are right-padded and
+packed rows keep each text's attention to itself, so a reward does not depend on its batch companions (fp32:
+within 1e-5). The event loop only parses, awaits and answers; tokenizing runs in a thread and the model in the
+worker.
 
 Bad input is answered {"error": "<one line>"} with 400 (malformed JSON, a missing field, a non-text item, an empty
 list, a text over --max-length tokens: refused as score refuses it, never truncated) or 413 (too many texts, too
@@ -391,7 +392,7 @@ class RewardService:
         self.batcher = Batcher(score, config.max_batch_size, config.max_batch_tokens, config.batch_wait_ms / 1000,
                                self.metrics)
 
-    def prepare(self, body: bytes, path: str) -> tuple[list, list, list[int]]:
+    def prepare(self, body: bytes, path: str) -> tuple[list[list[int]], list]:
         """(token ids of each text, row ids) of a request; run in a thread, off the event loop."""
         parsed, limit = parse_json(body), self.config.max_request_texts
         if path == "/get_reward":

@@ -1,5 +1,6 @@
 """Packed forwards (lora_rm/packing.py): rewards and gradients equal the padded path's, in training and eval too."""
 
+import contextlib
 import json
 
 import pytest
@@ -114,6 +115,31 @@ def test_packed_equals_padded_in_fp32_and_eager_attention(arch):
     mode = packing.resolve_packing("auto", model)
     packed = rewards_and_grads(model, lambda m: packing.pair_rewards(m, pairs, mode, 40, PAD, "cpu"))
     assert_same(packed, padded, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["padding_free", "shared_prompt"])
+def test_margins_follow_their_pairs_through_runs_of_a_token_budget(mode):
+    """packed_micro_batch copies the margins once and gives each run of the budget its own slice: loss and
+    gradients equal the padded batch's Bradley-Terry loss with margins, over several runs."""
+    model = adapted_model("llama", torch.float64).train()
+    rms_norm_in_input_dtype(model)
+    pairs = [{**pair, "margin": margin} for pair, margin in zip(edge_pairs(), [0.0, 0.5, 1.0, -0.5, 2.0], strict=True)]
+    runs = packing.chunks_within_budget(packing.pair_groups(pairs), 24, mode == "shared_prompt")
+    assert len(runs) >= 3  # the slices are tested, not one run holding every pair
+
+    model.zero_grad(set_to_none=True)
+    chosen, rejected = padded(model, pairs)
+    expected_loss = bradley_terry_loss(chosen, rejected, torch.tensor([p["margin"] for p in pairs]))
+    expected_loss.backward()
+    expected = {name: param.grad.clone() for name, param in model.named_parameters() if param.requires_grad}
+
+    model.zero_grad(set_to_none=True)
+    loss, _, _ = packing.packed_micro_batch(model, pairs, mode, 24, PAD, "cpu", backward=lambda part: part.backward(),
+                                            forward_context=lambda sync: contextlib.nullcontext())
+    assert loss.item() == pytest.approx(expected_loss.item(), abs=1e-10)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, expected[name], atol=1e-10, rtol=0, msg=name)
 
 
 def test_shared_prompt_tree_mask_positions_and_reading_points():

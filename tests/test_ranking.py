@@ -24,7 +24,6 @@ from lora_rm.ranking import collate_groups
 from lora_rm.train import train
 
 
-
 def tiny_run(output, dataset, **overrides) -> TrainConfig:
     """runs.tiny_run on a data file: six steps with accumulation and dropout."""
     return tiny_builtin_run(output, dataset=dataset, **overrides)
@@ -119,13 +118,33 @@ def test_the_collators_pairs_and_row_count_give_the_same_loss_and_finite_gradien
     assert batch["row_sizes"].tolist() == [3, 2, 4]
     assert len(batch["better"]) == 2 + 1 + 6  # the tied responses of row 0 are no pair
     rewards = torch.randn(9, generator=torch.Generator().manual_seed(0))
-    given, worked_out = rewards.clone().requires_grad_(), rewards.clone().requires_grad_()
+    given, worked_out, by_row = (rewards.clone().requires_grad_() for _ in range(3))
     loss = loss_module.ranking_loss(loss_name, given, batch, center_rewards_coefficient=0.01)
     bare = {key: batch[key] for key in ("group", "scores")}
     reference = loss_module.ranking_loss(loss_name, worked_out, bare, center_rewards_coefficient=0.01)
-    (loss + reference).backward()
-    assert loss.item() == reference.item()
+    row_loop = row_by_row_loss(loss_name, [(by_row[batch["group"] == b], batch["scores"][batch["group"] == b])
+                                           for b in range(len(rows))], center=0.01)
+    (loss + reference + row_loop).backward()
+    assert loss.item() == reference.item() == pytest.approx(row_loop.item(), rel=1e-6)
     assert torch.equal(given.grad, worked_out.grad) and torch.isfinite(given.grad).all()
+    torch.testing.assert_close(given.grad, by_row.grad, rtol=1e-5, atol=1e-7)
+
+
+def row_by_row_loss(loss_name, rows, center):
+    """The two losses written out one row at a time from their definitions, for rows of (rewards, scores)."""
+    per_row, centering = [], []
+    for rewards, scores in rows:
+        k = range(len(scores))
+        if loss_name == "all_pairs":  # mean over the row's pairs with different scores of -log sigmoid(r_i - r_j)
+            terms = [-F.logsigmoid(rewards[i] - rewards[j]) for i in k for j in k if scores[i] > scores[j]]
+            per_row.append(torch.stack(terms).mean())
+        else:  # each response picked first among itself and everything scored below it
+            terms = [-(rewards[i] - torch.logsumexp(torch.stack([rewards[i]] + [rewards[j] for j in k
+                                                                               if scores[j] < scores[i]]), 0))
+                     for i in k if any(scores[j] < scores[i] for j in k)]
+            per_row.append(torch.stack(terms).sum())
+        centering.append((2 * rewards.mean()) ** 2)
+    return torch.stack(per_row).mean() + center * torch.stack(centering).mean()
 
 
 def test_plackett_luce_refuses_a_margin():

@@ -211,7 +211,6 @@ def test_ties_splits_credit_and_the_tie_score_has_its_parts():
     assert score == pytest.approx(0.3 + 0.3 + 0.2 + 0.2 + 0.01 * np.tanh(4.9 / 0.1 - 1), abs=TOLERANCE)
 
 
-
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     """The built-in model with a random, non-zero LoRA and head, saved as an adapter folder."""

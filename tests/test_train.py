@@ -165,10 +165,11 @@ def after_each_step(monkeypatch, note) -> None:
 def test_a_steady_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch, rows):
     """Between two optimizer steps that neither log nor save, lora-rm's loop reads no tensor back to the host:
     health flags, the loss and the gradient norm stay on the device until a step logs or saves (issue 22 allows
-    one). transformers itself reads whether a padded batch has padding once per forward (masking_utils' fast_all);
-    packed rows, with their own 4D mask, skip that too. K-way rows bring their pairs and their number of rows from
-    the collator (the losses used to read the row count and run nonzero() on the device: 2 to 6 reads per
-    micro-batch); packed rows go to the device through data.to_device (5 waiting copies per packed run before)."""
+    one; none is made). transformers itself reads whether a padded batch has padding once per forward
+    (masking_utils' fast_all: not lora-rm's, so not counted); packed rows, with their own 4D mask, skip that too.
+    K-way rows bring their pairs and their number of rows from the collator (the losses used to read the row count
+    and run nonzero() on the device: 3 to 5 reads per micro-batch); packed rows go to the device through
+    data.to_device (5 waiting copies per packed run before)."""
     reads, per_step = HostReads(), []
 
     def note() -> None:
@@ -180,13 +181,13 @@ def test_a_steady_training_step_reads_nothing_back_from_the_device(tmp_path, mon
         train(steady_run(tmp_path, rows))
     steady = per_step[1:-1]  # the first step starts the epoch (its shuffle); the last logs and saves
     assert len(steady) == 4
-    assert all(len(places) <= 1 for places in steady), steady
+    assert steady == [[]] * 4, steady
     assert per_step[-1], "the last step logs: its health flags are read then"
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("rows", ["pairs padded", "pairs packed"])  # K-way rows reach the device as padded ones do
+@pytest.mark.parametrize("rows", ["pairs padded", "pairs packed", "K-way all_pairs"])
 def test_a_steady_cuda_step_never_waits_for_the_gpu(tmp_path, monkeypatch, rows):
     """The same on a GPU, by torch's own detector (set_sync_debug_mode warns at every synchronizing call, whoever
     makes it): packed rows never wait; padded rows at most once per micro-batch (2 here), in transformers' padding
@@ -201,9 +202,13 @@ def test_a_steady_cuda_step_never_waits_for_the_gpu(tmp_path, monkeypatch, rows)
             train(steady_run(tmp_path, rows, device="cuda"))
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    syncs = [b - a for a, b in zip(marks, marks[1:], strict=False)][:-1]  # steps 2 to 5, as above
+
+    def syncs_in(first: int, last: int) -> list[str]:  # other warnings (a deprecation, say) are not waits
+        return [str(w.message)[:160] for w in caught[first:last] if "synchronizing" in str(w.message)]
+
+    syncs = [len(syncs_in(a, b)) for a, b in zip(marks, marks[1:], strict=False)][:-1]  # steps 2 to 5, as above
     assert len(syncs) == 4
-    assert all(n <= allowed for n in syncs), (syncs, [str(w.message)[:120] for w in caught[marks[0]:marks[-2]]])
+    assert all(n <= allowed for n in syncs), (syncs, syncs_in(marks[0], marks[-2]))
 
 
 def test_a_step_larger_than_the_training_data_is_refused(tmp_path):
