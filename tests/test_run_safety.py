@@ -180,7 +180,7 @@ def test_non_finite_gradient_or_weights_stop_the_run(tmp_path, monkeypatch):
 
     def inf_at_step_four(*args, **kwargs):
         calls["n"] += 1
-        return float("inf") if calls["n"] == 5 else real_clip(*args, **kwargs)
+        return torch.tensor(float("inf")) if calls["n"] == 5 else real_clip(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "clip_gradients", inf_at_step_four)
     with pytest.raises(TrainingDiverged, match="gradient norm is inf at step 5; nothing was updated"):
