@@ -72,7 +72,7 @@ def build_model(folder: Path, builtin: bool) -> tuple[str, list[str]]:
         return str(folder), [json.loads(line)["chosen"] for line in rows]
 
 
-def texts_within(model, tokenizer, pool: list[str], max_length: int, count: int) -> list[str]:
+def texts_within(tokenizer, pool: list[str], max_length: int, count: int) -> list[str]:
     """The first `count` texts of the pool that `lora-rm serve --max-length` accepts."""
     from lora_rm.encode import encode_text
 
@@ -222,7 +222,7 @@ def main() -> None:
         model_folder, pool = build_model(Path(folder) / "model", args.backbone == "builtin")
         model, tokenizer = load_model_and_tokenizer(model_folder)
         model.eval()
-        texts = texts_within(model, tokenizer, pool, args.max_length, args.requests * args.texts_per_request)
+        texts = texts_within(tokenizer, pool, args.max_length, args.requests * args.texts_per_request)
         requests = [texts[i : i + args.texts_per_request] for i in range(0, len(texts), args.texts_per_request)]
         loop = run_loop(model, tokenizer, requests, args.max_length)
         alone = model_alone(model, tokenizer, texts, args.max_length)

@@ -448,15 +448,13 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 def run_serve(args: argparse.Namespace) -> None:
     from . import serve
-    from .packing import resolve_packing
 
     serve.require_web_stack()  # before the model loads: a missing extra fails in a second
     config = serve_config_from_args(args)
     normalization = serve.read_reward_stats(args.adapter) if config.normalize else None
     settings = given_or_default(args, SERVE_FIELDS)
     model, tokenizer = load_for_command(args, settings)
-    packing = resolve_packing(settings["packing"], model, lambda message: print(message, file=sys.stderr))
-    serve.serve(model, tokenizer, config, settings["max_length"], packing, normalization)
+    serve.serve(model, tokenizer, config, settings["max_length"], settings["packing"], normalization)
 
 
 def add_serve_parser(commands: Any, defaults: TrainConfig, debug_help: str) -> None:

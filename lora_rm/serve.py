@@ -162,8 +162,11 @@ class Job:
     sides: list[list[int]]
     arrived: float = field(default_factory=time.monotonic)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-    rewards: list[float] = field(default_factory=list)
-    missing: int = 0
+    rewards: list[float] = field(init=False)  # NaN until the worker fills each in
+    missing: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rewards, self.missing = [math.nan] * len(self.sides), len(self.sides)
 
 
 @dataclass
@@ -205,7 +208,7 @@ class Batcher:
         self.thread.start()
 
     def submit(self, sides: list[list[int]]) -> concurrent.futures.Future:
-        job = Job(sides, rewards=[math.nan] * len(sides), missing=len(sides))
+        job = Job(sides)
         self.jobs.put(job)
         return job.future
 
@@ -384,7 +387,7 @@ class RewardService:
         self.limit, self.limit_name = longest_text(model, max_length)
         self.metrics = Metrics()
 
-        mode = resolve_packing(packing, model, lambda message: None)  # as score_texts resolves it
+        mode = resolve_packing(packing, model, lambda message: print(message, file=sys.stderr))
 
         def score(sides: list[list[int]]) -> list[float]:
             return score_token_ids(model, tokenizer.pad_token_id, sides, len(sides), mode)
