@@ -282,11 +282,9 @@ def run_train(args: argparse.Namespace) -> None:
 
 def load_for_command(args: argparse.Namespace, settings: dict[str, Any]):
     """The base model with the saved adapter (none: the model as it is), on the requested device: (model, tokenizer)."""
-    import torch
+    from .model_io import default_device, load_reward_model
 
-    from .model_io import load_reward_model
-
-    device = settings["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(settings["device"])
     load_options = {name: settings[name] for name in LOAD_FIELDS if name != "model"}
     load_options["device"] = device
     adapter = getattr(args, "adapter", None)
@@ -390,6 +388,7 @@ def run_score_file(args: argparse.Namespace) -> None:
     import torch
 
     from . import distributed
+    from .model_io import default_device
     from .scoring import score_file
 
     settings = given_or_default(args, SCORE_FIELDS)
@@ -402,7 +401,7 @@ def run_score_file(args: argparse.Namespace) -> None:
     if not Path(args.output).resolve().parent.is_dir():
         raise ValueError(f"--output {args.output}: its folder does not exist")
     with distributed.process_group():
-        device = torch.device(settings["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(default_device(settings["device"]))
         _, _, device = distributed.init_from_env(device)  # under torchrun: one GPU per process
         model, tokenizer = load_for_command(args, {**settings, "device": str(device)})
         done = score_file(model, tokenizer, args.input, args.output, settings["max_length"], settings["batch_size"],

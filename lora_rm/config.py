@@ -32,6 +32,13 @@ def report_targets(report_to: str | list[str]) -> list[str]:
     return [name for name in dict.fromkeys(part.strip() for part in names) if name != "none"]
 
 
+def check_rules(config: Any, owner: str, rules: dict[str, tuple[bool, str]]) -> None:
+    """Raise for the first field whose rule fails: `owner.field must be rule, got value` (TrainConfig, ServeConfig)."""
+    for name, (holds, rule) in rules.items():
+        if not holds:
+            raise ValueError(f"{owner}.{name} must be {rule}, got {getattr(config, name)!r}")
+
+
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     """A config field whose help text (and choices) the CLI turns into a flag: one source for every default."""
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -279,9 +286,7 @@ class TrainConfig:
             "max_tokens_per_batch": (self.max_tokens_per_batch is None or self.max_tokens_per_batch >= 2,
                                      "at least 2 (unset: no limit)"),
         }
-        for name, (holds, rule) in rules.items():
-            if not holds:
-                raise ValueError(f"TrainConfig.{name} must be {rule}, got {getattr(self, name)!r}")
+        check_rules(self, "TrainConfig", rules)
         if self.fsdp and self.load_in_4bit:
             raise ValueError(
                 "TrainConfig: fsdp with load_in_4bit is not supported (FSDP2 does not shard bitsandbytes' packed "
@@ -368,6 +373,4 @@ class ServeConfig:
             "max_request_mb": (self.max_request_mb > 0, "positive"),
             "api_key": (self.api_key is None or self.api_key.strip() != "", "non-empty (unset: no key)"),
         }
-        for name, (holds, rule) in rules.items():
-            if not holds:
-                raise ValueError(f"ServeConfig.{name} must be {rule}, got {getattr(self, name)!r}")
+        check_rules(self, "ServeConfig", rules)

@@ -282,8 +282,8 @@ def tokenize_pairs(
     )
     if counts["truncated"]:
         check_truncated_sides(encoded, statuses, len(kept), max_length)
-    skipped = [where for where in encoded["skipped"] if where]
-    if skipped:
+    if counts["bad"]:  # only then read the column: a list the size of the data otherwise
+        skipped = [where for where in encoded["skipped"] if where]
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         distributed.print_main(f"skipped {len(skipped)} bad rows: {', '.join(skipped[:5])}{more}")
     return encoded.select(kept).remove_columns(["status", "skipped"]), stats

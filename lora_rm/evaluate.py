@@ -154,10 +154,7 @@ def evaluate_benchmark(model, tokenizer, dataset, benchmark: str, max_length: in
     device = next(model.parameters()).device
     subsets = list(dataset["subset"])
     if v2:
-        collator = functools.partial(ranking.collate_groups, pad_token_id=tokenizer.pad_token_id)
-        kept = tokenized.to_list()
-        rewards = split_by_row(rewards_for_rows(model, kept, collator, batch_size, device), kept)
-        metrics = ranking_metrics(rewards, [row["scores"] for row in kept])
+        rewards, metrics = ranking_rewards(model, tokenizer, tokenized.to_list(), batch_size, device)
         lengths = [[len(ids) for ids in row] for row in full["responses_ids"]]
         metrics["rewardbench2"] = rewardbench.v2_report(rewards, lengths, subsets, [str(i) for i in dataset["id"]],
                                                         list(dataset["num_correct"]))
@@ -262,12 +259,17 @@ def evaluate_rows(model, rows, collator, batch_size: int, device, precision: str
     return ranking_metrics(split_by_row(every, rows), [row["scores"] for row in rows])
 
 
+def ranking_rewards(model, tokenizer, rows, batch_size: int, device) -> tuple[list[Tensor], dict[str, Any]]:
+    """K-way rows scored unsharded: (each row's rewards, their ranking_metrics), as eval and --benchmark need."""
+    collator = functools.partial(ranking.collate_groups, pad_token_id=tokenizer.pad_token_id)
+    rewards = split_by_row(rewards_for_rows(model, rows, collator, batch_size, device), rows)
+    return rewards, ranking_metrics(rewards, [row["scores"] for row in rows])
+
+
 def evaluate_ranking_rows(model, tokenizer, rows, batch_size: int, device, report=None, log=None):
     """evaluate_dataset for K-way rows: (metrics, report files); the report plots every pair of responses
     with different scores as a (better, worse) pair."""
-    collator = functools.partial(ranking.collate_groups, pad_token_id=tokenizer.pad_token_id)
-    rewards = split_by_row(rewards_for_rows(model, rows, collator, batch_size, device), rows)
-    metrics = ranking_metrics(rewards, [row["scores"] for row in rows])
+    rewards, metrics = ranking_rewards(model, tokenizer, rows, batch_size, device)
     if not report:
         return metrics, []
     better, worse, better_lengths, worse_lengths = [], [], [], []

@@ -91,6 +91,11 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+def default_device(device: str | torch.device | None) -> str | torch.device:
+    """The device asked for (returned as given), else "cuda" when there is one, else "cpu"."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_pretrained(
     name: str, dtype: torch.dtype, load_in_4bit: bool = False, compute_dtype: str = "bf16", device=None,
     trust_remote_code: bool = False, allow_pickle_weights: bool = False,
@@ -100,7 +105,7 @@ def load_pretrained(
     options = dict(num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
                    use_safetensors=None if allow_pickle_weights else True)
     if load_in_4bit:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(default_device(device))
         options.update(quantization_config=quantization_config(torch_dtype(compute_dtype)), device_map={"": device})
     try:
         model = AutoModelForSequenceClassification.from_pretrained(name, **options)

@@ -36,7 +36,7 @@ from .health import Health
 from .inject import enable_gradient_checkpointing, format_parameter_counts
 from .loss import bradley_terry_loss, ranking_loss, split_rewards
 from .model_card import write_adapter_card
-from .model_io import autocast_context, load_model_and_tokenizer, save_tokenizer
+from .model_io import autocast_context, default_device, load_model_and_tokenizer, save_tokenizer
 from .optim import build_optimizer, clip_gradients, learning_rate, optimizer_step, warmup_steps_for
 from .run_folder import output_lock, prepare_output, write_config, write_final_metrics
 from .run_log import LogWindow, RunLog, truncate_log
@@ -158,7 +158,7 @@ class Run:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train a LoRA reward model as configured, holding OUTPUT/.lock throughout; returns the final eval metrics."""
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(default_device(config.device))
     rank, world_size, device = distributed.init_from_env(device)  # (0, 1, device) outside torchrun
     check_installed(config.report_to)  # a missing extra fails before the output folder or the model is touched
     with output_lock(Path(config.output)) as existed:

@@ -316,14 +316,19 @@ def test_merge_replaces_an_older_merge_whole_and_refuses_other_folders(trained, 
         main(["merge", "--adapter", str(trained), "--output", ".."])
 
 
+def adapter_copy_with_nan(trained, folder, picks) -> Path:
+    """The trained adapter (no checkpoints) in folder, the first tensor whose key `picks` accepts all NaN."""
+    shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("checkpoints"))
+    weights = load_file(folder / "adapter_model.safetensors")
+    key = next(k for k in weights if picks(k))
+    weights[key] = torch.full_like(weights[key], float("nan"))
+    save_file(weights, folder / "adapter_model.safetensors")
+    return folder
+
+
 def test_merge_of_a_nan_head_fails_and_writes_nothing(trained, tmp_path):
     """A NaN in lora_B is refused by LoRALinear.merge; one in the score head used to be written as a model."""
-    broken = tmp_path / "broken"
-    shutil.copytree(trained, broken, ignore=shutil.ignore_patterns("checkpoints"))
-    weights = load_file(broken / "adapter_model.safetensors")
-    key = next(k for k in weights if k.endswith("score.weight"))
-    weights[key] = torch.full_like(weights[key], float("nan"))
-    save_file(weights, broken / "adapter_model.safetensors")
+    broken = adapter_copy_with_nan(trained, tmp_path / "broken", lambda key: key.endswith("score.weight"))
     with pytest.raises(SystemExit, match="^lora-rm: error: the merged weights hold NaN or inf"):
         main(["merge", "--adapter", str(broken), "--output", str(tmp_path / "merged")])
     assert not (tmp_path / "merged").exists()
@@ -339,8 +344,7 @@ def adapter_copy_with_config(trained, folder, **changes) -> Path:
 
 def test_a_malformed_adapter_config_is_named_with_its_field(trained, tmp_path):
     """A JSON list gave an AttributeError naming no file; "r": "16" named the flag --lora-r, never given."""
-    listed = tmp_path / "listed"
-    shutil.copytree(trained, listed, ignore=shutil.ignore_patterns("checkpoints"))
+    listed = adapter_copy_with_config(trained, tmp_path / "listed")
     (listed / "adapter_config.json").write_text("[1, 2]")
     with pytest.raises(SystemExit, match=f"^lora-rm: error: {listed / 'adapter_config.json'} holds a JSON list"):
         main(["score", "--adapter", str(listed)])
@@ -368,12 +372,7 @@ def test_an_adapter_of_another_base_is_refused_without_model_and_warned_about_wi
 
 
 def test_score_with_a_nan_adapter_fails_as_eval_does(trained, tmp_path, capsys):
-    broken = tmp_path / "broken"
-    shutil.copytree(trained, broken, ignore=shutil.ignore_patterns("checkpoints"))
-    weights = load_file(broken / "adapter_model.safetensors")
-    key = next(k for k in weights if "lora_B" in k)
-    weights[key] = torch.full_like(weights[key], float("nan"))
-    save_file(weights, broken / "adapter_model.safetensors")
+    broken = adapter_copy_with_nan(trained, tmp_path / "broken", lambda key: "lora_B" in key)
     inputs = tmp_path / "texts.txt"
     inputs.write_text("\n".join(TEXTS) + "\n")
     with pytest.raises(SystemExit, match="^lora-rm: error: some rewards are NaN or inf"):
