@@ -4,6 +4,7 @@ as train_config.json) and the reward server's settings (`lora-rm serve`)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,11 @@ def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> A
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+def is_positive_number(value: Any) -> bool:
+    """An int or float above 0 and finite: a NaN or inf alpha makes every reward NaN (NaN <= 0 is False, too)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < math.inf
+
+
 @dataclass
 class LoraConfig:
     """A LoRA adapter; shared fields carry PEFT's names and defaults so they serialise to adapter_config.json."""
@@ -82,7 +88,7 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+        if not is_positive_number(self.lora_alpha):
             raise ValueError(f"LoraConfig.lora_alpha must be a positive number, got {self.lora_alpha!r}")
         if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
                 or not 0.0 <= self.lora_dropout < 1.0:
@@ -108,7 +114,7 @@ class LoraConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {value!r}")
         for key, value in self.alpha_pattern.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            if not is_positive_number(value):
                 raise ValueError(f"LoraConfig.alpha_pattern[{key!r}] must be a positive number, got {value!r}")
         for name in ("rank_pattern", "alpha_pattern"):
             for key in getattr(self, name):
