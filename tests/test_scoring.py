@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import torchrun_process, write_jsonl
+from runs import stock_model_folder, torchrun_process, write_jsonl
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -179,13 +179,6 @@ def test_torchrun_splits_the_rows_and_writes_the_same_file(adapter, inputs, full
     assert [score["id"] for score in ours] == EXPECTED_IDS
     assert [score["reward"] for score in ours] == pytest.approx([s["reward"] for s in one_process], abs=1e-5)
     assert output.read_bytes().startswith(kept)
-
-
-def stock_model_folder(folder: Path) -> None:
-    """A plain one-label AutoModelForSequenceClassification folder (no adapter), its tokenizer saved plainly."""
-    tokenizer = builtin_tokenizer()
-    builtin_model(tokenizer, seed=3).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 def test_a_stock_model_is_scored_and_evaluated_without_an_adapter(inputs, tmp_path, capsys):
