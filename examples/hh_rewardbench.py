@@ -24,7 +24,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from lora_rm import cli
+from lora_rm import cli, rewardbench
 from lora_rm.data import load_preference_dataset
 
 LOCAL_DATA = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
@@ -74,7 +74,7 @@ def table(official: dict, accuracy: float, accuracy_ci: list[float]) -> str:
     """A RewardBench-style markdown table: each official field present, model beside the length-only rules."""
     def cells(entry: dict) -> str:
         return " | ".join(f"{entry[key]:.3f} [{entry[f'{key}_ci'][0]:.3f}, {entry[f'{key}_ci'][1]:.3f}]"
-                          for key in ("score", "longer_wins_score", "shorter_wins_score"))
+                          for key in rewardbench.RULES)
 
     lines = ["| field | pairs | model | longer wins | shorter wins |", "|---|---|---|---|---|"]
     for name, entry in official["subsets"].items():
@@ -84,7 +84,7 @@ def table(official: dict, accuracy: float, accuracy_ci: list[float]) -> str:
     for name in ("prior_sets", "overall"):
         if name in official:
             lines.append(f"| {name} | - | {cells(official[name])} |")
-    absent = [name for name in ("Chat", "Chat Hard", "Safety", "Reasoning") if name not in official.get("sections", {})]
+    absent = [name for name in rewardbench.SUBSET_MAPPING if name not in official.get("sections", {})]
     lines.append(f"\nnot defined on this data: sections {absent}, "
                  f"{'' if 'prior_sets' in official else 'Prior Sets, '}{'' if 'overall' in official else 'overall'}")
     lines.append(f"all pairs (lora-rm): accuracy {accuracy:.3f} [{accuracy_ci[0]:.3f}, {accuracy_ci[1]:.3f}]")

@@ -69,6 +69,13 @@ def group_index(subsets: list[str]) -> tuple[list[str], Tensor]:
     return names, torch.tensor([position[name] for name in subsets], dtype=torch.long)
 
 
+def group_counts(index: Tensor, n_groups: int, right: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Pairs per group, and per rule its right answers per group (float64 counts, as resampled_counts takes them)."""
+    counts = torch.bincount(index, minlength=n_groups)
+    return counts, {rule: torch.bincount(index, weights=is_right.double(), minlength=n_groups)
+                    for rule, is_right in right.items()}
+
+
 def check_subsets(subsets: list[Any], n_pairs: int) -> list[str]:
     """The subset column as strings, one per pair; a missing value is an error naming the pair."""
     if len(subsets) != n_pairs:
@@ -102,8 +109,7 @@ def pair_report(
             raise ValueError("--sections needs a 'subset' column in the data: sections are averages over subsets")
         return report
     names, index = group_index(check_subsets(subsets, n_pairs))
-    counts = torch.bincount(index, minlength=len(names))
-    right_counts = {rule: torch.bincount(index, weights=right[rule].double(), minlength=len(names)) for rule in RULES}
+    counts, right_counts = group_counts(index, len(names), right)
     draws = {rule: resampled_counts(right_counts[rule], counts, generator) for rule in RULES}  # (resamples, subsets)
     ties = torch.bincount(index, weights=(chosen == rejected).double(), minlength=len(names))
     length_ties = torch.bincount(index, weights=(lengths_chosen == lengths_rejected).double(), minlength=len(names))

@@ -137,25 +137,29 @@ def _no_match_message(model: nn.Module, target_modules: list[str] | str) -> str:
     )
 
 
+def resolve_layout(model: nn.Module, config: LoraConfig) -> tuple[list[str], dict[str, tuple[float, float]]]:
+    """The head names and each target's (rank, alpha) on this model: what add_lora wraps, and what warm_start
+    compares two configs by, from one place."""
+    head_names = config.modules_to_save or find_head_names(model)
+    return head_names, {name: (pattern_value(config.rank_pattern, name, config.r),
+                               pattern_value(config.alpha_pattern, name, config.lora_alpha))
+                        for name in find_target_names(model, config, head_names)}
+
+
 def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Wrap the target layers in place, freeze the base, leave the head trainable; returns model."""
     if any(True for _ in lora_layers(model)):
         raise ValueError("the model already has LoRA layers; merge_lora or reload the base before add_lora")
-    head_names = config.modules_to_save or find_head_names(model)
-    target_names = find_target_names(model, config, head_names)
+    head_names, layout = resolve_layout(model, config)
     model.requires_grad_(False)
     has_conv1d = False
-    ranks, alphas = {}, {}
-    for name in target_names:
+    for name, (rank, alpha) in layout.items():
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base_layer = getattr(parent, child_name)
         has_conv1d |= isinstance(base_layer, Conv1D)
-        ranks[name] = pattern_value(config.rank_pattern, name, config.r)
-        alphas[name] = pattern_value(config.alpha_pattern, name, config.lora_alpha)
         wrapped = LoRALinear(
-            base_layer, ranks[name], alphas[name], config.lora_dropout, config.use_rslora, config.init_lora_weights,
-            config.use_dora,
+            base_layer, rank, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights, config.use_dora,
         )
         setattr(parent, child_name, wrapped)
     for head in head_modules(model, head_names).values():
@@ -166,9 +170,9 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     # model itself because there is no wrapper to keep it on (PEFT keeps peft_config on its PeftModel); remove_lora
     # deletes it.
     model.lora_rm_config = dataclasses.replace(
-        config, target_modules=sorted(target_names), modules_to_save=list(head_names), fan_in_fan_out=has_conv1d,
-        rank_pattern={name: r for name, r in sorted(ranks.items()) if r != config.r},
-        alpha_pattern={name: alpha for name, alpha in sorted(alphas.items()) if alpha != config.lora_alpha},
+        config, target_modules=sorted(layout), modules_to_save=list(head_names), fan_in_fan_out=has_conv1d,
+        rank_pattern={name: r for name, (r, _) in sorted(layout.items()) if r != config.r},
+        alpha_pattern={name: alpha for name, (_, alpha) in sorted(layout.items()) if alpha != config.lora_alpha},
     )
     return model
 

@@ -22,6 +22,7 @@ from typing import Any
 from .adapter_io import CONFIG_NAME, WEIGHTS_NAME
 from .atomic import atomic_path
 from .config import BUILTIN, TrainConfig
+from .eval_stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE
 
 CARD_NAME = "README.md"
 TAGS = ["reward-model", "lora-rm", "lora"]  # an adapter folder adds "peft"
@@ -80,7 +81,7 @@ def metrics_table(metrics: dict[str, Any]) -> str:
         return "\n".join(f"- `{name}`: {number(metrics.get(name))}" for name in names) + "\n"
     rows = [("this reward model", "accuracy"), ("the longer side wins", "longer_wins_accuracy"),
             ("the shorter side wins", "shorter_wins_accuracy")]
-    table = "| rule | accuracy | 95% interval |\n|---|---|---|\n" + "".join(
+    table = f"| rule | accuracy | {CONFIDENCE:.0%} interval |\n|---|---|---|\n" + "".join(
         f"| {label} | {number(metrics.get(key))} | {interval(metrics, key)} |\n" for label, key in rows)
     ties, length_ties = number(metrics.get("tie_rate")), number(metrics.get("length_tie_rate"))
     return (f"{table}\n{metrics['n_pairs']} pairs; reward ties {ties}, length ties {length_ties}, "
@@ -94,7 +95,8 @@ def evaluation_section(metrics: dict[str, Any] | None, eval_data: str, source: s
     sets = metrics.get("eval_datasets") or {None: metrics}
     text = [f"## Evaluation\n\nAt the end of training, on {eval_data} ({source}). Accuracy counts chosen strictly "
             "above rejected (ties apart); the length-only rules are scored on the same pairs, lengths in tokens as "
-            "scored; 95% percentile-bootstrap intervals (1,000 resamples, seed 0).\n"]
+            f"scored; {CONFIDENCE:.0%} percentile-bootstrap intervals ({BOOTSTRAP_RESAMPLES:,} resamples, seed "
+            f"{BOOTSTRAP_SEED}).\n"]
     for name, numbers in sets.items():
         text.append(f"### {name}\n\n{metrics_table(numbers)}" if name else metrics_table(numbers))
     return "\n".join(text)

@@ -37,7 +37,15 @@ import torch
 from datasets import Dataset
 from torch import Tensor
 
-from .eval_stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, percentile_interval, resampled_counts
+from .eval_stats import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    group_counts,
+    group_index,
+    percentile_interval,
+    resampled_counts,
+    right_answers,
+)
 
 EXAMPLE_COUNTS = {  # rewardbench/constants.py EXAMPLE_COUNTS: the fixed weights of the sections
     "alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95, "mt-bench-easy": 28, "mt-bench-med": 40,
@@ -119,16 +127,12 @@ def check_v1_rows(dataset: Dataset) -> None:
 def v1_report(chosen: Tensor, rejected: Tensor, lengths_chosen: Sequence[int], lengths_rejected: Sequence[int],
               subsets: Sequence[str]) -> dict[str, Any]:
     """The official v1 scores of per-pair rewards, each with its interval and the two length-only rules."""
-    lengths_chosen, lengths_rejected = torch.as_tensor(lengths_chosen), torch.as_tensor(lengths_rejected)
-    right = {"score": chosen > rejected, "longer_wins_score": lengths_chosen > lengths_rejected,
-             "shorter_wins_score": lengths_chosen < lengths_rejected}
-    names = sorted(set(subsets))
-    members = {name: torch.tensor([s == name for s in subsets]) for name in names}
-    counts = torch.tensor([int(members[name].sum()) for name in names])
+    right = right_answers(chosen, rejected, torch.as_tensor(lengths_chosen), torch.as_tensor(lengths_rejected))
+    names, index = group_index(list(subsets))
+    counts, right_counts = group_counts(index, len(names), right)
     generator = torch.Generator().manual_seed(BOOTSTRAP_SEED)
     points, draws = {}, {}
-    for rule, is_right in right.items():
-        k = torch.tensor([int(is_right[members[name]].sum()) for name in names])
+    for rule, k in zip(RULES, right_counts.values(), strict=True):  # eval_stats' rules in its order, renamed
         points[rule] = {name: int(k[i]) / int(counts[i]) for i, name in enumerate(names)}  # run_rm.py's division
         resampled = resampled_counts(k, counts, generator) / counts  # (resamples, subsets)
         draws[rule] = {name: resampled[:, i] for i, name in enumerate(names)}

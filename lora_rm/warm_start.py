@@ -34,7 +34,7 @@ from .adapter_io import (
 )
 from .atomic import write_json
 from .config import BUILTIN, TASK_TYPE, LoraConfig, TrainConfig, is_weight_init
-from .inject import add_lora, find_head_names, find_target_names, merge_lora, pattern_value, remove_lora
+from .inject import add_lora, merge_lora, remove_lora, resolve_layout
 from .model_io import same_base
 
 SFT_TASK_TYPE = "CAUSAL_LM"  # PEFT's task_type of a causal-LM (SFT) adapter
@@ -74,14 +74,6 @@ def check_base(adapter: LoraConfig, model: str, path: str | Path) -> None:
                          "model saved elsewhere, set base_model_name_or_path to --model)")
 
 
-def module_layout(model: nn.Module, config: LoraConfig) -> dict[str, tuple[float, float]]:
-    """Each module these settings adapt on this model, with its (rank, alpha), resolved as add_lora resolves them."""
-    heads = config.modules_to_save or find_head_names(model)
-    return {name: (pattern_value(config.rank_pattern, name, config.r),
-                   pattern_value(config.alpha_pattern, name, config.lora_alpha))
-            for name in find_target_names(model, config, heads)}
-
-
 def check_settings_match(model: nn.Module, lora: LoraConfig, adapter: LoraConfig, path: str | Path) -> None:
     """Refuse LoRA settings other than the adapter's, naming the first that differs: variant, targets, rank, alpha."""
     where = f"--init-adapter {path}"
@@ -90,7 +82,7 @@ def check_settings_match(model: nn.Module, lora: LoraConfig, adapter: LoraConfig
         if getattr(lora, name) != getattr(adapter, name):
             raise ValueError(f"{where} has {name}={getattr(adapter, name)} in its adapter_config.json, this run "
                              f"{name}={getattr(lora, name)}; {hint}")
-    mine, saved = module_layout(model, lora), module_layout(model, adapter)
+    mine, saved = resolve_layout(model, lora)[1], resolve_layout(model, adapter)[1]  # each module's (rank, alpha)
     if mine.keys() != saved.keys():
         only_saved, only_mine = sorted(saved.keys() - mine.keys()), sorted(mine.keys() - saved.keys())
         raise ValueError(f"{where} adapts other modules than this run's target_modules={lora.target_modules!r}: "

@@ -37,6 +37,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
+def stock_model_folder(folder: Path) -> None:
+    """A plain one-label AutoModelForSequenceClassification folder (no adapter), its tokenizer saved plainly."""
+    tokenizer = builtin_tokenizer()
+    builtin_model(tokenizer, seed=3).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
 def read_log(output):
     return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from runs import assert_replays, crash_at_micro_batch, read_log, tiny_run, train_losses
+from runs import assert_replays, crash_at_micro_batch, read_log, tiny_run, train_losses, write_jsonl
 
 import lora_rm.checkpoint as checkpoint_module
 import lora_rm.train as train_module
@@ -358,7 +358,7 @@ def test_sides_longer_than_the_models_positions_are_refused_before_training(tmp_
     long_side = " ".join(["What is 1 + 2 ? 3"] * 12)
     rows = [{"chosen": long_side, "rejected": long_side.replace("? 3", f"? {4 + i}")} for i in range(10)]
     data_file = tmp_path / "long.jsonl"
-    data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_jsonl(data_file, rows)
     with pytest.raises(ValueError, match=r"the longest kept side has \d+ tokens, over the model's "
                                          r"max_position_embeddings \(64\); lower --max-length to 64 or less"):
         train(tiny_run(tmp_path / "run", dataset=str(data_file), max_rows=None, max_length=100))

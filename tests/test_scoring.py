@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import torchrun_process
+from runs import stock_model_folder, torchrun_process, write_jsonl
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -181,13 +181,6 @@ def test_torchrun_splits_the_rows_and_writes_the_same_file(adapter, inputs, full
     assert output.read_bytes().startswith(kept)
 
 
-def stock_model_folder(folder: Path) -> None:
-    """A plain one-label AutoModelForSequenceClassification folder (no adapter), its tokenizer saved plainly."""
-    tokenizer = builtin_tokenizer()
-    builtin_model(tokenizer, seed=3).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
 def test_a_stock_model_is_scored_and_evaluated_without_an_adapter(inputs, tmp_path, capsys):
     with pytest.raises(SystemExit, match="score without --adapter scores --model as it is: give a one-label"):
         main(["score", "--input", str(inputs)])  # the built-in model, untrained
@@ -232,7 +225,7 @@ def test_eval_predictions_name_pairs_by_their_id_column_and_skip_dropped_pairs(a
             for n in range(6)]
     rows[2]["chosen"] += " 1" * 40  # over --max-length 32: dropped, so not predicted
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_jsonl(data, rows)
     predictions = tmp_path / "predictions.jsonl"
     main(["eval", "--adapter", str(adapter), "--dataset", str(data), "--max-length", "32", "--predictions",
           str(predictions)])
@@ -278,8 +271,7 @@ def test_grpo_scores_a_merged_folder_as_lora_rm_score_does(adapter, tmp_path):
         return trainer._calculate_rewards(inputs, prompts, completions, [[0]] * len(prompts))[:, 0].tolist()
 
     rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(json.dumps({"prompt": p, "response": c}) + "\n"
-                            for p, c in zip(prompts, completions, strict=True)))
+    write_jsonl(rows, [{"prompt": p, "response": c} for p, c in zip(prompts, completions, strict=True)])
     output = tmp_path / "out.jsonl"
     main(["score", "--adapter", str(adapter), "--input", str(rows), "--output", str(output), "--no-progress"])
     ours = [score["reward"] for score in read_scores(output.read_bytes())]

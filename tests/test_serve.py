@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from runs import stock_model_folder
 
 from lora_rm import load_adapter
 from lora_rm.builtin import builtin_model, builtin_tokenizer
@@ -233,9 +234,7 @@ def test_sigterm_answers_the_request_in_flight_then_exits_0(tmp_path):
     answered, with `score`'s rewards, when the rest arrives after the server stopped accepting; then it exits 0.
     No timing: the test waits for /metrics to show the request in flight, then for connections to be refused."""
     folder = tmp_path / "stock-rm"
-    tokenizer = builtin_tokenizer()
-    builtin_model(tokenizer, seed=3).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    stock_model_folder(folder)
     process, url, lines = start_server("--model", str(folder), "--max-length", "32")
     parts = urlsplit(url)
     body = json.dumps({"query": TEXTS[:3]}).encode()

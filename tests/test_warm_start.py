@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from parity import FP32_TOL
-from runs import assert_replays, crash_at_micro_batch, read_log, tiny_run
+from runs import assert_replays, crash_at_micro_batch, read_log, tiny_run, write_jsonl
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaForCausalLM
 
@@ -49,7 +49,7 @@ def sft_adapter(folder, base=None):
 
 def test_step_zero_evaluation_is_eval_of_the_adapter(reward_adapter, tmp_path, capsys):
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(row) + "\n" for row in builtin_preference_dataset(24, seed=7).to_list()))
+    write_jsonl(pairs, builtin_preference_dataset(24, seed=7).to_list())
     output = tmp_path / "warm"
     # No LoRA flags: the adapter's own settings (r=4 over every linear layer, not the run's default r=16).
     cli_main(["train", "--output", str(output), *FLAGS, "--init-adapter", str(reward_adapter),
