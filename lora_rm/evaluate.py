@@ -188,6 +188,15 @@ def encode_item(tokenizer, item: Any) -> list[int]:
     return encode.encode_text(tokenizer, prompt, response)
 
 
+def longest_text(model, max_length: int | None) -> tuple[int | None, str]:
+    """The most tokens a scored text may have, and its name for error messages: --max-length, or the model's
+    position table when that is shorter (learned positions would fail the whole batch with an IndexError)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and (max_length is None or positions < max_length):
+        return positions, f"the model's max_position_embeddings ({positions}; --max-length is {max_length})"
+    return max_length, f"--max-length {max_length}"
+
+
 def score_texts(model, tokenizer, items: list, max_length: int | None = None, batch_size: int = 8,
                 packing: str = "auto") -> list[float]:
     """One reward per text (or chat, or (prompt, response) tuple), encoded exactly as training encoded each side.
@@ -195,9 +204,10 @@ def score_texts(model, tokenizer, items: list, max_length: int | None = None, ba
     Any packing mode but none scores the texts padding-free (texts share no prompt).
     """
     sides = [encode_item(tokenizer, item) for item in items]
-    too_long = [i for i, ids in enumerate(sides) if max_length and len(ids) > max_length]
+    limit, limit_name = longest_text(model, max_length)
+    too_long = [i for i, ids in enumerate(sides) if limit and len(ids) > limit]
     if too_long:
-        raise ValueError(f"texts {too_long} are longer than max_length={max_length} tokens")
+        raise ValueError(f"texts {too_long} are longer than {limit_name} tokens")
     mode = resolve_packing(packing, model, lambda message: None)
     return score_token_ids(model, tokenizer.pad_token_id, sides, batch_size, mode)
 

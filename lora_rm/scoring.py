@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed, encode
-from .evaluate import encode_item, score_by_length
+from .evaluate import encode_item, longest_text, score_by_length
 from .packing import resolve_packing
 
 SCORE_LINE_START = b'{"id": '  # how every line score_line writes begins
@@ -135,12 +135,12 @@ def window_rewards(model, tokenizer, window: list[Row], max_length: int | None, 
                    mode: str) -> list[float]:
     """Every reward of one window in input order; under torchrun each rank scores its share, rank 0 gets all."""
     mine = distributed.shard(window)
+    limit, limit_name = longest_text(model, max_length)
     sides = []
     for number, row_id, item in mine:
         ids = encode_item(tokenizer, item)
-        if max_length and len(ids) > max_length:
-            raise ValueError(f"score input line {number} (id {row_id!r}) has {len(ids)} tokens, over --max-length "
-                             f"{max_length}")
+        if limit and len(ids) > limit:
+            raise ValueError(f"score input line {number} (id {row_id!r}) has {len(ids)} tokens, over {limit_name}")
         sides.append(ids)
     rewards = score_by_length(model, tokenizer.pad_token_id, sides, batch_size, mode)
     return distributed.gather_cat(torch.tensor(rewards, dtype=torch.float64)).tolist()  # fp32 values, exactly

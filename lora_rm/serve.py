@@ -40,7 +40,7 @@ from typing import Any
 
 from . import scoring
 from .config import ServeConfig
-from .evaluate import encode_item, score_token_ids
+from .evaluate import encode_item, longest_text, score_token_ids
 from .packing import resolve_packing
 
 EXTRA_HINT = "pip install 'lora-rm[serve]'"
@@ -124,15 +124,6 @@ def row_items(body: dict[str, Any], limit: int) -> tuple[list, list]:
     items = [row_item(row, f"rows[{index}]") for index, row in enumerate(rows)]
     ids = [row["id"] if isinstance(row, dict) and "id" in row else index for index, row in enumerate(rows)]
     return items, ids
-
-
-def longest_text(model, max_length: int | None) -> tuple[int | None, str]:
-    """The most tokens a text may have, and its name for error messages: --max-length, or the model's position table
-    when that is shorter (learned positions would fail the whole batch with an IndexError)."""
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions and (max_length is None or positions < max_length):
-        return positions, f"the model's max_position_embeddings ({positions}; --max-length is {max_length})"
-    return max_length, f"--max-length {max_length}"
 
 
 def encode_items(tokenizer, items: list, limit: int | None, limit_name: str, where: str) -> list[list[int]]:

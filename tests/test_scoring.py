@@ -296,3 +296,22 @@ def test_nan_rewards_are_written_as_null_and_fail_the_run_also_when_resumed(adap
         with pytest.raises(SystemExit, match="^lora-rm: error: 19 rewards are NaN or inf"):
             main(command)
     assert {score["reward"] for score in read_scores(output.read_bytes())} == {None}
+
+
+def test_a_text_longer_than_the_models_position_table_is_refused_by_name(tmp_path):
+    """GPT-2's learned positions stop at n_positions: a longer text used to fail the batch with an IndexError in
+    `score` (with and without --output); it is refused as serve refuses it, naming the position table."""
+    from transformers import GPT2Config
+
+    tokenizer = builtin_tokenizer()
+    config = GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=16, vocab_size=len(tokenizer), num_labels=1,
+                        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=None)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    long_text = "What is 1 + 2 ?" * 10
+    assert len(encode_text(tokenizer, None, long_text)) > 16
+    named = r"the model's max_position_embeddings \(16; --max-length is None\)"
+    with pytest.raises(ValueError, match=rf"texts \[1\] are longer than {named} tokens"):
+        score_texts(model, tokenizer, ["What is 1 + 2 ?", long_text], packing="none")
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"text": "What is 1 + 2 ?"}, {"text": long_text}])
+    with pytest.raises(ValueError, match=rf"score input line 2 \(id 2\) has \d+ tokens, over {named}"):
+        scoring.score_file(model, tokenizer, rows, tmp_path / "rewards.jsonl", packing="none", progress=False)
