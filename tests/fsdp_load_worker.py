@@ -3,8 +3,8 @@
 argv[1] is a folder for the results, argv[2:] the `lora-rm train` words (with --fsdp and --model FOLDER). Each rank
 writes rank{r}.json with its peak RSS growth (MB) while train's set-up (load_base, prepare_model) loaded the model
 and every local weight was read once, and the tensor elements it read from the checkpoint files;
-rank 0 writes the (gathered) weights to weights.safetensors. Under torchrun the same words then train; as one plain
-process (no torchrun: from_pretrained, the oracle) it stops there.
+rank 0 writes the (gathered) weights to weights.safetensors. Run as one plain process it is the oracle
+(from_pretrained); under torchrun, FSDP's sharded load. It never trains: the test trains in a launch of its own.
 """
 
 import json
@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import lora_rm.sharded_load as sharded_load
 from lora_rm import distributed
 from lora_rm.cli import build_parser, train_config_from_args
-from lora_rm.train import load_base, prepare_model, train
+from lora_rm.train import load_base, prepare_model
 
 
 def status_mb(field: str) -> float:
@@ -83,9 +83,6 @@ def main(results: Path, words: list[str]) -> None:
         full = distributed.full_tensors(model.state_dict())  # a collective
         if rank == 0:
             save_file({key: tensor.contiguous() for key, tensor in full.items()}, results / "weights.safetensors")
-        del full, model
-        if distributed.is_distributed():
-            train(config)
 
 
 if __name__ == "__main__":

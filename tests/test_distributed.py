@@ -222,6 +222,10 @@ def test_fsdp_loads_only_its_shards_from_a_checkpoint(tmp_path):
     read = [json.loads(f.read_text())["elements_read"] for f in sorted(two.glob("rank*.json"))]
     assert sum(read) == used and max(read) <= 0.51 * used
     assert "FSDP over 2 processes: 4 decoder layers + the root sharded" in stdout
+    # A launch of its own: a second FSDP set-up in one process aborted in gloo now and then ("terminate called
+    # without an active exception"), as a DDP run then an FSDP one did (test_packed_training_under_ddp_and_fsdp_...).
+    trained = torchrun("-m", "lora_rm", "train", *words)
+    assert "FSDP over 2 processes: 4 decoder layers + the root sharded" in trained
     assert len(losses(tmp_path / "run")) == 2 and (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
